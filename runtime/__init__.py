@@ -1,0 +1,17 @@
+"""softprompt.runtime: serve soft prompts with a prefix K/V computed once per prompt.
+
+Shape letters used in every docstring and comment of the project:
+    B batch rows, P virtual (soft-prompt) tokens, L request tokens, S = P + L key length,
+    H query heads, Hkv key/value heads, D head dim, E hidden size, N layers, V vocab.
+
+Data path (three files to read): ``api.py`` (Runtime: prompts, requests, batching),
+``torch_backend.py`` / ``onnx_backend.py`` (prefix once, then only the request's tokens),
+``cache.py`` (PrefixCache: per-layer K/V ``[Hkv, P, D]`` per prompt, LRU by bytes).
+
+Nothing here imports torch at import time: a CPU server that runs an exported ONNX bundle
+needs only onnxruntime, numpy and tokenizers.
+"""
+
+from .prompts import SoftPrompt, SoftPromptError
+
+__all__ = ["SoftPrompt", "SoftPromptError"]

@@ -1,0 +1,270 @@
+"""Soft prompts: P learned input embeddings ``[P, E]`` in PEFT's prompt-tuning format.
+
+Sources, in order of trust:
+- a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` holding
+  ``prompt_embeddings``), as ``PeftModel.save_pretrained`` writes it;
+- a raw ``.safetensors`` file (first tensor, or ``prompt_embeddings``) or ``.npy`` array;
+- ``.bin`` / ``.pt`` only with ``allow_pickle=True``, and then ``torch.load(weights_only=True)``;
+- text (PEFT's ``PromptTuningInit.TEXT``) or random with a seed.
+
+``SoftPrompt.save_peft`` writes a directory that ``peft.PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import safetensors_np
+
+DEFAULT_MAX_VIRTUAL_TOKENS = 1024
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class SoftPromptError(ValueError):
+    """An invalid soft prompt or prompt file; the message names the problem."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """A soft prompt trained for another base model is being used."""
+
+
+@dataclass
+class SoftPrompt:
+    """P virtual-token embeddings for one task.
+
+    embeddings: ``[P, E]`` float32 numpy array (torch tensors are accepted and converted;
+        this module never needs torch, so a torch-free ONNX server can load prompts).
+    name: the name requests use to pick it.
+    base_model: the base model it was trained for (PEFT's ``base_model_name_or_path``).
+    base_fingerprint: the softprompt model fingerprint it was made with, when known.
+    init: how it was made (``"random"``, ``"text"``, ``"peft"``, ``"file"``, ...).
+    """
+
+    embeddings: np.ndarray
+    name: str = "prompt"
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    init: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        emb = self.embeddings
+        if hasattr(emb, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
+            emb = emb.detach().float().cpu().numpy()
+        if not isinstance(emb, np.ndarray):
+            raise SoftPromptError(f"soft prompt {self.name!r}: embeddings must be an array or "
+                                  f"tensor, got {type(emb).__name__}")
+        if emb.ndim != 2:
+            raise SoftPromptError(f"soft prompt {self.name!r}: embeddings must be 2-D [P, E], "
+                                  f"got shape {tuple(emb.shape)}")
+        if emb.dtype.kind != "f":
+            raise SoftPromptError(f"soft prompt {self.name!r}: embeddings must be floating "
+                                  f"point, got {emb.dtype}")
+        self.embeddings = np.ascontiguousarray(emb, dtype=np.float32)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the float32 bytes and shape: the prompt's content key in the prefix cache."""
+        h = hashlib.sha256(repr(tuple(self.embeddings.shape)).encode())
+        h.update(self.embeddings.tobytes())
+        return h.hexdigest()
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self, hidden_size: int | None = None,
+                 max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS) -> "SoftPrompt":
+        """Raise SoftPromptError on P = 0, P above the maximum, NaN/Inf or a hidden-size mismatch."""
+        p = self.num_virtual_tokens
+        if p == 0:
+            raise SoftPromptError(f"soft prompt {self.name!r} has 0 virtual tokens; expected P >= 1")
+        if p > max_virtual_tokens:
+            raise SoftPromptError(f"soft prompt {self.name!r} has {p} virtual tokens, above the "
+                                  f"maximum of {max_virtual_tokens} (max_virtual_tokens)")
+        if hidden_size is not None and self.hidden_size != hidden_size:
+            raise SoftPromptError(f"soft prompt {self.name!r} has hidden size {self.hidden_size} "
+                                  f"but the model's hidden size is {hidden_size}")
+        bad = ~np.isfinite(self.embeddings)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1)).tolist()
+            raise SoftPromptError(f"soft prompt {self.name!r} contains NaN/Inf values "
+                                  f"(virtual tokens {rows[:5]}{'...' if len(rows) > 5 else ''})")
+        return self
+
+    def check_base_model(self, fingerprint: str | None, model_name: str | None,
+                         strict: bool = False) -> None:
+        """Warn (or raise when ``strict``) if the prompt was made for another base model."""
+        mismatch = None
+        if self.base_fingerprint and fingerprint and self.base_fingerprint != fingerprint:
+            mismatch = (f"model fingerprint {self.base_fingerprint[:12]}", f"{fingerprint[:12]}")
+        elif not self.base_fingerprint and self.base_model and model_name and \
+                Path(str(self.base_model)).name != Path(str(model_name)).name:
+            mismatch = (repr(self.base_model), repr(model_name))
+        if mismatch:
+            msg = (f"soft prompt {self.name!r} was made for base model {mismatch[0]} but is used "
+                   f"with {mismatch[1]}")
+            if strict:
+                raise SoftPromptError(msg + " (strict mode)")
+            warnings.warn(msg, BaseModelMismatchWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, source, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
+        """Load from a PEFT adapter dir, ``.safetensors``, ``.npy``, or (opt-in) ``.bin``/``.pt``."""
+        if isinstance(source, SoftPrompt):
+            return source
+        if isinstance(source, np.ndarray) or hasattr(source, "detach"):
+            return cls(source, name=name or "prompt", init="tensor")
+        path = Path(source)
+        name = name or path.stem
+        if path.is_dir():
+            return cls.from_peft(path, name=name, allow_pickle=allow_pickle)
+        if not path.is_file():
+            raise SoftPromptError(f"soft prompt source not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            tensors, meta = _read_safetensors(path)
+            return cls(_pick_tensor(tensors, path), name=name, init="file",
+                       base_fingerprint=meta.get("base_fingerprint"),
+                       base_model=meta.get("base_model"))
+        if suffix == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except Exception as e:
+                raise SoftPromptError(f"cannot read {path}: corrupt or truncated .npy ({e})") from None
+            return cls(arr.astype(np.float32), name=name, init="file")
+        if suffix in (".bin", ".pt", ".pth"):
+            return cls(_pick_tensor(_torch_load(path, allow_pickle), path), name=name, init="file")
+        raise SoftPromptError(f"unsupported soft prompt file {path.name}; expected a PEFT adapter "
+                              "directory, .safetensors, .npy, or .bin/.pt with allow_pickle=True")
+
+    @classmethod
+    def from_peft(cls, path, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
+        """Load a PEFT ``PROMPT_TUNING`` adapter directory."""
+        path = Path(path)
+        cfg_file = path / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise SoftPromptError(f"{path} is not a PEFT adapter directory: adapter_config.json missing")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SoftPromptError(f"{cfg_file}: corrupt JSON ({e})") from None
+        if cfg.get("peft_type") != "PROMPT_TUNING":
+            raise SoftPromptError(f"{path} holds a {cfg.get('peft_type')!r} adapter; expected "
+                                  "peft_type 'PROMPT_TUNING'")
+        subs = cfg.get("num_transformer_submodules", 1) or 1
+        if subs != 1:
+            raise SoftPromptError(f"{path}: num_transformer_submodules is {subs}; expected 1 "
+                                  "(a decoder-only model; encoder-decoder prompts are not served)")
+        if (path / _PEFT_WEIGHTS[0]).is_file():
+            tensors, meta = _read_safetensors(path / _PEFT_WEIGHTS[0])
+        elif (path / _PEFT_WEIGHTS[1]).is_file():
+            tensors, meta = _torch_load(path / _PEFT_WEIGHTS[1], allow_pickle), {}
+        else:
+            raise SoftPromptError(f"{path}: no {_PEFT_WEIGHTS[0]} next to adapter_config.json")
+        if "prompt_embeddings" not in tensors:
+            raise SoftPromptError(f"{path}: adapter weights have no 'prompt_embeddings' tensor "
+                                  f"(found {sorted(tensors)[:5]})")
+        emb = tensors["prompt_embeddings"]
+        p = cfg.get("num_virtual_tokens")
+        if p is not None and emb.shape[0] != p:
+            raise SoftPromptError(f"{path}: prompt_embeddings has {emb.shape[0]} rows but "
+                                  f"adapter_config.json says num_virtual_tokens={p}")
+        return cls(emb, name=name or path.name, base_model=cfg.get("base_model_name_or_path"),
+                   base_fingerprint=meta.get("base_fingerprint"), init="peft",
+                   metadata={"prompt_tuning_init": cfg.get("prompt_tuning_init"),
+                             "prompt_tuning_init_text": cfg.get("prompt_tuning_init_text")})
+
+    @classmethod
+    def from_text(cls, text: str, model, num_virtual_tokens: int, name: str = "prompt",
+                  base_fingerprint: str | None = None) -> "SoftPrompt":
+        """PEFT's TEXT init: embed the text's tokens, truncated or repeated to P tokens.
+
+        model: a LoadedModel (or anything with ``.model`` and ``.tokenizer``).
+        """
+        import torch
+
+        ids = model.tokenizer(text)["input_ids"]
+        if not ids:
+            raise SoftPromptError(f"init text {text!r} tokenizes to nothing")
+        ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
+        emb_module = model.model.get_input_embeddings()
+        with torch.no_grad():
+            emb = emb_module(torch.tensor(ids, device=emb_module.weight.device))
+        return cls(emb.float().cpu(), name=name, init="text", metadata={"init_text": text},
+                   base_model=getattr(model, "source", None),
+                   base_fingerprint=base_fingerprint or getattr(model, "fingerprint", None))
+
+    @classmethod
+    def random(cls, num_virtual_tokens: int, hidden_size: int, seed: int = 0,
+               std: float = 1.0, name: str = "prompt") -> "SoftPrompt":
+        """Gaussian embeddings ``N(0, std^2)`` from a seeded generator."""
+        rng = np.random.default_rng(seed)
+        emb = rng.standard_normal((num_virtual_tokens, hidden_size), dtype=np.float32) * std
+        return cls(emb, name=name, init="random", metadata={"seed": seed, "std": std})
+
+    # ----------------------------------------------------------------------------- saving
+    def save_peft(self, path, base_model_name_or_path: str | None = None,
+                  tokenizer_name_or_path: str | None = None) -> Path:
+        """Write a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)`` loads."""
+        from peft import PromptTuningConfig, TaskType
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                 num_virtual_tokens=self.num_virtual_tokens,
+                                 token_dim=self.hidden_size, num_transformer_submodules=1,
+                                 base_model_name_or_path=base_model_name_or_path or self.base_model,
+                                 tokenizer_name_or_path=tokenizer_name_or_path,
+                                 inference_mode=True)
+        cfg.save_pretrained(str(path))
+        meta = {"format": "pt", "name": self.name}
+        if self.base_fingerprint:
+            meta["base_fingerprint"] = self.base_fingerprint
+        safetensors_np.save_file({"prompt_embeddings": self.embeddings},
+                                 path / _PEFT_WEIGHTS[0], metadata=meta)
+        return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        return safetensors_np.load_file(path)
+    except safetensors_np.SafetensorsError as e:
+        raise SoftPromptError(f"cannot read {path}: corrupt or truncated safetensors file "
+                              f"({e})") from None
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> dict:
+    if not allow_pickle:
+        raise SoftPromptError(f"refusing to unpickle {path.name}: .bin/.pt files run code when "
+                              "loaded; pass allow_pickle=True to load it with weights_only=True")
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SoftPromptError(f"cannot read {path}: corrupt, truncated or not a weights-only "
+                              f"file ({type(e).__name__})") from None
+    return obj if isinstance(obj, dict) else {"prompt_embeddings": obj}
+
+
+def _pick_tensor(tensors: dict, path: Path):
+    if "prompt_embeddings" in tensors:
+        return tensors["prompt_embeddings"]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise SoftPromptError(f"{path} holds {len(tensors)} tensors and none is named "
+                          "'prompt_embeddings'; expected one [P, E] tensor")

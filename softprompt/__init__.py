@@ -1,0 +1,1 @@
+"""softprompt-runtime: serve soft prompts (prompt tuning) with a cached, shared prefix."""
