@@ -1,0 +1,114 @@
+"""The reference backend: PEFT prompt-tuning semantics, virtual tokens recomputed every call.
+
+Each row runs ``model(inputs_embeds=[prompt ; embed(ids)])`` with positions 0..P+L-1 and
+logits at every position, exactly as ``peft.PeftModelForCausalLM`` does for a
+``PROMPT_TUNING`` adapter on that request alone (PEFT cannot mix prompts in one batch; this
+can, since right padding never changes a causal row's real positions). It is the baseline the
+cached backends must reproduce and beat. Generation recomputes the whole sequence each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .requests import Row, target_positions
+
+
+class TorchModelMixin:
+    """Shared by the torch backends: embedding lookup and the few facts the runtime needs."""
+
+    def _init_model(self, lm, device=None):
+        self.lm = lm
+        self.model = lm.model
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.embed = self.model.get_input_embeddings()
+        self.lm_head = self.model.get_output_embeddings()
+        cfg = self.model.config
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.hidden_size = int(self.embed.weight.shape[1])
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", None)
+                                 or getattr(cfg, "n_positions", 1 << 30))
+        self.fingerprint = lm.fingerprint
+        self.dtype_name = str(self.dtype).removeprefix("torch.")
+
+    def _prompt_tensor(self, prompt) -> torch.Tensor:
+        """``[P, E]`` in the model's dtype/device (P = 0 when there is no prompt)."""
+        if prompt is None:
+            return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        return torch.from_numpy(prompt.embeddings).to(self.device, self.dtype)
+
+    def _embed_ids(self, ids) -> torch.Tensor:
+        """``[L, E]``: the model's own input-embedding module (so Gemma's scaling applies)."""
+        return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.device))
+
+
+class ReferenceBackend(TorchModelMixin):
+    name = "reference"
+
+    def __init__(self, lm):
+        self._init_model(lm)
+        self.tokens_computed = 0
+
+    def prepare(self, prompt) -> None:  # nothing is cached: that is the point of this backend
+        pass
+
+    def forget(self, prompt) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"tokens_computed": self.tokens_computed}
+
+    def save_cache(self, path) -> int:
+        raise RuntimeError("the reference backend has no prefix cache (it recomputes every call)")
+
+    load_cache = save_cache
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        """Right-padded batch of ``[S_b, E]`` sequences -> logits ``[B, S_max, V]`` (all positions)."""
+        s_max = max(s.shape[0] for s in seqs)
+        emb = torch.zeros(len(seqs), s_max, self.hidden_size, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(seqs), s_max, dtype=torch.long, device=self.device)
+        for b, s in enumerate(seqs):
+            emb[b, : s.shape[0]] = s
+            mask[b, : s.shape[0]] = 1
+        pos = torch.arange(s_max, device=self.device).expand(len(seqs), -1)
+        self.tokens_computed += int(mask.sum())
+        return self.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).logits
+
+    def _sequence(self, prompt, ids) -> torch.Tensor:
+        return torch.cat([self._prompt_tensor(prompt), self._embed_ids(ids)])
+
+    def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
+        logits = self._forward([self._sequence(r.prompt, r.ids) for r in rows])
+        out = []
+        for b, r in enumerate(rows):
+            pos = torch.as_tensor(target_positions(r, _plen(r.prompt)), device=self.device)
+            lp = logits[b, pos].float().log_softmax(-1)
+            tgt = torch.as_tensor(r.ids[r.target_start:], device=self.device)
+            out.append(lp.gather(-1, tgt[:, None])[:, 0].cpu().numpy())
+        return out
+
+    # generation: state is the list of (prompt, ids so far)
+    def start(self, rows: list[Row], max_new_tokens: int):
+        state = [(r.prompt, list(r.ids)) for r in rows]
+        return state, self._last_logits(state)
+
+    def step(self, state, next_ids: np.ndarray):
+        for (_, ids), t in zip(state, next_ids):
+            ids.append(int(t))
+        return self._last_logits(state)
+
+    def select(self, state, keep: list[int]):
+        return [state[i] for i in keep]
+
+    def _last_logits(self, state) -> np.ndarray:
+        logits = self._forward([self._sequence(p, ids) for p, ids in state])
+        last = torch.tensor([_plen(p) + len(ids) - 1 for p, ids in state], device=self.device)
+        return logits[torch.arange(len(state), device=self.device), last].float().cpu().numpy()
+
+
+def _plen(prompt) -> int:
+    return 0 if prompt is None else prompt.num_virtual_tokens
