@@ -13,5 +13,16 @@ needs only onnxruntime, numpy and tokenizers.
 """
 
 from .prompts import SoftPrompt, SoftPromptError
+from .requests import GenerateParams, RequestError, ScoreRequest
 
-__all__ = ["SoftPrompt", "SoftPromptError"]
+
+def __getattr__(name):
+    if name == "Runtime":
+        from .api import Runtime
+
+        return Runtime
+    raise AttributeError(f"module 'softprompt.runtime' has no attribute {name!r}")
+
+
+__all__ = ["Runtime", "SoftPrompt", "SoftPromptError", "ScoreRequest", "GenerateParams",
+           "RequestError"]

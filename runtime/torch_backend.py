@@ -49,11 +49,11 @@ class PrefixBatch:
 
 
 def _kernels(device: torch.device):
-    from softprompt.kernels import prefix_attention as pa
+    from softprompt import kernels
 
     if device.type == "cuda":
-        return pa.prefix_attention_auto, pa.write_kv
-    return pa.prefix_attention_ref, pa.write_kv_ref
+        return kernels.prefix_attention_auto, kernels.write_kv
+    return kernels.prefix_attention_ref, kernels.write_kv_ref
 
 
 def _prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -182,8 +182,8 @@ class TorchBackend(TorchModelMixin):
             index[None] = len(distinct)
         ks, vs, lens = self._stack(distinct)
         if None in index:
-            ks = [torch.cat([k, torch.zeros_like(k[:1])]) for k in ks]
-            vs = [torch.cat([v, torch.zeros_like(v[:1])]) for v in vs]
+            ks = [torch.cat([k, k.new_zeros(1, *k.shape[1:])]) for k in ks]
+            vs = [torch.cat([v, v.new_zeros(1, *v.shape[1:])]) for v in vs]
             lens = torch.cat([lens, lens.new_zeros(1)])
         B, l_max = len(rows), max(len(r.ids) for r in rows)
         emb = torch.zeros(B, l_max, self.hidden_size, dtype=self.dtype, device=self.device)
@@ -222,10 +222,11 @@ class TorchBackend(TorchModelMixin):
             sel_b += [b] * (len(r.ids) - start)
             sel_t += range(start - 1, len(r.ids) - 1)
             tgt += r.ids[start:]
-        dev = self.device
-        lp = self.lm_head(hidden[torch.tensor(sel_b, device=dev), torch.tensor(sel_t, device=dev)])
-        lp = lp.float().log_softmax(-1).gather(-1, torch.tensor(tgt, device=dev)[:, None])[:, 0]
-        lp = lp.cpu().numpy()
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=self.device)
+
+        lp = self.lm_head(hidden[t(sel_b), t(sel_t)])  # [T, V], T = targets in the batch
+        lp = lp.float().log_softmax(-1).gather(-1, t(tgt)[:, None])[:, 0].cpu().numpy()
         out, at = [], 0
         for r in rows:
             n = len(r.ids) - max(r.target_start, 1)

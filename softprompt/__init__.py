@@ -1,1 +1,30 @@
-"""softprompt-runtime: serve soft prompts (prompt tuning) with a cached, shared prefix."""
+"""softprompt-runtime: serve soft prompts (prompt tuning) with a cached, shared prefix.
+
+    from softprompt import Runtime
+    rt = Runtime.load("default")            # SmolLM2-135M-Instruct; onnx on CPU, torch+Triton on CUDA
+    rt.add_prompt("sentiment", "runtime/demo/prompts/sentiment")
+    rt.classify("sentiment", ["Review: loved it\\nSentiment:"], [" positive", " negative"])
+
+Subpackages: ``softprompt.runtime`` (Runtime, prompts, prefix cache, backends),
+``softprompt.kernels`` (Triton prefix attention + references), ``softprompt.export`` (ONNX
+bundles), ``softprompt.bench`` (the benchmark driver). Importing this package does not import
+torch: a CPU server with onnxruntime, numpy and tokenizers can serve an exported bundle.
+"""
+
+from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
+from softprompt.runtime.requests import (ClassifyResult, GenerateResult, RequestError,
+                                         ScoreRequest, ScoreResult)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # Runtime pulls in backends lazily; keep `import softprompt` light
+    if name == "Runtime":
+        from softprompt.runtime.api import Runtime
+
+        return Runtime
+    raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+
+
+__all__ = ["Runtime", "SoftPrompt", "SoftPromptError", "ScoreRequest", "ScoreResult",
+           "ClassifyResult", "GenerateResult", "RequestError", "__version__"]

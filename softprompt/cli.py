@@ -1,2 +1,242 @@
-def main(argv=None):
+"""``softprompt <verb>``: info, demo, score, generate, export, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory, a "
+                        ".gguf file, or an exported bundle directory (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch", "reference"],
+                   help="auto = torch+Triton on CUDA, ONNX Runtime on CPU (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device for torch/reference (default: "
+                   "cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=SOURCE",
+                   help="register a soft prompt: a PEFT adapter dir, .safetensors or .npy "
+                        "(repeatable)")
+    p.add_argument("--max-batch", type=int, default=64, help="rows per forward (default: 64)")
+
+
+def _runtime(args):
+    from softprompt.runtime.api import Runtime
+
+    rt = Runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                      max_batch=args.max_batch)
+    for spec in args.prompt:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
+        rt.add_prompt(name, source)
+    return rt
+
+
+def _read_jsonl(path: str):
+    """Yield (line number, parsed dict or an error string)."""
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                yield n, obj
+            except ValueError as e:
+                yield n, f"line {n}: not a JSON object ({e})"
+
+
+def _write(out, obj) -> None:
+    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def cmd_score(args) -> int:
+    """JSONL {prompt, context, continuation} in, JSONL {logprob, token_logprobs, tokens} out.
+    A bad line gets {"line": n, "error": ...}; the other lines are still scored."""
+    rt = _runtime(args)
+    lines = list(_read_jsonl(args.input))
+    good = [(n, obj) for n, obj in lines if isinstance(obj, dict)]
+    results = dict(zip((n for n, _ in good), rt.score([o for _, o in good], errors="return")))
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    with out:
+        for n, obj in lines:
+            if not isinstance(obj, dict):
+                _write(out, {"line": n, "error": obj})
+                continue
+            r = results[n]
+            if r.error:
+                _write(out, {"line": n, "error": r.error})
+            else:
+                _write(out, {"line": n, "logprob": r.logprob, "token_logprobs": r.token_logprobs,
+                             "tokens": r.tokens})
     return 0
+
+
+def cmd_generate(args) -> int:
+    """Contexts from --context (repeatable) or JSONL {prompt, context}; JSONL results out."""
+    rt = _runtime(args)
+    if args.input:
+        items = [(n, o) for n, o in _read_jsonl(args.input)]
+    else:
+        items = [(i + 1, {"prompt": args.use, "context": c}) for i, c in enumerate(args.context)]
+    if not items:
+        raise SystemExit("softprompt generate: give --context TEXT or --input FILE")
+    good = [(n, o) for n, o in items if isinstance(o, dict)]
+    res = rt.generate([o.get("prompt") for _, o in good], [o.get("context", "") for _, o in good],
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, stop=args.stop, errors="return")
+    by_line = dict(zip((n for n, _ in good), res))
+    for n, o in items:
+        r = by_line.get(n)
+        if r is None or r.error:
+            _write(sys.stdout, {"line": n, "error": o if r is None else r.error})
+        else:
+            _write(sys.stdout, {"line": n, "text": r.text, "finish_reason": r.finish_reason,
+                                "token_ids": r.token_ids})
+    return 0
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    from softprompt.runtime import models
+
+    print(f"softprompt-runtime {md.version('softprompt-runtime')} on Python "
+          f"{platform.python_version()} ({platform.machine()})")
+    for pkg in ("torch", "transformers", "peft", "onnx", "onnxruntime", "triton", "tokenizers"):
+        try:
+            print(f"  {pkg:13s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"  {pkg:13s} not installed")
+    try:
+        import torch
+
+        print(f"  cuda          {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    except ImportError:
+        pass
+    home = models.softprompt_home()
+    print(f"SOFTPROMPT_HOME {home}")
+    d = models.default_model_dir(convert=False)
+    print(f"default model   {models.DEFAULT_MODEL_NAME}: "
+          f"{'converted at ' + str(d) if d.exists() else 'not converted yet (first use converts it)'}")
+    if args.model and args.model != "default":
+        from pathlib import Path
+
+        p = Path(args.model)
+        if (p / "bundle.json").is_file():
+            m = json.loads((p / "bundle.json").read_text())
+            keys = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "hidden_size", "vocab_size", "dtype", "opset", "fingerprint")
+            print("bundle", p, {k: m.get(k) for k in keys})
+        else:
+            lm = models.load_model(args.model)
+            c = lm.config
+            print(f"model {args.model}: {c.model_type}, {c.num_hidden_layers} layers, hidden "
+                  f"{lm.hidden_size}, vocab {c.vocab_size}, fingerprint {lm.fingerprint[:16]}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Classify a few inputs under the two shipped demo prompts, in one mixed batch."""
+    from softprompt.runtime.api import Runtime
+    from softprompt.runtime.demo import PROMPTS_DIR, TASKS
+
+    t0 = time.perf_counter()
+    rt = Runtime.load("default", backend=args.backend)
+    for name in TASKS:
+        rt.add_prompt(name, PROMPTS_DIR / name)
+    load_s = time.perf_counter() - t0
+    inputs = [
+        ("sentiment", "The battery died after two days and support never answered."),
+        ("topic", "The goalkeeper saved two penalties to win the cup final."),
+        ("sentiment", "Friendly staff, fresh bread and the best soup in town."),
+        ("topic", "Parliament voted to lower the voting age to sixteen."),
+        ("sentiment", "The sequel is dull, too long and the jokes fall flat."),
+        ("topic", "The new phone ships with a faster chip and a brighter screen."),
+        ("topic", "Slow-cooked lamb with rosemary and garlic makes a perfect Sunday dinner."),
+        ("sentiment", "I would happily buy this blender again."),
+    ]
+    # One score call: every (input, label) pair of both prompts is a row of the same batches.
+    reqs = [{"prompt": t, "context": TASKS[t].format(x), "continuation": lab}
+            for t, x in inputs for lab in TASKS[t].labels]
+    t1 = time.perf_counter()
+    scores = rt.score(reqs)
+    run_s = time.perf_counter() - t1
+    print(f"softprompt demo: {rt.backend.name} backend, {rt.model_name}, prompts "
+          f"{', '.join(f'{n} (P={p.num_virtual_tokens})' for n, p in rt.prompts.items())}")
+    print(f"{'prompt':10s} {'label':11s} {'p':>5s}  input")
+    at = 0
+    import numpy as np
+
+    for t, x in inputs:
+        labels = TASKS[t].labels
+        lp = np.array([s.logprob for s in scores[at: at + len(labels)]])
+        at += len(labels)
+        p = np.exp(lp - lp.max())
+        p /= p.sum()
+        best = int(np.argmax(p))
+        print(f"{t:10s} {labels[best].strip():11s} {p[best]:5.2f}  {x}")
+    s = rt.stats()
+    print(f"{len(reqs)} rows in {run_s * 1000:.0f} ms ({s.get('batches', '?')} batches, "
+          f"{s['tokens_computed']} request tokens computed, prefix cache hits {s.get('hits', 0)} / "
+          f"misses {s.get('misses', 0)}); load + prompts {load_s:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("info", help="versions, device, default model and bundle/model facts")
+    p.add_argument("model", nargs="?", default=None, help="a model or bundle to describe")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="classify inputs under the two demo prompts in one batch")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch", "reference"])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("score", help="score JSONL requests {prompt, context, continuation}")
+    _add_model_args(p)
+    p.add_argument("--input", "-i", default="-", help="JSONL file (default: stdin)")
+    p.add_argument("--output", "-o", default="-", help="JSONL file (default: stdout)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("generate", help="generate continuations under a soft prompt")
+    _add_model_args(p)
+    p.add_argument("--use", default=None, help="prompt name for --context inputs")
+    p.add_argument("--context", action="append", default=[], help="input text (repeatable)")
+    p.add_argument("--input", "-i", default=None, help="JSONL {prompt, context} instead")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    try:
+        from softprompt.export import cli as export_cli
+
+        export_cli.add_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from softprompt.bench import driver
+
+        driver.add_parser(sub)
+    except ImportError:
+        pass
+
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
