@@ -149,14 +149,15 @@ class TorchBackend(TorchModelMixin):
         return self.cache.load(path, from_numpy=lambda a: torch.from_numpy(a).to(
             self.device, self.dtype if a.ndim == 3 else torch.float32))
 
-    def _stack(self, prompts: list) -> tuple[list, list, torch.Tensor]:
-        """Per layer ``[Np, Hkv, P_max, D]`` for the batch's distinct prompts (planned once per set)."""
+    def _stack(self, prompts: list) -> tuple[list, list, torch.Tensor, list]:
+        """Per layer ``[Np, Hkv, P_max, D]`` for the batch's distinct prompts (planned once per
+        set of prompts and reused while their cache entries live), lengths ``[Np]``, entries."""
         key = tuple(p.digest for p in prompts)
         entries = [self.entry(p) for p in prompts]  # counts hits, recomputes evicted prefixes
         hit = self._stacks.get(key)
         if hit is not None and all(e is h for e, h in zip(entries, hit[3])):
             self._stacks.move_to_end(key)
-            return hit[:3]
+            return hit
         p_max = max([1] + [e.num_tokens for e in entries])
         lens = torch.tensor([e.num_tokens for e in entries], dtype=torch.int32, device=self.device)
         ks, vs = [], []
@@ -172,25 +173,26 @@ class TorchBackend(TorchModelMixin):
         self._stacks[key] = (ks, vs, lens, entries)
         while len(self._stacks) > 4:
             self._stacks.popitem(last=False)
-        return ks, vs, lens
+        return ks, vs, lens, entries
 
     def _batch(self, rows: list[Row], capacity: int = 0):
-        """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]`` and positions."""
+        """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]``, positions
+        ``[B, L_max]`` and ``{digest: PrefixEntry}`` of the batch's prompts."""
         distinct = list({r.prompt.digest: r.prompt for r in rows if r.prompt is not None}.values())
         index = {p.digest: n for n, p in enumerate(distinct)}
-        if any(r.prompt is None for r in rows):  # P = 0 rows point at an empty prefix slot
+        ks, vs, lens, entries = self._stack(distinct)
+        if any(r.prompt is None for r in rows):  # P = 0 rows point at an extra empty slot
             index[None] = len(distinct)
-        ks, vs, lens = self._stack(distinct)
-        if None in index:
             ks = [torch.cat([k, k.new_zeros(1, *k.shape[1:])]) for k in ks]
             vs = [torch.cat([v, v.new_zeros(1, *v.shape[1:])]) for v in vs]
             lens = torch.cat([lens, lens.new_zeros(1)])
         B, l_max = len(rows), max(len(r.ids) for r in rows)
-        emb = torch.zeros(B, l_max, self.hidden_size, dtype=self.dtype, device=self.device)
-        pos = torch.zeros(B, l_max, dtype=torch.long, device=self.device)
+        ids = torch.zeros(B, l_max, dtype=torch.long)
         for b, r in enumerate(rows):
-            emb[b, : len(r.ids)] = self._embed_ids(r.ids)
-            pos[b] = _plen(r.prompt) + torch.arange(l_max, device=self.device)
+            ids[b, : len(r.ids)] = torch.tensor(r.ids)
+        emb = self.embed(ids.to(self.device))  # [B, L_max, E]; padding embeds token 0, unread
+        p = torch.tensor([_plen(r.prompt) for r in rows], device=self.device)
+        pos = p[:, None] + torch.arange(l_max, device=self.device)  # row b starts at its P
         seq_lens = torch.tensor([len(r.ids) for r in rows], dtype=torch.int32, device=self.device)
         prompt_idx = torch.tensor([index[r.prompt.digest if r.prompt else None] for r in rows],
                                   dtype=torch.int32, device=self.device)
@@ -201,9 +203,9 @@ class TorchBackend(TorchModelMixin):
                      for _ in range(self.num_layers)]
             own_v = [torch.zeros_like(k) for k in own_k]
         batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v)
-        self.tokens_computed += int(seq_lens.sum())
+        self.tokens_computed += int(sum(len(r.ids) for r in rows))
         self.batches += 1
-        return batch, emb, pos
+        return batch, emb, pos, dict(zip(index, entries))
 
     def _hidden(self, batch: PrefixBatch, emb, pos) -> torch.Tensor:
         out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=False,
@@ -213,7 +215,7 @@ class TorchBackend(TorchModelMixin):
     # ------------------------------------------------------------------------------ score
     @torch.inference_mode()
     def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
-        batch, emb, pos = self._batch(rows)
+        batch, emb, pos, entries = self._batch(rows)
         hidden = self._hidden(batch, emb, pos)
         # Only the positions that predict a target go through the vocabulary projection.
         sel_b, sel_t, tgt = [], [], []
@@ -233,7 +235,7 @@ class TorchBackend(TorchModelMixin):
             vals = lp[at: at + n]
             at += n
             if r.target_start == 0:  # the first token is predicted by the last virtual token
-                first = self.entry(r.prompt).first_logprobs[r.ids[0]].float().cpu().numpy()
+                first = entries[r.prompt.digest].first_logprobs[r.ids[0]].float().cpu().numpy()
                 vals = np.concatenate([first[None], vals])
             out.append(vals)
         return out
@@ -242,7 +244,7 @@ class TorchBackend(TorchModelMixin):
     @torch.inference_mode()
     def start(self, rows: list[Row], max_new_tokens: int):
         l_max = max(len(r.ids) for r in rows)
-        batch, emb, pos = self._batch(rows, capacity=l_max + max_new_tokens)
+        batch, emb, pos, _ = self._batch(rows, capacity=l_max + max_new_tokens)
         hidden = self._hidden(batch, emb, pos)
         last = batch.kv_lens.long() - 1
         logits = self.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
