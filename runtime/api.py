@@ -217,20 +217,27 @@ class Runtime:
         if batch:
             yield batch
 
-    def score(self, requests: Sequence, *, errors: str = "raise") -> list[ScoreResult]:
+    def score(self, requests: Sequence, *, errors: str = "raise",
+              progress: bool = False) -> list[ScoreResult]:
         """Log-probability of each request's continuation (or its context without one).
 
         requests: dicts ``{"prompt", "context", "continuation"}`` or ScoreRequest.
         errors: ``"raise"`` (a bad request raises RequestError naming its index before any
             work) or ``"return"`` (its result carries ``.error``; the others are scored).
+        progress: show a tqdm bar over the batches (for large offline scoring jobs).
         Returns one ScoreResult per request, in order.
         """
         rows, failed = self._prepare(requests, errors)
-        return self._score_rows(rows, failed)
+        return self._score_rows(rows, failed, progress)
 
-    def _score_rows(self, rows, failed: dict) -> list[ScoreResult]:
+    def _score_rows(self, rows, failed: dict, progress: bool = False) -> list[ScoreResult]:
         results = [ScoreResult(error=failed[i]) if i in failed else None for i in range(len(rows))]
-        for idx in self._batches(rows):
+        batches = list(self._batches(rows))
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="scoring", unit="batch")
+        for idx in batches:
             with self._lock:
                 lps = self.backend.logprobs([rows[i] for i in idx])
             for i, lp in zip(idx, lps):

@@ -63,7 +63,8 @@ def cmd_score(args) -> int:
     rt = _runtime(args)
     lines = list(_read_jsonl(args.input))
     good = [(n, obj) for n, obj in lines if isinstance(obj, dict)]
-    results = dict(zip((n for n, _ in good), rt.score([o for _, o in good], errors="return")))
+    results = dict(zip((n for n, _ in good), rt.score([o for _, o in good], errors="return",
+                                                                 progress=args.output != "-")))
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     with out:
         for n, obj in lines:
