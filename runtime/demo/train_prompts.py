@@ -1,6 +1,6 @@
 """Train the demo soft prompts with PEFT prompt tuning and measure them on held-out data.
 
-    python -m softprompt.runtime.demo.train_prompts [--task all] [--epochs 6] [--seed 0]
+    python -m softprompt.runtime.demo.train_prompts [--task all] [--epochs 3] [--seed 0]
 
 For each task in ``softprompt.runtime.demo.TASKS``: wrap the frozen default model in a PEFT
 ``PROMPT_TUNING`` adapter (20 virtual tokens, TEXT init from ``task.init_text``), train only
@@ -68,11 +68,21 @@ def _continuation_logprobs(peft_model, ids, mask, labels) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(peft_model, data, label_ids, pad_id: int, batch_size: int = 32) -> float:
     """Accuracy: the label whose continuation has the highest summed log-prob wins."""
-    seqs = [(c, t) for c, _ in data for t in label_ids]
     scores = []
-    for i in range(0, len(seqs), batch_size):
-        scores.append(_continuation_logprobs(peft_model, *_batch(seqs[i:i + batch_size], pad_id)))
-    scores = torch.cat(scores).view(len(data), len(label_ids))
+    if all(len(t) == 1 for t in label_ids):  # one forward per example: next-token log-probs
+        first = torch.tensor([t[0] for t in label_ids])
+        for i in range(0, len(data), batch_size):
+            ctxs = [c for c, _ in data[i:i + batch_size]]
+            ids, mask, _ = _batch([(c, []) for c in ctxs], pad_id)
+            logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
+            last = logits[torch.arange(len(ctxs)), torch.tensor([len(c) - 1 for c in ctxs])]
+            scores.append(torch.log_softmax(last.float(), dim=-1)[:, first])
+        scores = torch.cat(scores)
+    else:  # general case: score every (example, label) continuation
+        seqs = [(c, t) for c, _ in data for t in label_ids]
+        for i in range(0, len(seqs), batch_size):
+            scores.append(_continuation_logprobs(peft_model, *_batch(seqs[i:i + batch_size], pad_id)))
+        scores = torch.cat(scores).view(len(data), len(label_ids))
     gold = torch.tensor([y for _, y in data])
     return float((scores.argmax(-1) == gold).float().mean())
 
@@ -121,7 +131,7 @@ def train_task(task: Task, base, tokenizer, model_dir: str, epochs: int, seed: i
     model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME
     model.peft_config["default"].tokenizer_name_or_path = BASE_MODEL_NAME
     out = out_dir / task.name
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup for the name
     (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
     return {"trained_acc": round(trained_acc, 4), "text_init_acc": round(text_init_acc, 4),
             "n_test": len(test), "epochs": epochs, "train_seconds": round(train_seconds, 1),
@@ -145,7 +155,7 @@ def check_saved(out: Path, base, hidden_size: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="all", choices=["all", *TASKS])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--batch-size", type=int, default=8)
