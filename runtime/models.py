@@ -12,6 +12,7 @@ prefix cache and is written into exported bundles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -145,6 +146,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def fingerprint_model(model: torch.nn.Module) -> str:
     """sha256 over the model config (JSON, sorted keys) and every parameter/buffer's bytes."""
     h = hashlib.sha256()
@@ -222,8 +236,9 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | No
             )
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 use_safetensors=True)
+    with _quiet_progress():  # a 0.2 s reload needs no progress bar
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     use_safetensors=True)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     fp_file = path / _FINGERPRINT_FILE
