@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,8 +32,10 @@ _FINGERPRINT_FILE = "softprompt_fingerprint.json"
 # random configs). Keys are ``config.model_type``.
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "qwen2", "gemma")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Accepted dtype spellings -> torch dtype names (torch itself is imported only when a model
+# is loaded, so the torch-free ONNX server can import this module for its constants).
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+          "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class ModelError(ValueError):
@@ -47,13 +47,15 @@ def softprompt_home() -> Path:
     return Path(os.environ.get("SOFTPROMPT_HOME", Path.home() / ".cache" / "softprompt"))
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype) -> "torch.dtype":
+    import torch
+
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[str(dtype).removeprefix("torch.")]
+        return getattr(torch, DTYPES[str(dtype).removeprefix("torch.")])
     except KeyError:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {sorted(set(DTYPES))}") from None
 
@@ -68,7 +70,7 @@ class LoadedModel:
     source: the path (or ``default``) it came from.
     """
 
-    model: torch.nn.Module
+    model: "torch.nn.Module"
     tokenizer: object
     fingerprint: str
     source: str
@@ -113,6 +115,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     The directory is written to a temporary sibling and renamed, so an interrupted
     conversion never leaves a half-written model behind.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -159,8 +162,10 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def fingerprint_model(model: torch.nn.Module) -> str:
+def fingerprint_model(model) -> str:
     """sha256 over the model config (JSON, sorted keys) and every parameter/buffer's bytes."""
+    import torch
+
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -196,8 +201,7 @@ def check_architecture(config) -> None:
         )
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu") -> LoadedModel:
     """Load a causal LM for serving.
 
     Args:
@@ -210,6 +214,7 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | No
     Returns:
         LoadedModel with the model in eval mode and requires_grad off.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)

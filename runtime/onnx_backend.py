@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import PrefixCache, PrefixEntry
+from .models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from .requests import Row, Tokenizer, log_softmax
 
 
@@ -32,7 +33,8 @@ class OnnxBackend:
         self.max_positions = b.max_position_embeddings
         self.fingerprint = b.fingerprint
         self.dtype_name = b.manifest["dtype"]
-        self.model_name = b.manifest.get("model_name") or b.manifest.get("source")
+        source = b.manifest.get("model_name") or b.manifest.get("source")
+        self.model_name = DEFAULT_MODEL_NAME if source == DEFAULT_MODEL else source
         self.tokenizer = Tokenizer(b.tokenizer, b.eos_token_ids)
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
         self._empty = PrefixEntry([np.zeros((b.num_kv_heads, 0, b.head_dim), b.np_dtype)] * b.num_layers,
@@ -81,7 +83,9 @@ class OnnxBackend:
         """Past ``[B, Hkv, P_max, D]`` per layer from the cache, mask ``[B, P_max + L_max]``,
         positions ``[B, L_max]`` and request embeddings ``[B, L_max, E]``."""
         b = self.bundle
-        entries = [self.entry(r.prompt) for r in rows]
+        distinct = {r.prompt.digest: r.prompt for r in rows if r.prompt is not None}
+        found = {d: self.entry(p) for d, p in distinct.items()}  # one lookup per prompt
+        entries = [found[r.prompt.digest] if r.prompt is not None else self._empty for r in rows]
         B = len(rows)
         p_max = max(e.num_tokens for e in entries)
         l_max = max(len(r.ids) for r in rows)
