@@ -222,18 +222,11 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
 
-    try:
-        from softprompt.export import cli as export_cli
+    from softprompt.bench import driver
+    from softprompt.export import cli as export_cli
 
-        export_cli.add_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from softprompt.bench import driver
-
-        driver.add_parser(sub)
-    except ImportError:
-        pass
+    export_cli.add_parser(sub)
+    driver.add_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args) or 0

@@ -22,23 +22,24 @@ def _prompts():
             "p100": SoftPrompt.random(100, E, seed=3, std=0.5)}
 
 
-_RUNTIMES = {}
+@pytest.fixture(scope="session")
+def rts(tiny_dirs, request):
+    """rts(family, backend, **load_kwargs): one Runtime per key for the session, holding the
+    three test prompts; onnx runtimes use the session's tiny bundles (exported on first use)."""
+    made = {}
 
+    def get(family, backend, **kw):
+        key = (family, backend, tuple(sorted(kw.items())))
+        if key not in made:
+            model = (request.getfixturevalue("tiny_bundles")[family] if backend == "onnx"
+                     else tiny_dirs[family])
+            rt = Runtime.load(str(model), backend=backend, **kw)
+            for name, sp in _prompts().items():
+                rt.add_prompt(name, sp)
+            made[key] = rt
+        return made[key]
 
-def runtime(tiny_dirs, family, backend, **kw):
-    """One runtime per (family, backend) for the session, with the three test prompts."""
-    key = (family, backend, tuple(sorted(kw.items())))
-    if key not in _RUNTIMES:
-        model = tiny_dirs[family]
-        if backend == "onnx":
-            from softprompt.runtime.onnx_backend import bundle_for
-
-            model = bundle_for(str(model), out_dir=tiny_dirs[family].parent / f"{family}-bundle")
-        rt = Runtime.load(str(model), backend=backend, **kw)
-        for name, sp in _prompts().items():
-            rt.add_prompt(name, sp)
-        _RUNTIMES[key] = rt
-    return _RUNTIMES[key]
+    return get
 
 
 def mixed_requests(seed=0):
@@ -88,19 +89,19 @@ def test_reference_matches_peft(tiny_dirs, family, tmp_path):
 
 @pytest.mark.parametrize("backend", CACHED)
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma"])
-def test_cached_mixed_batch_equals_reference_alone(tiny_dirs, family, backend):
+def test_cached_mixed_batch_equals_reference_alone(rts, family, backend):
     """A batch mixing prompts (P 0/1/20/100) and lengths (L 1/7/64) gives every request the
     reference result it gets alone."""
     reqs = mixed_requests()
-    ref = runtime(tiny_dirs, family, "reference")
+    ref = rts(family, "reference")
     want = [ref.score([r])[0] for r in reqs]
-    got = runtime(tiny_dirs, family, backend).score(reqs)
+    got = rts(family, backend).score(reqs)
     assert_scores_close(got, want)
 
 
 @pytest.mark.parametrize("backend", CACHED)
-def test_batch_invariance_and_padding(tiny_dirs, backend):
-    rt = runtime(tiny_dirs, "llama", backend)
+def test_batch_invariance_and_padding(rts, backend):
+    rt = rts("llama", backend)
     reqs = mixed_requests(seed=1)
     alone = [rt.score([r])[0] for r in reqs]
     for perm in (list(range(len(reqs)))[::-1], [3, 0, 6, 2, 7, 1, 5, 4]):
@@ -108,11 +109,11 @@ def test_batch_invariance_and_padding(tiny_dirs, backend):
         assert_scores_close(batched, [alone[i] for i in perm])
 
 
-def test_zero_virtual_tokens_equals_base_model(tiny_dirs):
+def test_zero_virtual_tokens_equals_base_model(rts, tiny_dirs):
     """prompt=None is the plain base model (the P = 0 point of the benchmark sweep)."""
     from transformers import AutoModelForCausalLM
 
-    rt = runtime(tiny_dirs, "gpt2", "torch")
+    rt = rts("gpt2", "torch")
     ids = [5, 9, 14, 3, 40, 7]
     got = rt.score([{"prompt": None, "context": ids}])[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]).eval()
@@ -123,12 +124,12 @@ def test_zero_virtual_tokens_equals_base_model(tiny_dirs):
 
 
 @pytest.mark.parametrize("backend", CACHED)
-def test_tiny_cache_budget_evicts_and_stays_right(tiny_dirs, backend):
+def test_tiny_cache_budget_evicts_and_stays_right(rts, backend):
     """A budget of about one prefix forces evictions; results stay equal, counters show the
     recomputation."""
-    big = runtime(tiny_dirs, "qwen2", backend)
+    big = rts("qwen2", backend)
     one = big.backend.entry(big.prompts["p100"]).nbytes  # room for p100 alone, or p1 + p20
-    rt = runtime(tiny_dirs, "qwen2", backend, prefix_cache_bytes=int(one * 1.2))
+    rt = rts("qwen2", backend, prefix_cache_bytes=int(one * 1.2))
     before = rt.stats()
     reqs = mixed_requests(seed=2)
     for _ in range(2):
@@ -172,8 +173,8 @@ def test_replace_and_remove_prompt_invalidate_exactly_its_entry(tiny_dirs):
 
 
 @pytest.mark.parametrize("backend", CACHED)
-def test_save_and_load_cache(tiny_dirs, backend, tmp_path):
-    rt = runtime(tiny_dirs, "llama", backend)
+def test_save_and_load_cache(rts, tiny_dirs, backend, tmp_path):
+    rt = rts("llama", backend)
     assert rt.save_cache(tmp_path / "cache.safetensors") == 3
     fresh = Runtime.load(rt.backend.bundle.path if backend == "onnx" else str(tiny_dirs["llama"]),
                          backend=backend)
@@ -186,8 +187,8 @@ def test_save_and_load_cache(tiny_dirs, backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", CACHED)
-def test_greedy_generation_equals_reference(tiny_dirs, backend):
-    ref, rt = runtime(tiny_dirs, "llama", "reference"), runtime(tiny_dirs, "llama", backend)
+def test_greedy_generation_equals_reference(rts, backend):
+    ref, rt = rts("llama", "reference"), rts("llama", backend)
     names = ["p20", "p1", "p100", None]
     ctxs = [[5, 6, 7], [9], [4] * 30, [11, 12]]
     want = [ref.generate(n, [c], max_new_tokens=12, stop_at_eos=False)[0] for n, c in zip(names, ctxs)]
@@ -196,8 +197,8 @@ def test_greedy_generation_equals_reference(tiny_dirs, backend):
     assert all(g.finish_reason == "length" and len(g.token_ids) == 12 for g in got)
 
 
-def test_generation_stops_per_row(tiny_dirs):
-    rt = runtime(tiny_dirs, "llama", "torch")
+def test_generation_stops_per_row(rts):
+    rt = rts("llama", "torch")
     free = rt.generate("p20", [[5, 6, 7]], max_new_tokens=8, stop_at_eos=False)[0]
     stop = rt.tokenizer.decode(free.token_ids[2:4])
     assert stop and stop in free.text
@@ -207,8 +208,8 @@ def test_generation_stops_per_row(tiny_dirs):
     assert rows[1].token_ids == alone.token_ids  # the other row went on after row 0 left
 
 
-def test_seeded_sampling_is_batch_invariant(tiny_dirs):
-    rt = runtime(tiny_dirs, "gemma", "torch")
+def test_seeded_sampling_is_batch_invariant(rts):
+    rt = rts("gemma", "torch")
     kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7, stop_at_eos=False)
     alone = rt.generate("p1", [[5, 6]], **kw)[0]
     batch = rt.generate(["p100", "p1"], [[8, 8, 8], [5, 6]], **kw)
@@ -216,9 +217,9 @@ def test_seeded_sampling_is_batch_invariant(tiny_dirs):
     assert rt.generate("p1", [[5, 6]], **{**kw, "seed": 8})[0].token_ids != alone.token_ids
 
 
-def test_micro_batcher_many_threads(tiny_dirs):
+def test_micro_batcher_many_threads(rts):
     """16 threads x 50 requests through submit(): every result equals its single-request reference."""
-    ref, rt = runtime(tiny_dirs, "llama", "reference"), runtime(tiny_dirs, "llama", "torch")
+    ref, rt = rts("llama", "reference"), rts("llama", "torch")
     rng = np.random.default_rng(3)
     pool = [{"prompt": ["p1", "p20", "p100"][i % 3], "context": rng.integers(4, 96, 1 + i % 9).tolist(),
              "continuation": rng.integers(4, 96, 1 + i % 3).tolist()} for i in range(24)]
@@ -259,8 +260,8 @@ def test_micro_batcher_bad_request_fails_only_its_future(tiny_dirs):
     assert b.closed
 
 
-def test_async_submit(tiny_dirs):
-    rt = runtime(tiny_dirs, "qwen2", "torch")
+def test_async_submit(rts):
+    rt = rts("qwen2", "torch")
     req = {"prompt": "p20", "context": [5, 6, 7], "continuation": [8, 9]}
 
     async def main():
@@ -299,23 +300,23 @@ def test_close_without_drain_cancels(tiny_dirs):
     ({"prompt": "p1", "text": "x"}, "unknown request fields"),
     ({"prompt": None, "context": [5]}, "nothing to score"),
 ])
-def test_bad_requests_one_line_errors(tiny_dirs, request_, message):
-    rt = runtime(tiny_dirs, "llama", "torch")
+def test_bad_requests_one_line_errors(rts, request_, message):
+    rt = rts("llama", "torch")
     with pytest.raises(RequestError, match=message) as e:
         rt.score([{"prompt": "p1", "context": [5, 6]}, request_][1:])
     assert "\n" not in str(e.value)
 
 
-def test_bad_request_in_batch_does_not_fail_the_others(tiny_dirs):
-    rt = runtime(tiny_dirs, "llama", "torch")
+def test_bad_request_in_batch_does_not_fail_the_others(rts):
+    rt = rts("llama", "torch")
     good = {"prompt": "p20", "context": [5, 6, 7], "continuation": [9]}
     res = rt.score([good, {"prompt": "zzz", "context": [5]}, good], errors="return")
     assert res[1].error.startswith("unknown prompt 'zzz'")
     assert res[0].error is None and res[0].logprob == res[2].logprob < 0
 
 
-def test_add_prompt_errors(tiny_dirs):
-    rt = runtime(tiny_dirs, "llama", "torch")
+def test_add_prompt_errors(rts, tiny_dirs):
+    rt = rts("llama", "torch")
     with pytest.raises(SoftPromptError, match="hidden size 32 but the model's hidden size is 64"):
         rt.add_prompt("bad", SoftPrompt.random(4, 32))
     with pytest.raises(SoftPromptError, match="0 virtual tokens"):
@@ -325,9 +326,9 @@ def test_add_prompt_errors(tiny_dirs):
                      max_virtual_tokens=2048).add_prompt("long", SoftPrompt.random(600, E))
 
 
-def test_classify_and_text(tiny_dirs):
-    rt = runtime(tiny_dirs, "llama", "torch")
-    ref = runtime(tiny_dirs, "llama", "reference")
+def test_classify_and_text(rts):
+    rt = rts("llama", "torch")
+    ref = rts("llama", "reference")
     ctxs = ["the movie was good", "the food was bad"]
     got = rt.classify("p20", ctxs, ["positive", "negative"])
     want = ref.classify("p20", ctxs, ["positive", "negative"])

@@ -1,0 +1,278 @@
+"""Load and run an exported bundle with onnxruntime, numpy and tokenizers only (no torch).
+
+A bundle is a directory:
+
+- ``model.onnx`` + ``model.onnx.data`` (external weights): one graph for all three uses —
+  a soft prompt's prefix alone (past length 0), request tokens on top of a cached prefix,
+  and one decode token on top of prefix + generated tokens.
+- ``embeddings.npy`` ``[V, E]`` float32: the model's input-embedding module applied to every
+  token id (so Gemma's √E scaling is inside, as PEFT's ``word_embeddings(input_ids)``);
+  virtual tokens go into the graph as given, unscaled.
+- tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...).
+- ``bundle.json``: dimensions, dtype, opset, input/output names, source fingerprint, eos/bos
+  ids, library versions, ``files`` {name: {size, sha256}}, validation figures.
+
+Graph contract (names as Optimum names them):
+
+    inputs_embeds                [B, L, E]         float (bundle dtype)
+    attention_mask               [B, T]            int64, 1 = real key; T = past + L
+    position_ids                 [B, L]            int64 (row b's token i sits at P_b + i)
+    past_key_values.{i}.key|value [B, Hkv, past, D] float, i = 0..N-1 (past may be 0)
+    logits_index                 [B, K]            int64 positions on L whose logits are wanted
+    ->  logits                   [B, K, V]         float32
+        present.{i}.key|value    [B, Hkv, T, D]    past concatenated with the new keys/values
+
+Query i of row b (absolute key index past + i) attends key j iff j <= past + i and
+attention_mask[b, j] == 1. The vocabulary projection runs only at ``logits_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+EMBEDDINGS_FILE = "embeddings.npy"
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+VERIFY_MODES = ("fast", "full")
+
+
+def input_names(num_layers: int) -> list[str]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past, "logits_index"]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path, weights: bool = False) -> dict:
+    """The manifest entry of one bundle file: size, sha256, and whether it is the big
+    external-weights file (checked by size only unless ``verify="full"``)."""
+    entry = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    if weights:
+        entry["weights"] = True
+    return entry
+
+
+def check_files(root: Path, manifest: dict, verify: str = "fast") -> None:
+    """Raise BundleError unless every file listed in the manifest is present with the
+    recorded size and (for all but the weights file in ``fast`` mode) the recorded sha256."""
+    if verify not in VERIFY_MODES:
+        raise BundleError(f"verify={verify!r} is not one of {VERIFY_MODES}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files or EMBEDDINGS_FILE not in files:
+        raise BundleError(f"{root / MANIFEST}: 'files' must list at least {MODEL_FILE} and "
+                          f"{EMBEDDINGS_FILE}")
+    for name, entry in files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"{path}: file missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise BundleError(f"{path}: size {size} bytes differs from {entry['size']} in "
+                              f"{MANIFEST}")
+        if entry.get("weights") and verify != "full":
+            continue
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise BundleError(f"{path}: sha256 {digest[:16]}... differs from "
+                              f"{entry['sha256'][:16]}... in {MANIFEST}")
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: file missing; {root} is not an exported bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: corrupt JSON ({e})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version!r} is not supported (expected "
+                          f"{FORMAT_VERSION}); re-export the model with this softprompt")
+    missing = [k for k in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                           "hidden_size", "vocab_size", "dtype", "input_names", "output_names",
+                           "files") if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: missing keys {missing}")
+    if manifest["dtype"] not in NP_DTYPES:
+        raise BundleError(f"{path}: dtype {manifest['dtype']!r} is not one of {sorted(NP_DTYPES)}")
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """An exported model ready to run under ONNX Runtime.
+
+    manifest: the parsed ``bundle.json``.
+    session: the ``onnxruntime.InferenceSession`` over ``model.onnx``.
+    embeddings: ``[V, E]`` float32 table, memory-mapped read-only.
+    tokenizer: a ``tokenizers.Tokenizer`` from ``tokenizer.json``.
+    """
+
+    path: Path
+    manifest: dict
+    session: ort.InferenceSession
+    embeddings: np.ndarray
+    tokenizer: Tokenizer | None
+    input_names: list[str] = field(init=False)
+    output_names: list[str] = field(init=False)
+
+    def __post_init__(self):
+        m = self.manifest
+        self.num_layers = int(m["num_layers"])
+        self.num_heads = int(m["num_heads"])
+        self.num_kv_heads = int(m["num_kv_heads"])
+        self.head_dim = int(m["head_dim"])
+        self.hidden_size = int(m["hidden_size"])
+        self.vocab_size = int(m["vocab_size"])
+        self.max_position_embeddings = m.get("max_position_embeddings")
+        self.fingerprint = m.get("fingerprint")
+        self.model_type = m["model_type"]
+        self.dtype = m["dtype"]
+        self.np_dtype = np.dtype(NP_DTYPES[self.dtype])
+        self.eos_token_ids = [int(i) for i in m.get("eos_token_ids") or []]
+        self.bos_token_id = m.get("bos_token_id")
+        self.input_names = list(m["input_names"])
+        self.output_names = list(m["output_names"])
+        self.use_io_binding = "CUDAExecutionProvider" in self.session.get_providers()
+
+    # ------------------------------------------------------------------------- helpers
+    def embed(self, token_ids) -> np.ndarray:
+        """Token ids ``[..., L]`` -> embeddings ``[..., L, E]`` in the bundle's dtype."""
+        return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)],
+                          dtype=self.np_dtype)
+
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-layer (key, value) of past length 0 ``[B, Hkv, 0, D]``: the prefix-only use."""
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.np_dtype)
+        return [(z, z) for _ in range(self.num_layers)]
+
+    # ----------------------------------------------------------------------------- run
+    def run(self, inputs_embeds, attention_mask, position_ids, past, logits_index,
+            return_ortvalues: bool = False):
+        """One forward pass of the graph.
+
+        Args:
+            inputs_embeds: ``[B, L, E]`` (cast to the bundle dtype).
+            attention_mask: ``[B, T]`` with T = past + L, 1 for a real key, 0 for padding.
+            position_ids: ``[B, L]``.
+            past: N (key, value) pairs ``[B, Hkv, past, D]`` (``empty_past(B)`` for none);
+                numpy arrays, or ``ort.OrtValue`` already on the device with CUDA.
+            logits_index: ``[B, K]`` positions on L whose logits are returned.
+            return_ortvalues: with the CUDA provider, return logits and presents as device
+                ``OrtValue`` objects (no copy back to host), to be fed as the next past.
+
+        Returns:
+            ``(logits [B, K, V] float32, presents)`` with presents N (key, value) pairs
+            ``[B, Hkv, T, D]``.
+        """
+        if len(past) != self.num_layers:
+            raise ValueError(f"past has {len(past)} layers; the model has {self.num_layers}")
+        feed = {"inputs_embeds": _as(inputs_embeds, self.np_dtype),
+                "attention_mask": _as(attention_mask, np.int64),
+                "position_ids": _as(position_ids, np.int64),
+                "logits_index": _as(logits_index, np.int64)}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = _as(k, self.np_dtype)
+            feed[f"past_key_values.{i}.value"] = _as(v, self.np_dtype)
+        if self.use_io_binding:
+            outs = self._run_cuda(feed, return_ortvalues)
+        else:
+            outs = self.session.run(self.output_names, feed)
+        return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.num_layers)]
+
+    def _run_cuda(self, feed: dict, return_ortvalues: bool) -> list:
+        # IOBinding: host arrays are copied to the GPU once, device OrtValues (a previous
+        # call's presents) are bound in place, and every output is allocated on the GPU, so a
+        # cached prefix never makes a round trip through host memory between calls.
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs() if return_ortvalues else binding.copy_outputs_to_cpu()
+
+
+def _as(x, dtype):
+    if isinstance(x, ort.OrtValue):
+        return x
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def load_bundle(path, providers=None, verify: str = "fast",
+                session_options: ort.SessionOptions | None = None) -> Bundle:
+    """Open an exported bundle directory.
+
+    Args:
+        path: the bundle directory (holding ``bundle.json``).
+        providers: onnxruntime execution providers, e.g. ``["CUDAExecutionProvider",
+            "CPUExecutionProvider"]``; default CPU. With CUDA, ``Bundle.run`` uses IOBinding.
+        verify: ``"fast"`` checks every listed file's size and the sha256 of all but the big
+            external-weights file; ``"full"`` also hashes the weights.
+        session_options: optional ``onnxruntime.SessionOptions`` (threads, logging).
+
+    Raises:
+        BundleError: a file missing or differing from ``bundle.json``, or a graph whose
+            inputs/outputs differ from the manifest (one line naming the file).
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    validation = manifest.get("validation") or {}
+    if validation.get("passed") is False:
+        raise BundleError(f"{root / MANIFEST}: this export failed its validation "
+                          f"({validation.get('error', 'see validation')}); re-export it")
+    check_files(root, manifest, verify)
+    n = int(manifest["num_layers"])
+    if manifest["input_names"] != input_names(n) or manifest["output_names"] != output_names(n):
+        raise BundleError(f"{root / MANIFEST}: input/output names do not follow the "
+                          f"{n}-layer contract")
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(root / MODEL_FILE), sess_options=session_options,
+                                       providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"{root / MODEL_FILE}: onnxruntime cannot load it "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != manifest["input_names"] or got_out != manifest["output_names"]:
+        raise BundleError(f"{root / MODEL_FILE}: graph inputs/outputs differ from {MANIFEST} "
+                          f"(got {len(got_in)} inputs, {len(got_out)} outputs)")
+    try:
+        embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise BundleError(f"{root / EMBEDDINGS_FILE}: not a plain .npy array ({e})") from None
+    expect = (int(manifest["vocab_size"]), int(manifest["hidden_size"]))
+    if embeddings.shape != expect or embeddings.dtype != np.float32:
+        raise BundleError(f"{root / EMBEDDINGS_FILE}: {embeddings.dtype} {embeddings.shape}, "
+                          f"expected float32 {expect}")
+    tok_file = root / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+    return Bundle(path=root, manifest=manifest, session=session, embeddings=embeddings,
+                  tokenizer=tokenizer)

@@ -1,0 +1,614 @@
+"""Export a causal LM to a bundle (see ``bundle.py`` for the layout and graph contract).
+
+``export()`` loads the model, traces ``ExportWrapper`` with ``torch.onnx.export(dynamo=True)``,
+writes the bundle, and ends by running ONNX Runtime and PyTorch side by side on fresh
+shapes for the three uses (prefix, request on a cached prefix, decode); any mismatch of
+names, axes or values raises ExportValidationError.
+
+Why the dynamo exporter: it is the supported path in torch >= 2.9 (the TorchScript exporter
+is deprecated), it stores a tied embedding/lm_head weight once, and with named dynamic dims
+it exports every supported family here. Its one limit that shapes the contract: a dim cannot
+be declared as a sum of two others, so the mask length (``total_sequence``) is a dim of its
+own and the present K/V axis is renamed to it after export.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime.models import LoadedModel, ModelError, check_architecture, load_model
+from .bundle import (EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, WEIGHTS_FILE,
+                     Bundle, file_entry, input_names, load_bundle, output_names)
+from .errors import ExportValidationError
+from .wrapper import ExportWrapper, ModelSpec
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+QUANTIZE = (None, "int8")
+
+# ORT vs PyTorch, max |difference| of logits and present K/V. Mirrors tests/tolerances.py ONNX
+# (a test asserts they agree); the exporter cannot import tests/.
+VALIDATION_ATOL = {"float32": 1e-2, "float16": 5e-2}
+# int8 weights change the function itself: after the float graph has passed VALIDATION_ATOL,
+# the quantized one is held to a sanity bound on |change| of the log-prob of PyTorch's top-1
+# token (max over every validated position; SmolLM2-135M with random prompts: 2.2 nats).
+INT8_LOGPROB_ATOL = 4.0
+# (B, L, P): batch rows, request tokens, prompt (prefix) tokens. Hand-picked: a mid shape,
+# the degenerate one-token shape, and a large batch with a long prompt.
+VALIDATION_CASES = ((3, 9, 20), (1, 1, 1), (8, 32, 100))
+
+
+# ------------------------------------------------------------------------------- export
+def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
+           optimize: bool = False, quantize: str | None = None, validate: bool = True,
+           progress: bool = True) -> Path:
+    """Export a causal LM to an ONNX bundle directory a torch-free server can run.
+
+    Args:
+        model: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face model directory, a
+            ``.gguf`` file, or a ``LoadedModel``. Supported families: llama, gpt2, qwen2, gemma.
+        out_dir: the bundle directory to write. An existing bundle there is replaced; an
+            existing non-empty directory that is not a bundle is refused.
+        dtype: ``"fp32"`` (default) or ``"fp16"`` (for GPU execution providers; on CPU it
+            runs but is not faster).
+        opset: ONNX opset; default the exporter's.
+        optimize: save the ORT-optimised graph (see bench/EXPORT_RESULTS.md for what it buys).
+        quantize: ``None`` or ``"int8"`` (dynamic int8 weights for CPU, fp32 only).
+        validate: run ORT vs PyTorch on ``VALIDATION_CASES`` for the three uses and raise
+            ExportValidationError on any mismatch (figures go into ``bundle.json``).
+        progress: print step messages and a progress bar to stderr.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        ModelError: unsupported architecture or unloadable model.
+        ExportValidationError: the exported graph disagrees with PyTorch.
+    """
+    dtype_name = DTYPE_NAMES.get(str(dtype).removeprefix("torch."))
+    if dtype_name is None:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected 'fp32' or 'fp16'")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not supported; expected None or 'int8'")
+    if quantize and dtype_name != "float32":
+        raise ValueError("quantize='int8' quantizes a float32 graph; use dtype='fp32'")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}; "
+                              "refusing to overwrite it")
+
+    steps = ["load model", "trace and convert to ONNX", "write embeddings and tokenizer"]
+    steps += ["optimize graph"] * optimize + ["validate ORT vs PyTorch"] * validate
+    steps += ["quantize int8", "validate the int8 graph"][:1 + validate] * bool(quantize)
+    bar = _Steps(steps, progress)
+    t_start = time.perf_counter()
+
+    bar.next()
+    loaded = _resolve(model)
+    check_architecture(loaded.model.config)
+    model32 = loaded.model  # the float32 model is the reference every bundle is checked against
+    if next(model32.parameters()).dtype != torch.float32:
+        model32 = copy.deepcopy(model32).float()
+    torch_model = model32 if dtype_name == "float32" else copy.deepcopy(model32).half()
+    wrapper = ExportWrapper(torch_model)  # traced
+    reference = wrapper if torch_model is model32 else ExportWrapper(model32)
+    spec = wrapper.spec
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        params = sum(p.numel() for p in torch_model.parameters())
+        bar.next(f"{params / 1e6:.0f}M parameters, about a minute per 100M on CPU")
+        t0 = time.perf_counter()
+        used_opset = _export_graph(wrapper, tmp / MODEL_FILE, opset)
+        export_s = time.perf_counter() - t0
+
+        bar.next()
+        _write_embeddings(model32, tmp / EMBEDDINGS_FILE)
+        loaded.tokenizer.save_pretrained(str(tmp))
+        if not (tmp / "tokenizer.json").is_file():
+            raise ModelError(f"the tokenizer of {loaded.source} has no fast version "
+                             "(tokenizer.json); the torch-free bundle needs one")
+
+        if optimize:
+            bar.next()
+            optimize_graph(tmp / MODEL_FILE)
+
+        manifest = _manifest(loaded, spec, dtype_name, used_opset, tmp, optimized=optimize,
+                             quantized=None)
+        manifest["export_seconds"] = round(export_s, 1)
+        _write_manifest(tmp, manifest)
+        error = None
+        if validate:
+            bar.next()
+            figures, error = _validate(reference, tmp)
+            manifest["validation"] = figures
+        if quantize and error is None:
+            # The float graph has passed the strict check above; int8 then only changes the
+            # weights, so its own check is a sanity bound on log-probs (INT8_LOGPROB_ATOL).
+            bar.next()
+            quantize_int8(tmp / MODEL_FILE)
+            float_figures = manifest["validation"]
+            manifest = _manifest(loaded, spec, dtype_name, used_opset, tmp, optimized=optimize,
+                                 quantized=quantize)
+            manifest["export_seconds"] = round(export_s, 1)
+            _write_manifest(tmp, manifest)
+            if validate:
+                bar.next()
+                figures, error = _validate(reference, tmp, logprob_atol=INT8_LOGPROB_ATOL)
+                manifest["validation"] = {**figures, "float_graph": float_figures}
+        manifest["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        _write_manifest(tmp, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
+    if error is not None:
+        raise error
+    if progress:
+        size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
+        print(f"softprompt export: wrote {out_dir} ({size:.0f} MiB) in "
+              f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+    return out_dir
+
+
+def _validate(wrapper: ExportWrapper, root: Path, **kwargs) -> tuple[dict, Exception | None]:
+    bundle = load_bundle(root)
+    try:
+        return validate_bundle(wrapper, bundle, **kwargs), None
+    except ExportValidationError as e:
+        return {"passed": False, "error": str(e)}, e
+    finally:
+        del bundle
+
+
+def _resolve(model) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("pass a model directory, 'default', a .gguf file or a LoadedModel "
+                        "(a bare module has no tokenizer or fingerprint)")
+    return load_model(model, dtype="float32")
+
+
+def example_inputs(spec: ModelSpec, dtype: torch.dtype):
+    """Trace inputs. Every dynamic size is >= 2 and distinct from the others, so torch.export
+    neither specialises a dim to 0/1 nor unifies two dims that merely happen to be equal."""
+    b, seq, past = 2, 5, 3  # total_sequence = 8
+    g = torch.Generator().manual_seed(0)
+    kv = lambda: torch.randn(b, spec.num_kv_heads, past, spec.head_dim, generator=g).to(dtype)
+    return (torch.randn(b, seq, spec.hidden_size, generator=g).to(dtype),
+            torch.ones(b, past + seq, dtype=torch.long),
+            torch.arange(past, past + seq).expand(b, seq).contiguous(),
+            [(kv(), kv()) for _ in range(spec.num_layers)],
+            torch.tensor([[seq - 1, 0, 2, seq - 1]] * b))
+
+
+def expected_axes(spec: ModelSpec) -> dict[str, list]:
+    """Every graph input/output name -> its axes (a name for a dynamic axis, else the size)."""
+    kv = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
+    present = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
+    axes = {"inputs_embeds": ["batch", "sequence", spec.hidden_size],
+            "attention_mask": ["batch", "total_sequence"],
+            "position_ids": ["batch", "sequence"],
+            "logits_index": ["batch", "num_logits"],
+            "logits": ["batch", "num_logits", spec.vocab_size]}
+    for i in range(spec.num_layers):
+        for name in ("key", "value"):
+            axes[f"past_key_values.{i}.{name}"] = kv
+            axes[f"present.{i}.{name}"] = present
+    return axes
+
+
+def _export_graph(wrapper: ExportWrapper, path: Path, opset: int | None) -> int:
+    import onnx
+    from torch.export import Dim
+
+    spec = wrapper.spec
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    total, num_logits = Dim("total_sequence"), Dim("num_logits")
+    kv = {0: batch, 2: past}
+    dynamic_shapes = {"inputs_embeds": {0: batch, 1: seq},
+                      "attention_mask": {0: batch, 1: total},
+                      "position_ids": {0: batch, 1: seq},
+                      "past": [(kv, kv) for _ in range(spec.num_layers)],
+                      "logits_index": {0: batch, 1: num_logits}}
+    dtype = next(wrapper.parameters()).dtype
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            wrapper, example_inputs(spec, dtype), dynamic_shapes=dynamic_shapes, dynamo=True,
+            input_names=input_names(spec.num_layers),
+            output_names=output_names(spec.num_layers), opset_version=opset,
+            external_data=True, verbose=False)
+        program.save(str(path), external_data=True)
+    # Name the axes of the contract. The exporter calls the present length
+    # "past_sequence + sequence"; an axis that came out static means a dim was specialised.
+    model = onnx.load(str(path), load_external_data=False)
+    axes = expected_axes(spec)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        want = axes.get(value.name)
+        if want is None or len(dims) != len(want):
+            raise ExportValidationError(f"graph {value.name!r} has {len(dims)} axes; the "
+                                        f"contract expects {want}")
+        for d, w in zip(dims, want):
+            if isinstance(w, str):
+                if not d.dim_param:
+                    raise ExportValidationError(f"graph {value.name!r} axis {w!r} was exported "
+                                                f"as the static size {d.dim_value}")
+                d.dim_param = w
+            elif d.dim_value != w:
+                raise ExportValidationError(f"graph {value.name!r} has axes "
+                                            f"{_dims(dims)}; expected {want}")
+    _check_weights_file(model, path)
+    onnx.save(model, str(path))
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _dims(dims) -> list:
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def _check_weights_file(model, path: Path) -> None:
+    locations = {e.value for t in model.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    if locations - {WEIGHTS_FILE}:
+        raise ExportValidationError(f"{path.name} stores weights in {sorted(locations)}; "
+                                    f"expected {WEIGHTS_FILE}")
+
+
+@contextmanager
+def _quiet_exporter(logger_names=("torch.onnx",)):
+    # The exporter warns about torchvision ops and axis names it merges; none of it concerns
+    # this graph, and the step messages say what is happening.
+    loggers = [logging.getLogger(n) for n in logger_names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for cat in (UserWarning, FutureWarning, DeprecationWarning):
+                warnings.simplefilter("ignore", cat)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _write_embeddings(model: torch.nn.Module, path: Path) -> None:
+    emb = model.get_input_embeddings()
+    rows = int(emb.weight.shape[0])
+    with torch.no_grad():  # the module itself, so Gemma's sqrt(E) scaling is included
+        table = emb(torch.arange(rows, device=emb.weight.device)).float().cpu().numpy()
+    np.save(path, np.ascontiguousarray(table, dtype=np.float32), allow_pickle=False)
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    try:
+        own = importlib.metadata.version("softprompt-runtime")
+    except importlib.metadata.PackageNotFoundError:
+        own = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "softprompt": own}
+
+
+def _manifest(loaded: LoadedModel, spec: ModelSpec, dtype_name: str, opset: int, root: Path,
+              optimized: bool, quantized: str | None) -> dict:
+    cfg = loaded.model.config
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = _token_ids(getattr(gen, "eos_token_id", None)) or _token_ids(cfg.eos_token_id)
+    bos = getattr(gen, "bos_token_id", None)
+    bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
+    n = spec.num_layers
+    files = {}
+    for f in sorted(root.iterdir()):
+        if f.name != MANIFEST:
+            files[f.name] = file_entry(f, weights=f.name == WEIGHTS_FILE)
+    return {
+        "format_version": FORMAT_VERSION,
+        **asdict(spec),
+        "dtype": dtype_name,
+        "quantization": quantized,
+        "optimized": optimized,
+        "opset": opset,
+        "input_names": input_names(n),
+        "output_names": output_names(n),
+        "axes": expected_axes(spec),
+        "fingerprint": loaded.fingerprint,
+        "source": str(loaded.source),
+        "eos_token_ids": eos,
+        "bos_token_id": None if bos is None else int(bos),
+        "versions": _versions(),
+        "files": files,
+        "validation": None,
+    }
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------- speed options
+def optimize_graph(path: Path) -> None:
+    """Rewrite ``path`` as ONNX Runtime's offline-optimised graph (basic + extended fusions,
+    hardware-independent, so the file runs on CPU and GPU providers)."""
+    import onnxruntime as ort
+
+    out = path.with_name("optimized.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                  "optimized.onnx.data")
+    opts.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    _replace_graph(path, out)
+
+
+def quantize_int8(path: Path) -> None:
+    """Replace ``path`` with dynamic int8 quantization of its MatMul weights (CPU).
+
+    Per-channel weight scales; the MLP down-projections (weights with more input features
+    than the hidden size) stay float: their inputs carry the activation outliers that
+    per-tensor dynamic activation quantization handles worst. On SmolLM2-135M that keeps
+    most of the speed-up and cuts the mean log-prob change about threefold (measured in
+    bench/EXPORT_RESULTS.md).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    hidden = graph.input[0].type.tensor_type.shape.dim[2].dim_value  # inputs_embeds [B, L, E]
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    keep_float = [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                  and len(weights.get(n.input[1], [])) == 2 and weights[n.input[1]][0] > hidden]
+    out = path.with_name("quantized.onnx")
+    with _quiet_exporter(("torch.onnx", "")):  # root: "consider pre-processing" advice
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_float,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    _replace_graph(path, out)
+
+
+def _replace_graph(path: Path, new: Path) -> None:
+    """Make graph ``new`` (with its external data) the bundle's ``model.onnx`` + ``.data``."""
+    import onnx
+
+    model = onnx.load(str(new))  # every weight in memory, then one fresh data file
+    for f in list(path.parent.glob("*.onnx")) + list(path.parent.glob("*.onnx.data")):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=WEIGHTS_FILE, size_threshold=1024)
+    (path.parent / WEIGHTS_FILE).chmod(path.stat().st_mode)  # onnx creates it 0600
+
+
+# --------------------------------------------------------------------------- validation
+def clip_case(batch: int, seq: int, prefix: int, max_positions: int | None) -> tuple[int, int, int]:
+    """Shrink (B, L, P) so the decode step (position P + L) fits in the model's positions."""
+    if max_positions and prefix + seq + 1 > max_positions:
+        scale = (max_positions - 1) / (prefix + seq)
+        seq = max(1, int(seq * scale))
+        prefix = max(1, min(int(prefix * scale), max_positions - 1 - seq))
+    return batch, seq, prefix
+
+
+def validate_bundle(wrapper: ExportWrapper, bundle: Bundle, cases=VALIDATION_CASES,
+                    seed: int = 0, atol: float | None = None,
+                    logprob_atol: float | None = None) -> dict:
+    """Run ORT (``bundle``) and PyTorch (``wrapper``) on fresh inputs for the three uses.
+
+    For each (B, L, P): (1) prefix: P prompt vectors per row, rows of different lengths
+    right-padded with mask 0, past length 0; (2) request: L tokens per row (different
+    lengths, padded) on top of that prefix at positions P_b + i, logits at every position;
+    (3) decode: one token on top of prefix + request. Also checks row 0's request logits
+    against the plain transformers forward over ``[prompt, tokens]`` (no cache, no mask).
+
+    Two modes. Elementwise (float32 graphs): both sides get identical inputs at every use
+    (the past comes from PyTorch) and |ORT - PyTorch| of logits and of every present K/V
+    must stay within ``atol`` (default VALIDATION_ATOL["float32"]). Log-prob (float16 and
+    int8 graphs, against a float32 ``wrapper``): each side carries its own past from use to
+    use, so an error in ORT's presents shows up in the next use's logits, and the bound
+    ``logprob_atol`` applies to the log-prob of PyTorch's top-1 token at every position.
+    float16 bundles default to it with VALIDATION_ATOL["float16"]: after 30 layers fp16
+    rounding moves raw logits (|x| up to ~36, fp16 spacing 0.03 there) by ~0.1 and K/V by
+    ~0.6, while the log-probs stay within 0.02 of float32 on SmolLM2-135M.
+
+    Returns the figures; raises ExportValidationError on any mismatch.
+    """
+    spec = wrapper.spec
+    if atol is None and logprob_atol is None and bundle.dtype == "float16":
+        logprob_atol = VALIDATION_ATOL["float16"]
+    atol = VALIDATION_ATOL["float32"] if atol is None else atol
+    _check_interface(bundle, spec)
+    rng = np.random.default_rng(seed)
+    scale = float(np.std(bundle.embeddings[: min(bundle.vocab_size, 4096)]))
+    worst = dict.fromkeys(("prefix", "request", "decode", "presents", "reference"), 0.0)
+    ran = []
+
+    def compare(use, where, embeds, mask, pos, pasts, index):
+        """Run both sides (pasts: PyTorch's, ORT's); return ORT's logits and the next pasts."""
+        t_logits, t_presents = _run_torch(wrapper, embeds, mask, pos, pasts[0], index)
+        o_logits, o_pairs = bundle.run(embeds, mask, pos, pasts[1], index)
+        o_presents = [np.asarray(a, np.float32) for kv in o_pairs for a in kv]
+        _check_shape("logits", o_logits, (len(embeds), index.shape[1], spec.vocab_size), where)
+        for name, arr in zip(bundle.output_names[1:], o_presents):
+            _check_shape(name, arr, (len(embeds), spec.num_kv_heads, mask.shape[1],
+                                     spec.head_dim), where)
+        if logprob_atol is None:
+            worst[use] = max(worst[use], _check_close("logits", o_logits, t_logits, atol, where))
+            for name, o, t in zip(bundle.output_names[1:], o_presents, t_presents):
+                worst["presents"] = max(worst["presents"], _check_close(name, o, t, atol, where))
+        else:
+            worst[use] = max(worst[use], _check_close(
+                "top-1 log-probs", _top1_logprob(o_logits, t_logits), _top1_logprob(t_logits),
+                logprob_atol, where))
+            for name, o in zip(bundle.output_names[1:], o_presents):
+                _check_finite(name, o, where)
+        t_past = [(t_presents[2 * i], t_presents[2 * i + 1]) for i in range(spec.num_layers)]
+        return o_logits, (t_past, t_past if logprob_atol is None else o_pairs)
+
+    for case in cases:
+        B, L, P = clip_case(*case, spec.max_position_embeddings)
+        ran.append([B, L, P])
+        where = f"case (B={B}, L={L}, P={P})"
+        # per-row prompt and request lengths; row 0 is full length, the others right-padded
+        p_rows = np.concatenate([[P], rng.integers(max(1, P // 2), P + 1, size=B - 1)])
+        l_rows = np.concatenate([[L], rng.integers(max(1, L // 2), L + 1, size=B - 1)])
+        prompt = (rng.standard_normal((B, P, spec.hidden_size)) * scale).astype(np.float32)
+        request = _embed(bundle, rng.integers(0, bundle.vocab_size, size=(B, L)))  # [B, L, E]
+        step = _embed(bundle, rng.integers(0, bundle.vocab_size, size=(B, 1)))  # [B, 1, E]
+
+        # (1) prefix alone: past length 0, logits of each row's last prompt token
+        mask = (np.arange(P)[None] < p_rows[:, None]).astype(np.int64)  # [B, P]
+        empty = np.zeros((B, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        _, past = compare("prefix", "prefix use, " + where, prompt, mask,
+                          np.tile(np.arange(P), (B, 1)),
+                          ([(empty, empty)] * spec.num_layers,) * 2, (p_rows - 1)[:, None])
+        # (2) request tokens at positions P_b + i on the padded prefix, logits everywhere
+        mask = np.concatenate([mask, np.arange(L)[None] < l_rows[:, None]], 1).astype(np.int64)
+        logits, past = compare("request", "request use, " + where, request, mask,
+                               p_rows[:, None] + np.arange(L)[None], past,
+                               np.tile(np.arange(L), (B, 1)))
+        ref = _reference_logits(wrapper, prompt[0], request[0])  # [L, V], row 0 alone
+        if logprob_atol is None:
+            got, want, bound = logits[0], ref, atol
+        else:
+            got, want, bound = _top1_logprob(logits[0], ref), _top1_logprob(ref), logprob_atol
+        worst["reference"] = max(worst["reference"], _check_close(
+            "row 0 logits vs plain transformers", got, want, bound, "request use, " + where))
+        # (3) decode one token on top of prefix + request
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)  # [B, P + L + 1]
+        compare("decode", "decode use, " + where, step, mask, (p_rows + l_rows)[:, None], past,
+                np.zeros((B, 1), np.int64))
+
+    figures = {"passed": True, "provider": "CPUExecutionProvider", "cases": ran,
+               "metric": "max |ORT - PyTorch|" + (" of top-1 log-probs" if logprob_atol else ""),
+               "atol": atol if logprob_atol is None else logprob_atol}
+    if logprob_atol is not None:
+        del worst["presents"]  # checked through the next use's log-probs
+    figures.update({f"max_abs_{k}": float(f"{v:.3g}") for k, v in worst.items()})
+    return figures
+
+
+def _embed(bundle: Bundle, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(bundle.embeddings[ids], dtype=np.float32)
+
+
+def _run_torch(wrapper: ExportWrapper, embeds, mask, pos, past, index):
+    dtype = next(wrapper.parameters()).dtype
+    t = lambda a, d=None: torch.from_numpy(np.ascontiguousarray(a)).to(d or dtype)
+    with torch.no_grad():
+        out = wrapper(t(embeds), t(mask, torch.long), t(pos, torch.long),
+                      [(t(k), t(v)) for k, v in past], t(index, torch.long))
+    return out[0].float().numpy(), [x.float().numpy() for x in out[1:]]
+
+
+def _check_interface(bundle: Bundle, spec: ModelSpec) -> None:
+    axes = expected_axes(spec)
+    ins = {i.name: i.shape for i in bundle.session.get_inputs()}
+    outs = {o.name: o.shape for o in bundle.session.get_outputs()}
+    want_in, want_out = input_names(spec.num_layers), output_names(spec.num_layers)
+    if list(ins) != want_in or list(outs) != want_out:
+        raise ExportValidationError(f"graph names differ from the contract: inputs "
+                                    f"{list(ins)[:4]}..., outputs {list(outs)[:3]}...")
+    for name, shape in {**ins, **outs}.items():
+        if list(shape) != axes[name]:
+            raise ExportValidationError(f"graph {name!r} has axes {shape}; expected {axes[name]}")
+
+
+def _check_shape(name: str, arr: np.ndarray, want: tuple, where: str) -> None:
+    if tuple(arr.shape) != tuple(want):
+        raise ExportValidationError(f"{where}: ORT {name} has shape {tuple(arr.shape)}, "
+                                    f"expected {tuple(want)}")
+
+
+def _check_finite(name: str, arr: np.ndarray, where: str) -> None:
+    if not np.isfinite(arr).all():
+        raise ExportValidationError(f"{where}: ORT {name} has NaN/Inf values")
+
+
+def _check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float, where: str) -> float:
+    _check_finite(name, got, where)
+    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+    if not diff <= atol:
+        raise ExportValidationError(f"{where}: {name} differ by {diff:.3g} "
+                                    f"(max |ORT - PyTorch|), above the tolerance {atol:g}")
+    return diff
+
+
+def _top1_logprob(logits: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """log-softmax of ``logits`` at the argmax token of ``ref`` (default: of ``logits``)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    top = np.argmax(logits if ref is None else ref, axis=-1)[..., None]
+    return np.take_along_axis(logp, top, axis=-1)[..., 0]
+
+
+def _reference_logits(wrapper: ExportWrapper, prompt: np.ndarray,
+                      request: np.ndarray) -> np.ndarray:
+    """Plain transformers over ``[prompt, request]`` embeddings: logits of the request tokens."""
+    model = wrapper.model
+    dtype = next(model.parameters()).dtype
+    embeds = torch.from_numpy(np.concatenate([prompt, request]))[None].to(dtype)  # [1, P+L, E]
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeds, use_cache=False,
+                       logits_to_keep=request.shape[0]).logits  # [1, L, V]
+    return logits[0].float().numpy()
+
+
+class _Steps:
+    """Step messages and a tqdm bar on stderr (export takes about a minute per 100M params)."""
+
+    def __init__(self, steps: list[str], enabled: bool):
+        self.steps, self.i, self.enabled = steps, 0, enabled
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(steps), desc="softprompt export", file=sys.stderr,
+                            bar_format="{desc}: {n}/{total} steps |{bar}| {elapsed}")
+
+    def next(self, note: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.i:
+            self.bar.update(1)
+        name = self.steps[self.i]
+        self.i += 1
+        self.bar.set_description_str(f"softprompt export [{name}{': ' + note if note else ''}]")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.i and self.bar.n < self.i:
+                self.bar.update(1)
+            self.bar.close()
