@@ -11,9 +11,19 @@ bundles), ``softprompt.bench`` (the benchmark driver). Importing this package do
 torch: a CPU server with onnxruntime, numpy and tokenizers can serve an exported bundle.
 """
 
-from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
-from softprompt.runtime.requests import (ClassifyResult, GenerateResult, RequestError,
-                                         ScoreRequest, ScoreResult)
+import os as _os
+
+# In a source checkout the subpackages live in the sibling folders runtime/, kernels/,
+# export/, bench/ (pyproject maps them on install). Searching the checkout root too makes
+# `import softprompt.runtime` work there without an install (PYTHONPATH=., the GPU machine).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and \
+        _os.path.isfile(_os.path.join(_root, "runtime", "api.py")) and _root not in __path__:
+    __path__.append(_root)
+
+from softprompt.runtime.prompts import SoftPrompt, SoftPromptError  # noqa: E402
+from softprompt.runtime.requests import (ClassifyResult, GenerateResult,  # noqa: E402
+                                         RequestError, ScoreRequest, ScoreResult)
 
 __version__ = "0.1.0"
 
