@@ -137,3 +137,12 @@ def test_cli_demo_and_score(tmp_path):
     assert [r["line"] for r in recs] == [1, 2, 3, 4]
     assert "not a JSON object" in recs[1]["error"] and "unknown prompt 'unknown'" in recs[2]["error"]
     assert recs[0]["logprob"] > recs[3]["logprob"]  # the trained prompt prefers the right label
+
+
+def test_gguf_path_loads_the_same_model(lm, tmp_path, monkeypatch):
+    """A .gguf path goes through the same one-time conversion as 'default' and gives the same
+    weights (equal fingerprint), cached under $SOFTPROMPT_HOME/models."""
+    monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path))
+    g = models.load_model(str(models.default_gguf_path()))
+    assert g.fingerprint == lm.fingerprint
+    assert len(list((tmp_path / "models").iterdir())) == 1
