@@ -304,6 +304,42 @@ def _lse_log2(m_i, l_i):
 
 
 @triton.jit
+def _start_state(
+    q, q_pos, tile_ok,  # [R, BLOCK_D] query tile, [R] own positions, [R] rows that exist
+    b, kvh,  # row and kv head of this program
+    o_off, lse_off,  # [R, BLOCK_D] / [R] offsets into the cascade's partial output / lse
+    part_o_ptr, part_lse_ptr,  # cascade partial result (PREFIX_FROM_PARTIAL)
+    pk_ptr, pv_ptr, prefix_lens_ptr, prompt_idx_ptr,  # prefix cache [N, Hkv, Pmax, D], [N], [B]
+    stride_pkn, stride_pkh, stride_pkp, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvp, stride_pvd,
+    qk_scale, offs_d, d_ok,
+    R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFIX_FROM_PARTIAL: tl.constexpr,
+):
+    """Online-softmax state (acc, m, l) after the row's prefix: read from the cascade's
+    partial result, or computed here over the prompt's cached prefix (visible to every query,
+    no causal mask)."""
+    if PREFIX_FROM_PARTIAL:
+        # (m = lse, l = 1, acc = normalised output) is the online-softmax state after the prefix
+        acc = tl.load(part_o_ptr + o_off, mask=tile_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.load(part_lse_ptr + lse_off, mask=tile_ok, other=float("-inf"))
+        l_i = tl.full([R], 1.0, tl.float32)
+    else:
+        acc = tl.zeros([R, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([R], float("-inf"), tl.float32)
+        l_i = tl.zeros([R], dtype=tl.float32)
+        p64 = tl.load(prompt_idx_ptr + b).to(tl.int64)
+        plen = tl.load(prefix_lens_ptr + p64).to(tl.int32)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q,
+            pk_ptr + p64 * stride_pkn + kvh.to(tl.int64) * stride_pkh,
+            pv_ptr + p64 * stride_pvn + kvh.to(tl.int64) * stride_pvh,
+            stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+            0, plen, q_pos, qk_scale, offs_d, d_ok, False, BLOCK_N, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefix_attention_fwd(
     q_ptr,  # [B, H, Lq, D]
     k_ptr,  # [B, Hkv, Lk, D] the row's own keys
@@ -385,24 +421,11 @@ def _prefix_attention_fwd(
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # q stays in SRAM for the whole loop: prefix blocks first, then own blocks
 
-    if PREFIX_FROM_PARTIAL:
-        # (m = lse, l = 1, acc = normalised output) is the online-softmax state after the prefix
-        acc = tl.load(part_o_ptr + o_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i = tl.load(part_lse_ptr + lse_off, mask=row_ok, other=float("-inf"))
-        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        p64 = tl.load(prompt_idx_ptr + b).to(tl.int64)
-        plen = tl.load(prefix_lens_ptr + p64).to(tl.int32)
-        # the whole prefix is visible to every query: no causal mask
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q,
-            pk_ptr + p64 * stride_pkn + kvh.to(tl.int64) * stride_pkh,
-            pv_ptr + p64 * stride_pvn + kvh.to(tl.int64) * stride_pvh,
-            stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-            0, plen, q_pos, qk_scale, offs_d, d_ok, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _start_state(
+        q, q_pos, row_ok, b, kvh, o_off, lse_off, part_o_ptr, part_lse_ptr,
+        pk_ptr, pv_ptr, prefix_lens_ptr, prompt_idx_ptr,
+        stride_pkn, stride_pkh, stride_pkp, stride_pkd, stride_pvn, stride_pvh, stride_pvp, stride_pvd,
+        qk_scale, offs_d, d_ok, BLOCK_M, BLOCK_D, BLOCK_N, DOT_PRECISION, PREFIX_FROM_PARTIAL)
 
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
@@ -498,22 +521,11 @@ def _prefix_attention_decode(
     q = tl.load(q_ptr + b64 * stride_qb + h64[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D], stays in SRAM
     q_pos = tl.full([BLOCK_G], 0, tl.int32) + (kv_len - 1)
-    if PREFIX_FROM_PARTIAL:
-        acc = tl.load(part_o_ptr + o_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i = tl.load(part_lse_ptr + lse_off, mask=g_ok, other=float("-inf"))
-        l_i = tl.full([BLOCK_G], 1.0, tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        p64 = tl.load(prompt_idx_ptr + b).to(tl.int64)
-        plen = tl.load(prefix_lens_ptr + p64).to(tl.int32)
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q,
-            pk_ptr + p64 * stride_pkn + kvh.to(tl.int64) * stride_pkh,
-            pv_ptr + p64 * stride_pvn + kvh.to(tl.int64) * stride_pvh,
-            stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-            0, plen, q_pos, qk_scale, offs_d, d_ok, False, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _start_state(
+        q, q_pos, g_ok, b, kvh, o_off, lse_off, part_o_ptr, part_lse_ptr,
+        pk_ptr, pv_ptr, prefix_lens_ptr, prompt_idx_ptr,
+        stride_pkn, stride_pkh, stride_pkp, stride_pkd, stride_pvn, stride_pvh, stride_pvp, stride_pvd,
+        qk_scale, offs_d, d_ok, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PRECISION, PREFIX_FROM_PARTIAL)
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q,
         k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh,
