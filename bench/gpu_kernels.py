@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     p = argparse.ArgumentParser(description="Check prefix-attention kernels against the reference, then time them.")
     p.add_argument("--out", default=None,
-                   help="JSON result path (default: $OUT/kernels.json if $OUT is set, else ./gpu_kernels.json)")
+                   help="JSON result path (default: $OUT/kernels.json if $OUT is set, else bench/out/gpu_kernels.json)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the same code path at tiny sizes on CPU under TRITON_INTERPRET=1")
     p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (median reported)")
@@ -313,7 +313,7 @@ def main() -> int:
     command = " ".join([Path(sys.executable).name] + sys.argv)
     print(f"# prefix-attention kernels: {env}\n# reproduce: {command}", flush=True)
     out_path = Path(args.out) if args.out else (
-        Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else Path("gpu_kernels.json"))
+        Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else Path("bench/out/gpu_kernels.json"))
     result = dict(env=env, command=command, checks=[], timings=[], timing_dtype=str(tdtype).replace("torch.", ""),
                   runs=runs, warmup=warmup, timing="cuda events, median" if device == "cuda" else "perf_counter, median")
 
