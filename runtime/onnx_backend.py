@@ -40,6 +40,7 @@ class OnnxBackend:
         self._empty = PrefixEntry([np.zeros((b.num_kv_heads, 0, b.head_dim), b.np_dtype)] * b.num_layers,
                                   [np.zeros((b.num_kv_heads, 0, b.head_dim), b.np_dtype)] * b.num_layers,
                                   np.zeros(0, np.float32))
+        self._last_past = (None, None)  # (row prompt digests, per-layer past) of the last batch
         self.tokens_computed = 0
         self.batches = 0
 
@@ -62,6 +63,7 @@ class OnnxBackend:
 
     def forget(self, prompt) -> None:
         self.cache.invalidate(prompt.digest)
+        self._last_past = (None, None)
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "tokens_computed": self.tokens_computed,
@@ -89,14 +91,21 @@ class OnnxBackend:
         B = len(rows)
         p_max = max(e.num_tokens for e in entries)
         l_max = max(len(r.ids) for r in rows)
-        past = []
-        for layer in range(b.num_layers):
-            k = np.zeros((B, b.num_kv_heads, p_max, b.head_dim), b.np_dtype)
-            v = np.zeros_like(k)
-            for i, e in enumerate(entries):  # ORT takes a dense past: one copy per row here
-                k[i, :, : e.num_tokens] = e.keys[layer]
-                v[i, :, : e.num_tokens] = e.values[layer]
-            past.append((k, v))
+        # ORT takes a dense past, one copy of the prefix per row; batch scoring sends the
+        # same prompts in the same order again and again, so the last one is kept and reused.
+        key = tuple(r.prompt.digest if r.prompt is not None else None for r in rows)
+        if self._last_past[0] == key:
+            past = self._last_past[1]
+        else:
+            past = []
+            for layer in range(b.num_layers):
+                k = np.zeros((B, b.num_kv_heads, p_max, b.head_dim), b.np_dtype)
+                v = np.zeros_like(k)
+                for i, e in enumerate(entries):
+                    k[i, :, : e.num_tokens] = e.keys[layer]
+                    v[i, :, : e.num_tokens] = e.values[layer]
+                past.append((k, v))
+            self._last_past = (key, past)
         mask = np.zeros((B, p_max + l_max), np.int64)
         pos = np.zeros((B, l_max), np.int64)
         emb = np.zeros((B, l_max, self.hidden_size), b.np_dtype)
