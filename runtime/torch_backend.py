@@ -35,6 +35,7 @@ class PrefixBatch:
     kv_lens: ``[B]`` own keys valid per row; q_lens: ``[B]`` new queries per row.
     own_k / own_v: per layer ``[B, Hkv, cap, D]`` per-row K/V kept during generation, or None.
     decoding: True when each row brings one new token whose K/V are written at kv_lens - 1.
+    triton: attend through the Triton kernels instead of their PyTorch references.
     """
 
     prefix_k: list
@@ -46,12 +47,14 @@ class PrefixBatch:
     own_k: list | None = None
     own_v: list | None = None
     decoding: bool = False
+    triton: bool = False  # Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or references
 
 
-def _kernels(device: torch.device):
+def _kernels(triton: bool):
+    """(attend, write_kv): the Triton kernels, or their PyTorch references (the CPU path)."""
     from softprompt import kernels
 
-    if device.type == "cuda":
+    if triton:
         return kernels.prefix_attention_auto, kernels.write_kv
     return kernels.prefix_attention_ref, kernels.write_kv_ref
 
@@ -65,7 +68,7 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     b, i = softprompt_batch, module.layer_idx
-    attend, write_kv = _kernels(query.device)
+    attend, write_kv = _kernels(b.triton)
     if b.own_k is not None:
         if b.decoding:  # append this step's K/V to each row's buffer, attend over the buffer
             write_kv(b.own_k[i], b.own_v[i], key, value, b.kv_lens - 1)
@@ -100,8 +103,10 @@ class _GenState:
 class TorchBackend(TorchModelMixin):
     name = "torch"
 
-    def __init__(self, lm, prefix_cache_bytes: int = 1 << 30):
+    def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None):
+        """triton: use the Triton kernels (default: on CUDA); else their PyTorch references."""
         self._init_model(lm)
+        self.triton = self.device.type == "cuda" if triton is None else triton
         register_attention()
         self.model.set_attn_implementation(ATTN_NAME)
         cfg = self.model.config
@@ -202,7 +207,8 @@ class TorchBackend(TorchModelMixin):
             own_k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                      for _ in range(self.num_layers)]
             own_v = [torch.zeros_like(k) for k in own_k]
-        batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v)
+        batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v,
+                            triton=self.triton)
         self.tokens_computed += int(sum(len(r.ids) for r in rows))
         self.batches += 1
         return batch, emb, pos, dict(zip(index, entries))

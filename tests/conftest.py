@@ -1,6 +1,15 @@
+import os
+
 import pytest
+import torch
 
 from tiny import FAMILIES, make_tiny_model
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only under the interpreter, and only if this is set
+    # before their module is first imported (tests/test_kernels.py, the torch backend's
+    # Triton path in tests/test_runtime.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
