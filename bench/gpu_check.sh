@@ -5,8 +5,7 @@
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root; results in $OUT
 #   bash bench/gpu_check.sh --cpu-smoke     # the same steps on a CPU machine (tiny sizes, Triton interpreter)
 #
-# Installs nothing: `softprompt` is made importable from this checkout through a temporary folder of
-# symlinks that mirrors pyproject.toml's package-dir mapping (softprompt.kernels -> kernels/, ...).
+# Installs nothing: `softprompt` is imported from this checkout (PYTHONPATH).
 # Extra arguments go to both Python scripts. PYTHON, KERNELS_TIMEOUT and E2E_TIMEOUT can be overridden.
 set -euo pipefail
 
@@ -17,15 +16,9 @@ OUT="${OUT:-$(mktemp -d)}"
 export OUT
 mkdir -p "$OUT"
 
-# --- make `import softprompt.<sub>` resolve to this checkout's folders, without pip ---------------
-SHIM="$(mktemp -d)"
-trap 'rm -rf "$SHIM"' EXIT
-mkdir "$SHIM/softprompt"
-for f in "$ROOT"/softprompt/*; do ln -s "$f" "$SHIM/softprompt/"; done
-# lines like  "softprompt.kernels" = "kernels"  in [tool.setuptools.package-dir]
-sed -n 's/^"softprompt\.\([A-Za-z_]*\)" *= *"\([^"]*\)".*/\1 \2/p' pyproject.toml |
-    while read -r sub dir; do ln -sfn "$ROOT/$dir" "$SHIM/softprompt/$sub"; done
-export PYTHONPATH="$SHIM:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+# `import softprompt.<sub>` resolves to this checkout's folders without pip: softprompt/__init__.py
+# adds the checkout root to the package's search path (pyproject maps the folders on install).
+export PYTHONPATH="$ROOT:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "=== device"
 if command -v nvidia-smi >/dev/null; then
@@ -33,8 +26,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     echo "nvidia-smi: not found"
 fi
-# run from the shim folder: from the repository root, ./softprompt (without its subpackages) would win
-(cd "$SHIM" && "$PYTHON" - <<'EOF'
+("$PYTHON" - <<'EOF'
 import platform, torch
 import softprompt.kernels as k
 try:

@@ -27,7 +27,7 @@ each method really does). When the anchors JSON is found (shared/anchors/ or --a
 anchor's PEFT and copied-cache figures (H200) are printed next to ours.
 
 Needs torch, transformers, peft (and triton on CUDA); installs nothing. `softprompt` is imported
-from this checkout when it is not installed (see ``_import_softprompt``).
+from this checkout when it is not installed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import importlib.util
 import json
 import platform
 import statistics
@@ -60,31 +59,13 @@ SMOKE_GRID = dict(B=(1, 4), P=(3, 10), L=(5, 8))
 
 
 def _import_softprompt():
-    """Import ``softprompt`` installed, or else from this checkout without installing anything.
-
-    The installed layout maps ``softprompt.runtime`` -> runtime/, ``softprompt.kernels`` ->
-    kernels/, ``softprompt.export`` -> export/, ``softprompt.bench`` -> bench/ (pyproject.toml).
-    Without an install, a module ``softprompt`` is made from softprompt/__init__.py whose
-    ``__path__`` is [<repo>/softprompt, <repo>]: its own files come from softprompt/, and each
-    subpackage name resolves to the top-level folder of the same name.
-    """
-    try:
-        importlib.import_module("softprompt.runtime.api")
-        importlib.import_module("softprompt.bench.driver")
-        return f"importable as is ({Path(sys.modules['softprompt'].__file__).parent})"
-    except ImportError:
-        pass
-    for name in [m for m in sys.modules if m == "softprompt" or m.startswith("softprompt.")]:
-        del sys.modules[name]  # a half-imported package (e.g. ./softprompt without subpackages)
-    spec = importlib.util.spec_from_file_location(
-        "softprompt", ROOT / "softprompt" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "softprompt"), str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["softprompt"] = mod
-    spec.loader.exec_module(mod)
+    """Import ``softprompt`` installed, or else from this checkout (no install needed: its
+    ``__init__`` finds the sibling runtime/, kernels/, export/, bench/ folders)."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
     importlib.import_module("softprompt.runtime.api")
     importlib.import_module("softprompt.bench.driver")
-    return f"from checkout {ROOT} (not installed)"
+    return f"from {Path(sys.modules['softprompt'].__file__).parent}"
 
 
 def parse_args(argv=None):
