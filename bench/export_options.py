@@ -1,6 +1,6 @@
 """Measure the export speed options side by side: is each one worth shipping?
 
-    python -m softprompt.export.bench_options --model default --work /tmp/sp-bench
+    python -m softprompt.bench.export_options --model default --work /tmp/sp-bench
 
 Exports the model once per variant (baseline fp32, --optimize, --quantize int8, --dtype
 fp16), loads every bundle on the CPU provider, then times the *request* use (B rows of L
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle
+from softprompt.bench.driver import cpu_model
+from softprompt.export.bundle import Bundle, load_bundle
 
 VARIANTS = {
     "fp32": {},
@@ -121,16 +121,6 @@ def text_prompt(bundle: Bundle, text: str, num_virtual_tokens: int) -> np.ndarra
     return np.asarray(bundle.embeddings[ids], np.float32)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -143,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already in --work")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
-    command = "python -m softprompt.export.bench_options " + shlex.join(
+    command = "python -m softprompt.bench.export_options " + shlex.join(
         sys.argv[1:] if argv is None else argv)
 
     work = Path(args.work)
@@ -152,7 +142,7 @@ def main(argv=None) -> int:
     for name in names:
         out = work / name
         if not (args.reuse and (out / "bundle.json").is_file()):
-            from .exporter import export
+            from softprompt.export import export
 
             export(args.model, out, progress=False, **VARIANTS[name])
         export_s[name] = json.loads((out / "bundle.json").read_text())["total_seconds"]
@@ -164,7 +154,7 @@ def main(argv=None) -> int:
     ref = score(base, prompt)
     tokens = args.batch * args.seq
     print(f"# {command}")
-    print(f"# device: CPU ({_cpu_name()}, {os.cpu_count()} cores), ORT CPU provider, "
+    print(f"# device: CPU ({cpu_model()}, {os.cpu_count()} cores), ORT CPU provider, "
           f"B={args.batch}, L={args.seq} on a cached P={args.prefix} prefix, "
           f"median of {args.repeats} round-robin runs")
     print("| variant | dtype | bundle MiB | export+validate s | request ms | tokens/s | "
