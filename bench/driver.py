@@ -154,14 +154,6 @@ def flops(d: Dims, method: str, B: int, P: int, L: int, n_score: int) -> float:
 
 # ----------------------------------------------------------------------- copied baseline
 
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a Cache: ``past_key_values`` up to transformers 5.2x,
-    ``cache`` after the rename (the old name still works there, with a FutureWarning)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class CopiedPrefix:
     """transformers + the prompt's K/V computed once and copied into every row of a DynamicCache.
 
@@ -177,12 +169,13 @@ class CopiedPrefix:
     def __init__(self, model):
         import torch
 
+        from softprompt.runtime.models import cache_kwarg
+
         self.torch = torch
         self.model = model
         self.device = next(model.parameters()).device
         self.prefix: dict = {}  # key -> (per-layer [(k, v)] each [1, Hkv, P, D], P)
         self.cache_kw = cache_kwarg(model)
-
 
     def prepare(self, key, embeddings) -> None:
         """embeddings: [P, E] float32 numpy -> the prompt's per-layer K/V, computed once."""

@@ -7,39 +7,12 @@ of the export validation, so the reference and the graph share one definition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import DynamicCache
 
+from softprompt.runtime.models import ModelSpec, cache_kwarg
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The dimensions a bundle records (names as in the project's shape letters)."""
-
-    model_type: str
-    num_layers: int  # N
-    num_heads: int  # H
-    num_kv_heads: int  # Hkv
-    head_dim: int  # D
-    hidden_size: int  # E
-    vocab_size: int  # V
-    max_position_embeddings: int | None
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "ModelSpec":
-        cfg = model.config
-        heads = int(cfg.num_attention_heads)
-        return cls(
-            model_type=cfg.model_type,
-            num_layers=int(cfg.num_hidden_layers),
-            num_heads=heads,
-            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
-            hidden_size=int(model.get_input_embeddings().weight.shape[1]),
-            vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
-        )
+__all__ = ["ExportWrapper", "ModelSpec", "attention_bias"]
 
 
 def attention_bias(attention_mask: torch.Tensor, past_len, seq_len: int,
@@ -75,6 +48,7 @@ class ExportWrapper(torch.nn.Module):
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.spec = ModelSpec.from_model(model)
+        self.cache_kw = cache_kwarg(self.decoder)  # `cache` from transformers 5.2x, else past_key_values
         self.eval()
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past, logits_index):
@@ -87,7 +61,7 @@ class ExportWrapper(torch.nn.Module):
             cache.update(k, v, i)
         bias = attention_bias(attention_mask, past_len, seq_len, inputs_embeds.dtype)
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=bias,
-                           position_ids=position_ids, cache=cache, use_cache=True)
+                           position_ids=position_ids, use_cache=True, **{self.cache_kw: cache})
         hidden = out.last_hidden_state  # [B, L, E]
         index = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, K, E]
         logits = self.lm_head(torch.gather(hidden, 1, index)).float()  # [B, K, V]

