@@ -145,6 +145,54 @@ def _check_lengths(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> Non
 # --------------------------------------------------------------------------------------------
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place modification counter; None for inference tensors, which keep none
+    (for those, plans are reused on identity alone: make a new tensor rather than changing one
+    in place between calls, as the torch backend does)."""
+    return None if t.is_inference() else t._version
+
+
+class _RefPlan(NamedTuple):
+    """What the reference derives from the length/index tensors alone: the same for every layer
+    of one forward, so it is made once and reused (the torch backend's CPU path calls the
+    reference N times per forward with the same tensors)."""
+
+    K: int  # own keys of the longest row (keys beyond it are never visible)
+    own_ok: torch.Tensor  # [B, Lq, K] bool: query i of row b may see own key j
+    q_ok: torch.Tensor  # [B, Lq] bool: real queries
+    groups: list  # [(n, rows [b] int64, P)] each prompt present, its rows and prefix length
+    refs: tuple  # (weakref, _version) of each input tensor it was made from, and the dims
+
+
+_last_ref_plan: _RefPlan | None = None
+
+
+def _ref_plan_for(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> _RefPlan:
+    """The reference's masks and row groups, reused while the *same* unmodified tensors come
+    back (as they do for every layer of one forward); value checks run once per plan."""
+    global _last_ref_plan
+    tensors = (prefix_lens, prompt_idx, kv_lens, q_lens)
+    last = _last_ref_plan
+    if last is not None and last.refs[-1] == dims and all(
+            (t is None and r is None) or (r is not None and r[0]() is t and r[1] == _version(t))
+            for t, r in zip(tensors, last.refs[:-1])):
+        return last
+    B, Lq, Lk, dev = dims.B, dims.Lq, dims.Lk, prompt_idx.device
+    kv = torch.full((B,), Lk, device=dev) if kv_lens is None else kv_lens.long()
+    ql = torch.full((B,), Lq, device=dev) if q_lens is None else q_lens.long()
+    _check_lengths(dims, prefix_lens, prompt_idx, kv, ql)
+    K = int(kv.max())
+    pos = (kv - ql)[:, None] + torch.arange(Lq, device=dev)  # [B, Lq] own position of query i
+    j = torch.arange(K, device=dev)
+    own_ok = (j <= pos[:, :, None]) & (j < kv[:, None, None])  # [B, Lq, K]
+    q_ok = torch.arange(Lq, device=dev) < ql[:, None]  # [B, Lq]
+    groups = [(n, torch.nonzero(prompt_idx == n).squeeze(1), int(prefix_lens[n]))
+              for n in torch.unique(prompt_idx).tolist()]
+    refs = tuple(None if t is None else (weakref.ref(t), _version(t)) for t in tensors) + (dims,)
+    _last_ref_plan = _RefPlan(K, own_ok, q_ok, groups, refs)
+    return _last_ref_plan
+
+
 def prefix_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,24 +220,14 @@ def prefix_attention_ref(
     B, H, Lq, D, Hkv, Lk, N, Pmax = dims
     G = H // Hkv
     scale = D**-0.5 if scale is None else float(scale)
-    dev = q.device
-    kv_lens = torch.full((B,), Lk, device=dev) if kv_lens is None else kv_lens.long()
-    q_lens = torch.full((B,), Lq, device=dev) if q_lens is None else q_lens.long()
-    _check_lengths(dims, prefix_lens, prompt_idx, kv_lens, q_lens)
-
-    out = torch.zeros(B, H, Lq, D, device=dev, dtype=q.dtype)
-    lse = torch.full((B, H, Lq), -math.inf, device=dev, dtype=torch.float32)
+    out = torch.zeros(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    lse = torch.full((B, H, Lq), -math.inf, device=q.device, dtype=torch.float32)
     if B == 0 or Lq == 0:
         return (out, lse) if return_lse else out
-    K = int(kv_lens.max())  # own keys beyond the longest row are never visible
-    pos = (kv_lens - q_lens)[:, None] + torch.arange(Lq, device=dev)  # [B, Lq] own position of query i
-    j = torch.arange(K, device=dev)
-    own_ok = (j <= pos[:, :, None]) & (j < kv_lens[:, None, None])  # [B, Lq, K]
-    q_ok = torch.arange(Lq, device=dev) < q_lens[:, None]  # [B, Lq]
+    K, own_ok, q_ok, groups, _ = _ref_plan_for(dims, prefix_lens, prompt_idx, kv_lens, q_lens)
 
-    for n in torch.unique(prompt_idx).tolist():
-        rows = torch.nonzero(prompt_idx == n).squeeze(1)  # [b] rows of prompt n
-        b, P = rows.numel(), int(prefix_lens[n])
+    for n, rows, P in groups:
+        b = rows.numel()
         qg = q[rows].float().reshape(b, Hkv, G * Lq, D)  # [b, Hkv, G*Lq, D]
         pk = prefix_k[n, :, :P].float()  # [Hkv, P, D]: one copy per prompt, not per row
         pv = prefix_v[n, :, :P].float()
@@ -814,10 +852,10 @@ def _plan_for(prompt_idx: torch.Tensor, N: int, Lq: int, G: int) -> CascadePlan:
     global _last_plan
     key = (prompt_idx.shape[0], N, Lq, G, prompt_idx.device)
     last = _last_plan
-    if last is not None and last[0]() is prompt_idx and last[1] == prompt_idx._version and last[2].key == key:
+    if last is not None and last[0]() is prompt_idx and last[1] == _version(prompt_idx) and last[2].key == key:
         return last[2]
     plan = plan_cascade(prompt_idx, N, Lq, G)
-    _last_plan = (weakref.ref(prompt_idx), prompt_idx._version, plan)
+    _last_plan = (weakref.ref(prompt_idx), _version(prompt_idx), plan)
     return plan
 
 

@@ -139,6 +139,28 @@ def test_reference_matches_naive_per_row_attention(name):
     torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
 
 
+def test_reference_plan_is_reused_per_forward_and_follows_changes():
+    """The reference plans masks and row groups once for the N layers of a forward (same length
+    tensors) and re-plans when those tensors change, in place or anew."""
+    case = CASES["prefill-g1-d16-mixed-prompts"]
+    q, k, v, pk, pv, plens, idx, kv_lens, q_lens = make_inputs(case, torch.float32, device="cpu")
+    pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
+    plan = pa._last_ref_plan
+    pa.prefix_attention_ref(q * 2, k, v, pk, pv, plens, idx, kv_lens, q_lens)  # the next layer
+    assert pa._last_ref_plan is plan
+    for change in ("in place", "new tensor"):
+        if change == "in place":
+            kv_lens[1] -= 1
+            q_lens[1] -= 1
+        else:
+            idx = torch.tensor([0, 0, 2], dtype=torch.int32)
+        got = pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
+        assert pa._last_ref_plan is not plan
+        plan = pa._last_ref_plan
+        want, _ = naive_attention(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
+        torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
+
+
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("kernel", ["prefix_attention", "prefix_attention_cascade"])
 def test_kernel_matches_reference(kernel, name):
@@ -189,6 +211,11 @@ def test_cascade_plan_is_reusable_across_layers():
             got = pa.prefix_attention_cascade(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
             want = pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
             torch.testing.assert_close(got, want, **KERNEL[torch.float32])
+    # under inference_mode (as the torch backend runs) tensors keep no version counter
+    with torch.inference_mode():
+        x = [t.clone() if t is not None else None for t in inputs]
+        got = pa.prefix_attention_cascade(*x)
+        torch.testing.assert_close(got, pa.prefix_attention_ref(*x), **KERNEL[torch.float32])
 
 
 def test_output_layout_makes_head_merge_free():
