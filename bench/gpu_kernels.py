@@ -23,7 +23,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
