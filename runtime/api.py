@@ -100,7 +100,7 @@ class Runtime:
         if is_bundle:
             raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "
                              "(the torch backends need the Hugging Face model)")
-        from .models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_model
+        from .models import display_name, load_model
 
         if device is None:
             device = "cuda" if _cuda_available() else "cpu"
@@ -116,8 +116,7 @@ class Runtime:
 
             be = ReferenceBackend(lm)
         tok = Tokenizer(lm.tokenizer.backend_tokenizer, _eos_ids(lm.model))
-        name = DEFAULT_MODEL_NAME if lm.source == DEFAULT_MODEL else lm.source
-        return cls(be, tok, model_name=name, **kw)
+        return cls(be, tok, model_name=display_name(lm.source), **kw)
 
     # --------------------------------------------------------------------------- prompts
     def add_prompt(self, name: str, source, *, allow_pickle: bool = False) -> SoftPrompt:

@@ -46,6 +46,11 @@ class ModelError(ValueError):
     """A model that cannot be loaded or served; the message says why."""
 
 
+def display_name(source) -> str | None:
+    """The name a model goes by in prompt metadata: the default model's real name, else its source."""
+    return DEFAULT_MODEL_NAME if source == DEFAULT_MODEL else source
+
+
 def softprompt_home() -> Path:
     """Cache root: ``$SOFTPROMPT_HOME`` or ``~/.cache/softprompt``."""
     return Path(os.environ.get("SOFTPROMPT_HOME", Path.home() / ".cache" / "softprompt"))

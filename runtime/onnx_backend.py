@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import PrefixCache, PrefixEntry
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+from .models import display_name
 from .requests import Row, Tokenizer, log_softmax
 
 
@@ -33,13 +33,11 @@ class OnnxBackend:
         self.max_positions = b.max_position_embeddings
         self.fingerprint = b.fingerprint
         self.dtype_name = b.manifest["dtype"]
-        source = b.manifest.get("model_name") or b.manifest.get("source")
-        self.model_name = DEFAULT_MODEL_NAME if source == DEFAULT_MODEL else source
+        self.model_name = display_name(b.manifest.get("model_name") or b.manifest.get("source"))
         self.tokenizer = Tokenizer(b.tokenizer, b.eos_token_ids)
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
-        self._empty = PrefixEntry([np.zeros((b.num_kv_heads, 0, b.head_dim), b.np_dtype)] * b.num_layers,
-                                  [np.zeros((b.num_kv_heads, 0, b.head_dim), b.np_dtype)] * b.num_layers,
-                                  np.zeros(0, np.float32))
+        empty = [k[0] for k, _ in b.empty_past(1)]  # N x [Hkv, 0, D]
+        self._empty = PrefixEntry(empty, empty, np.zeros(0, np.float32))  # P = 0 rows
         self._last_past = (None, None)  # (row prompt digests, per-layer past) of the last batch
         self.tokens_computed = 0
         self.batches = 0
@@ -49,7 +47,7 @@ class OnnxBackend:
         b, P = self.bundle, prompt.num_virtual_tokens
         emb = prompt.embeddings[None].astype(b.np_dtype)  # [1, P, E]
         logits, presents = b.run(emb, np.ones((1, P), np.int64), np.arange(P)[None],
-                                 self._past(1, 0), np.array([[P - 1]], np.int64))
+                                 b.empty_past(1), np.array([[P - 1]], np.int64))
         return PrefixEntry([k[0] for k, _ in presents], [v[0] for _, v in presents],
                            log_softmax(logits[0, 0]).astype(np.float32))
 
@@ -74,11 +72,6 @@ class OnnxBackend:
 
     def load_cache(self, path) -> int:
         return self.cache.load(path)
-
-    def _past(self, B: int, length: int) -> list:
-        b = self.bundle
-        z = np.zeros((B, b.num_kv_heads, length, b.head_dim), b.np_dtype)
-        return [(z, z)] * b.num_layers
 
     # ------------------------------------------------------------------------------ batch
     def _assemble(self, rows: list[Row]):
@@ -122,14 +115,14 @@ class OnnxBackend:
         entries, past, mask, pos, emb = self._assemble(rows)
         # Positions predicting each row's targets (the first token, when scored, comes from
         # the cached prefix); rows with fewer are padded by repeating their last index.
-        want = [np.arange(max(r.target_start, 1) - 1, len(r.ids) - 1) for r in rows]
+        want = [np.array(r.own_targets, np.int64) - 1 for r in rows]
         k = max(1, max(len(w) for w in want))
         index = np.array([np.pad(w, (0, k - len(w)), mode="edge") if len(w) else np.zeros(k, int)
                           for w in want], np.int64)
         logits, _ = self.bundle.run(emb, mask, pos, past, index)  # [B, K, V]
         out = []
         for i, (r, e, w) in enumerate(zip(rows, entries, want)):
-            tgt = np.array(r.ids[max(r.target_start, 1):], np.int64)
+            tgt = np.array([r.ids[j] for j in r.own_targets], np.int64)
             lp = log_softmax(logits[i, : len(w)])[np.arange(len(w)), tgt]
             if r.target_start == 0:
                 lp = np.concatenate([[e.first_logprobs[r.ids[0]]], lp])

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .requests import Row, target_positions
+from .requests import Row, prompt_len
 
 
 class TorchModelMixin:
     """Shared by the torch backends: embedding lookup and the few facts the runtime needs."""
 
-    def _init_model(self, lm, device=None):
+    def _init_model(self, lm):
         self.lm = lm
         self.model = lm.model
         self.device = next(self.model.parameters()).device
@@ -85,7 +85,8 @@ class ReferenceBackend(TorchModelMixin):
         logits = self._forward([self._sequence(r.prompt, r.ids) for r in rows])
         out = []
         for b, r in enumerate(rows):
-            pos = torch.as_tensor(target_positions(r, _plen(r.prompt)), device=self.device)
+            # positions in [prompt, ids] whose logits predict ids[target_start:]
+            pos = torch.arange(r.target_start, len(r.ids), device=self.device) + r.num_virtual - 1
             lp = logits[b, pos].float().log_softmax(-1)
             tgt = torch.as_tensor(r.ids[r.target_start:], device=self.device)
             out.append(lp.gather(-1, tgt[:, None])[:, 0].cpu().numpy())
@@ -106,9 +107,6 @@ class ReferenceBackend(TorchModelMixin):
 
     def _last_logits(self, state) -> np.ndarray:
         logits = self._forward([self._sequence(p, ids) for p, ids in state])
-        last = torch.tensor([_plen(p) + len(ids) - 1 for p, ids in state], device=self.device)
+        last = torch.tensor([prompt_len(p) + len(ids) - 1 for p, ids in state], device=self.device)
         return logits[torch.arange(len(state), device=self.device), last].float().cpu().numpy()
 
-
-def _plen(prompt) -> int:
-    return 0 if prompt is None else prompt.num_virtual_tokens

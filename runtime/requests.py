@@ -105,6 +105,17 @@ class Row:
     ids: list[int]
     target_start: int
 
+    @property
+    def num_virtual(self) -> int:
+        """P of the row's prompt (0 without one)."""
+        return prompt_len(self.prompt)
+
+    @property
+    def own_targets(self) -> range:
+        """Indices j of ``ids`` scored from the request's own position j - 1: every target
+        but a first token (j = 0), which the last virtual token predicts."""
+        return range(max(self.target_start, 1), len(self.ids))
+
 
 class Tokenizer:
     """A thin wrapper over a ``tokenizers.Tokenizer``, the one tokenisation path of every backend."""
@@ -156,6 +167,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def target_positions(row: Row, prefix_len: int) -> np.ndarray:
-    """Indices in the full sequence ``[prompt, ids]`` whose logits predict the row's targets."""
-    return prefix_len + np.arange(row.target_start, len(row.ids)) - 1
+def prompt_len(prompt) -> int:
+    """P of a SoftPrompt, 0 for None (no prompt)."""
+    return 0 if prompt is None else prompt.num_virtual_tokens

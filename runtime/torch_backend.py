@@ -195,7 +195,7 @@ class TorchBackend(TorchModelMixin):
         for b, r in enumerate(rows):
             ids[b, : len(r.ids)] = torch.tensor(r.ids)
         emb = self.embed(ids.to(self.device))  # [B, L_max, E]; padding embeds token 0, unread
-        p = torch.tensor([_plen(r.prompt) for r in rows], device=self.device)
+        p = torch.tensor([r.num_virtual for r in rows], device=self.device)
         pos = p[:, None] + torch.arange(l_max, device=self.device)  # row b starts at its P
         seq_lens = torch.tensor([len(r.ids) for r in rows], dtype=torch.int32, device=self.device)
         prompt_idx = torch.tensor([index[r.prompt.digest if r.prompt else None] for r in rows],
@@ -225,10 +225,10 @@ class TorchBackend(TorchModelMixin):
         # Only the positions that predict a target go through the vocabulary projection.
         sel_b, sel_t, tgt = [], [], []
         for b, r in enumerate(rows):
-            start = max(r.target_start, 1)
-            sel_b += [b] * (len(r.ids) - start)
-            sel_t += range(start - 1, len(r.ids) - 1)
-            tgt += r.ids[start:]
+            sel_b += [b] * len(r.own_targets)
+            sel_t += [j - 1 for j in r.own_targets]
+            tgt += [r.ids[j] for j in r.own_targets]
+
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
@@ -236,7 +236,7 @@ class TorchBackend(TorchModelMixin):
         lp = lp.float().log_softmax(-1).gather(-1, t(tgt)[:, None])[:, 0].cpu().numpy()
         out, at = [], 0
         for r in rows:
-            n = len(r.ids) - max(r.target_start, 1)
+            n = len(r.own_targets)
             vals = lp[at: at + n]
             at += n
             if r.target_start == 0:  # the first token is predicted by the last virtual token
@@ -253,7 +253,7 @@ class TorchBackend(TorchModelMixin):
         hidden = self._hidden(batch, emb, pos)
         last = batch.kv_lens.long() - 1
         logits = self.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
-        next_pos = torch.tensor([_plen(r.prompt) + len(r.ids) for r in rows], device=self.device)
+        next_pos = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
         return _GenState(batch, next_pos), logits.float().cpu().numpy()
 
     @torch.inference_mode()
@@ -277,6 +277,3 @@ class TorchBackend(TorchModelMixin):
         state.next_pos = state.next_pos[idx]
         return state
 
-
-def _plen(prompt) -> int:
-    return 0 if prompt is None else prompt.num_virtual_tokens
