@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime.models import LoadedModel, ModelError, check_architecture, load_model
+from ..runtime.models import (LoadedModel, ModelError, check_architecture, eos_token_ids,
+                              load_model)
 from .bundle import (EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, WEIGHTS_FILE,
                      Bundle, file_entry, input_names, load_bundle, output_names)
 from .errors import ExportValidationError
@@ -301,12 +302,6 @@ def _write_embeddings(model: torch.nn.Module, path: Path) -> None:
     np.save(path, np.ascontiguousarray(table, dtype=np.float32), allow_pickle=False)
 
 
-def _token_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
 def _versions() -> dict:
     import onnx
     import onnxruntime
@@ -324,7 +319,7 @@ def _manifest(loaded: LoadedModel, spec: ModelSpec, dtype_name: str, opset: int,
               optimized: bool, quantized: str | None) -> dict:
     cfg = loaded.model.config
     gen = getattr(loaded.model, "generation_config", None)
-    eos = _token_ids(getattr(gen, "eos_token_id", None)) or _token_ids(cfg.eos_token_id)
+    eos = eos_token_ids(loaded.model)
     bos = getattr(gen, "bos_token_id", None)
     bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
     n = spec.num_layers

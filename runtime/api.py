@@ -100,7 +100,7 @@ class Runtime:
         if is_bundle:
             raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "
                              "(the torch backends need the Hugging Face model)")
-        from .models import display_name, load_model
+        from .models import display_name, eos_token_ids, load_model
 
         if device is None:
             device = "cuda" if _cuda_available() else "cpu"
@@ -115,7 +115,7 @@ class Runtime:
             from .reference import ReferenceBackend
 
             be = ReferenceBackend(lm)
-        tok = Tokenizer(lm.tokenizer.backend_tokenizer, _eos_ids(lm.model))
+        tok = Tokenizer(lm.tokenizer.backend_tokenizer, eos_token_ids(lm.model))
         return cls(be, tok, model_name=display_name(lm.source), **kw)
 
     # --------------------------------------------------------------------------- prompts
@@ -395,14 +395,6 @@ def _choose(logits: np.ndarray, p: GenerateParams, rng: np.random.Generator) -> 
         lp[cut] = -np.inf
     probs = np.exp(lp - lp.max())
     return int(rng.choice(len(probs), p=probs / probs.sum()))
-
-
-def _eos_ids(model) -> list[int]:
-    ids = []
-    for src in (getattr(model, "generation_config", None), model.config):
-        e = getattr(src, "eos_token_id", None) if src is not None else None
-        ids += e if isinstance(e, (list, tuple)) else ([e] if e is not None else [])
-    return sorted(set(ids))
 
 
 def _cuda_available() -> bool:

@@ -51,6 +51,16 @@ def display_name(source) -> str | None:
     return DEFAULT_MODEL_NAME if source == DEFAULT_MODEL else source
 
 
+def eos_token_ids(model) -> list[int]:
+    """Every end-of-sequence id the model declares (generation config and config), sorted.
+    The torch backends and exported bundles (bundle.json) stop generation on the same set."""
+    ids = []
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        ids += e if isinstance(e, (list, tuple)) else ([e] if e is not None else [])
+    return sorted({int(i) for i in ids})
+
+
 def softprompt_home() -> Path:
     """Cache root: ``$SOFTPROMPT_HOME`` or ``~/.cache/softprompt``."""
     return Path(os.environ.get("SOFTPROMPT_HOME", Path.home() / ".cache" / "softprompt"))
