@@ -467,17 +467,11 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
 
 # ------------------------------------------------------------------------------- reporting
 def environment(device: str, dtype: str) -> dict:
-    import importlib.metadata as md
-
     import torch
 
-    versions = {}
-    for pkg in ("softprompt-runtime", "torch", "transformers", "peft", "onnxruntime", "onnx",
-                "triton", "numpy", "tokenizers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    from softprompt import package_versions
+
+    versions = package_versions()
     if device.startswith("cuda"):
         dev = torch.cuda.get_device_name(torch.device(device))
     else:

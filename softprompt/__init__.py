@@ -27,6 +27,22 @@ from softprompt.runtime.requests import (ClassifyResult, GenerateResult,  # noqa
 
 __version__ = "0.1.0"
 
+PACKAGES = ("softprompt-runtime", "torch", "transformers", "peft", "onnx", "onnxruntime",
+            "triton", "numpy", "tokenizers")
+
+
+def package_versions(packages=PACKAGES) -> dict:
+    """{distribution: installed version or None}, without importing any of them."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
 
 def __getattr__(name):  # Runtime pulls in backends lazily; keep `import softprompt` light
     if name == "Runtime":

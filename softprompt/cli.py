@@ -105,18 +105,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import importlib.metadata as md
     import platform
 
+    from softprompt import package_versions
     from softprompt.runtime import models
 
-    print(f"softprompt-runtime {md.version('softprompt-runtime')} on Python "
+    versions = package_versions()
+    print(f"softprompt-runtime {versions.pop('softprompt-runtime')} on Python "
           f"{platform.python_version()} ({platform.machine()})")
-    for pkg in ("torch", "transformers", "peft", "onnx", "onnxruntime", "triton", "tokenizers"):
-        try:
-            print(f"  {pkg:13s} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            print(f"  {pkg:13s} not installed")
+    for pkg, version in versions.items():
+        print(f"  {pkg:13s} {version or 'not installed'}")
     try:
         import torch
 
