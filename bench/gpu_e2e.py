@@ -17,7 +17,12 @@ Methods, each timed as one call that returns the scored log-probs on the host:
           DynamicCache, request tokens on top, logits only at the scored position
           (softprompt.bench.driver.CopiedPrefix);
   ours    Runtime(backend="torch") on CUDA: the cached prefix shared by all rows through the
-          Triton prefix-attention kernels, vocabulary projection only where scored.
+          Triton prefix-attention kernels, vocabulary projection only where scored, each padded
+          shape replayed as a CUDA graph (runtime/graphs.py; the default on CUDA);
+  eager   the same runtime with cuda_graphs=False: what the graphs buy.
+
+Then greedy generation (B=4, P=20, 32-token contexts, 32 new tokens): ours vs eager, tokens
+compared and ms per generated token (decode steps replayed as CUDA graphs vs eager).
 
 Before timing, ours (and copied, for context) is compared with PEFT on the timed batch: max
 |log-prob difference| <= --tol (the project's bf16 SCORE tolerance, 0.1); a point where ours
@@ -176,7 +181,20 @@ def main(argv=None) -> int:
                 out.append(a.elapsed_time(b))
         return out
 
-    rows, skipped = [], []
+    def timed_once(fn) -> float:
+        """ms of one call (CUDA events on the GPU)."""
+        if smoke:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    rows, skipped, gens, graph_stats = [], [], [], {}
     for shape in shapes:
         if time.perf_counter() - t_start > args.budget_s:
             skipped.append(f"{shape}: all points (time budget)")
@@ -185,9 +203,12 @@ def main(argv=None) -> int:
         base = build_model(torch, shape, device, dtype)
         mine = copy.deepcopy(base)  # ours re-registers the attention function on its model
         dims = Dims.from_model(base)
-        rt = Runtime.load(LoadedModel(mine, Tok(), f"random-{shape}-seed0", f"random:{shape}"),
-                          backend="torch", max_batch=max(grid["B"]),
-                          max_batch_tokens=max(grid["B"]) * max(grid["L"]))
+        lm = LoadedModel(mine, Tok(), f"random-{shape}-seed0", f"random:{shape}")
+        limits = dict(max_batch=max(grid["B"]), max_batch_tokens=max(grid["B"]) * max(grid["L"]))
+        rt = Runtime.load(lm, backend="torch", **limits)  # CUDA graphs: on by default on CUDA
+        eager = Runtime.load(lm, backend="torch", cuda_graphs=False, **limits)
+        if smoke:  # no CUDA graphs on CPU; still run ours through the padded shapes they use
+            rt.backend.buckets = True
         copied = CopiedPrefix(base)
         table = base.get_input_embeddings().weight
         peft_models, rng = {}, np.random.default_rng(0)
@@ -195,6 +216,7 @@ def main(argv=None) -> int:
             emb = table[torch.as_tensor(rng.integers(0, dims.vocab_size, P), device=device)].float()
             sp = SoftPrompt(emb.cpu().numpy(), name=f"p{P}")
             rt.add_prompt(sp.name, sp)  # prefix computed here, once
+            eager.add_prompt(sp.name, sp)
             copied.prepare(sp.name, sp.embeddings)
             pm = PeftModelForCausalLM(base, PromptTuningConfig(task_type="CAUSAL_LM",
                                                                num_virtual_tokens=P),
@@ -231,17 +253,23 @@ def main(argv=None) -> int:
                     def ours_call():
                         return np.array([r.token_logprobs[0] for r in rt.score(reqs)])
 
+                    def eager_call():
+                        return np.array([r.token_logprobs[0] for r in eager.score(reqs)])
+
                     row = dict(model=shape, B=B, P=P, L=L, status="ok")
                     ours_ok = True
                     if not args.skip_checks:
                         want = peft_call()
                         row["ours_max_abs_diff"] = float(np.abs(ours_call() - want).max())
+                        row["eager_max_abs_diff"] = float(np.abs(eager_call() - want).max())
                         row["copied_max_abs_diff"] = float(np.abs(copied_call() - want).max())
-                        if not row["ours_max_abs_diff"] <= tol:
-                            ours_ok = False
-                            row["status"] = f"FAILED: ours vs peft {row['ours_max_abs_diff']:.3g} > {tol}"
-                    for name, fn in (("peft", peft_call), ("copied", copied_call), ("ours", ours_call)):
-                        if name == "ours" and not ours_ok:
+                        for m in ("ours", "eager"):
+                            if not row[f"{m}_max_abs_diff"] <= tol:
+                                ours_ok = False
+                                row["status"] = f"FAILED: {m} vs peft {row[m + '_max_abs_diff']:.3g} > {tol}"
+                    for name, fn in (("peft", peft_call), ("copied", copied_call), ("ours", ours_call),
+                                     ("eager", eager_call)):
+                        if name in ("ours", "eager") and not ours_ok:
                             continue
                         t = timed(fn)
                         ms = statistics.median(t)
@@ -253,20 +281,32 @@ def main(argv=None) -> int:
                     if ours_ok:
                         row["speedup_vs_peft"] = round(row["peft_ms"] / row["ours_ms"], 3)
                         row["speedup_vs_copied"] = round(row["copied_ms"] / row["ours_ms"], 3)
+                        row["graphs_speedup"] = round(row["eager_ms"] / row["ours_ms"], 3)
                     a = anchors.get((shape, B, P, L))
                     if a:
                         row["anchor_peft_ms"], row["anchor_copied_ms"] = a["full_ms"], a["cached_ms"]
                         row["anchor_floor_ms"] = a["floor_ms"]
                     rows.append(row)
                     print(f"# {shape} B={B} P={P} L={L}: " + ", ".join(
-                        f"{m} {row[m + '_ms']:.2f} ms" for m in ("peft", "copied", "ours")
+                        f"{m} {row[m + '_ms']:.2f} ms" for m in ("peft", "copied", "ours", "eager")
                         if m + "_ms" in row) + f" [{row['status']}]", flush=True)
-        del rt, copied, peft_models, base, mine
+        if time.perf_counter() - t_start <= args.budget_s:
+            gens.append(generation(shape, rt, eager, dims.vocab_size, smoke, timed_once))
+        else:
+            skipped.append(f"{shape}: generation (time budget)")
+        graph_stats[shape] = {k: v for k, v in rt.stats().items() if "graph" in k}
+        print(f"# {shape}: {graph_stats[shape]}")
+        del rt, eager, copied, peft_models, base, mine, lm
         if not smoke:
             torch.cuda.empty_cache()
 
     print()
     print(markdown(rows))
+    for g in gens:
+        print(f"\ngeneration {g['model']} B={g['B']} P={g['P']} L={g['L']} new={g['new_tokens']}: "
+              f"ours {g['ours_ms_per_token']:.2f} ms/token, eager {g['eager_ms_per_token']:.2f} "
+              f"ms/token ({g['graphs_speedup']:.2f}x), tokens equal: {g['tokens_equal']}")
+    print(f"\ngraphs: {graph_stats}")
     if skipped:
         print(f"\nskipped: {'; '.join(skipped)}")
     total = time.perf_counter() - t_start
@@ -277,10 +317,35 @@ def main(argv=None) -> int:
     if smoke and not args.out:
         out = Path("/tmp") / "gpu_e2e_smoke.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows, "skipped": skipped, "total_s": total},
-                              indent=1))
+    out.write_text(json.dumps({"env": env, "rows": rows, "generation": gens, "graphs": graph_stats,
+                               "skipped": skipped, "total_s": total}, indent=1))
     print(f"wrote {out}")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    disabled = [f"{m}: {g['graphs_disabled']}" for m, g in graph_stats.items() if g.get("graphs_disabled")]
+    if disabled:
+        print(f"FAILED: CUDA graphs turned themselves off: {disabled}")
+    bad_gen = [g["model"] for g in gens if not g["tokens_equal"]]
+    if bad_gen:
+        print(f"FAILED: greedy tokens differ between graphs and eager: {bad_gen}")
+    return 1 if any(r["status"] != "ok" for r in rows) or disabled or bad_gen else 0
+
+
+def generation(shape, rt, eager, vocab: int, smoke: bool, timed_once, B=4, P=20, L=32, new=32) -> dict:
+    """Greedy generation through the CUDA-graph runtime and the eager one: same tokens, and the
+    median ms per generated token over 3 calls after one warm-up (which captures the graphs)."""
+    import numpy as np
+
+    if smoke:
+        P, L, new = 3, 5, 8
+    ids = np.random.default_rng(1).integers(3, vocab, (B, L)).tolist()
+    kw = dict(max_new_tokens=new, stop_at_eos=False)
+    out = {}
+    for name, r in (("ours", rt), ("eager", eager)):
+        toks = [g.token_ids for g in r.generate(f"p{P}", ids, **kw)]  # warm-up (and capture)
+        ms = statistics.median(timed_once(lambda: r.generate(f"p{P}", ids, **kw)) for _ in range(3))
+        out[name] = (toks, ms / new)
+    return dict(model=shape, B=B, P=P, L=L, new_tokens=new, tokens_equal=out["ours"][0] == out["eager"][0],
+                ours_ms_per_token=round(out["ours"][1], 4), eager_ms_per_token=round(out["eager"][1], 4),
+                graphs_speedup=round(out["eager"][1] / out["ours"][1], 3))
 
 
 def markdown(rows) -> str:
@@ -288,15 +353,15 @@ def markdown(rows) -> str:
         return format(x, fmt) if isinstance(x, (int, float)) else "-"
 
     lines = ["| model | B | P | L | PEFT ms | copied ms | ours ms | vs PEFT | vs copied | ours TFLOP/s "
-             "| anchor PEFT / copied ms | ours-PEFT max diff | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| eager ms (no graphs) | anchor PEFT / copied ms | ours-PEFT max diff | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         anchor = (f"{r['anchor_peft_ms']:.1f} / {r['anchor_copied_ms']:.1f}"
                   if "anchor_peft_ms" in r else "-")
         lines.append(f"| {r['model']} | {r['B']} | {r['P']} | {r['L']} | {f(r.get('peft_ms'))} | "
                      f"{f(r.get('copied_ms'))} | {f(r.get('ours_ms'))} | "
                      f"{f(r.get('speedup_vs_peft'))}x | {f(r.get('speedup_vs_copied'))}x | "
-                     f"{f(r.get('ours_tflops'), '.1f')} | {anchor} | "
+                     f"{f(r.get('ours_tflops'), '.1f')} | {f(r.get('eager_ms'))} | {anchor} | "
                      f"{f(r.get('ours_max_abs_diff'), '.3g')} | {r['status'].split(':')[0]} |")
     return "\n".join(lines)
 

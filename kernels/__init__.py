@@ -22,6 +22,7 @@ decode buffers). Importing this package never needs Triton or a GPU.
 
 from .prefix_attention import (
     CascadePlan,
+    forget_plans,
     plan_cascade,
     prefix_attention,
     prefix_attention_auto,
@@ -34,6 +35,7 @@ from .prefix_attention import (
 
 __all__ = [
     "CascadePlan",
+    "forget_plans",
     "plan_cascade",
     "prefix_attention",
     "prefix_attention_auto",

@@ -859,6 +859,14 @@ def _plan_for(prompt_idx: torch.Tensor, N: int, Lq: int, G: int) -> CascadePlan:
     return plan
 
 
+def forget_plans() -> None:
+    """Drop the reused cascade plan. CUDA graph capture calls this so that the plan is computed
+    inside the graph from its static prompt_idx (a plan reused from the eager warm-up would be
+    baked into the graph with the warm-up's values)."""
+    global _last_plan
+    _last_plan = None
+
+
 def prefix_attention_cascade(
     q: torch.Tensor,
     k: torch.Tensor,

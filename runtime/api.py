@@ -61,7 +61,7 @@ class Runtime:
              dtype: str | None = None, max_batch_tokens: int = 4096, max_batch: int = 64,
              prefix_cache_bytes: int = 1 << 30, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS,
              strict: bool = False, providers: Sequence[str] | None = None,
-             bundle_dir: str | Path | None = None) -> "Runtime":
+             bundle_dir: str | Path | None = None, cuda_graphs: bool | None = None) -> "Runtime":
         """Load a model and a backend.
 
         Args:
@@ -83,6 +83,8 @@ class Runtime:
             providers: ONNX Runtime execution providers (default CPU; CUDA uses IOBinding).
             bundle_dir: where backend="onnx" exports a non-bundle model (default under
                 ``$SOFTPROMPT_HOME/bundles``).
+            cuda_graphs: torch backend: replay forwards and decode steps as CUDA graphs, one
+                per padded shape (default: on CUDA; see runtime/graphs.py).
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -110,7 +112,7 @@ class Runtime:
         if backend == "torch":
             from .torch_backend import TorchBackend
 
-            be = TorchBackend(lm, prefix_cache_bytes=prefix_cache_bytes)
+            be = TorchBackend(lm, prefix_cache_bytes=prefix_cache_bytes, cuda_graphs=cuda_graphs)
         else:
             from .reference import ReferenceBackend
 

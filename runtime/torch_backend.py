@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .cache import PrefixCache, PrefixEntry
+from .graphs import CudaGraphs, bucket
 from .models import ModelSpec
 from .reference import TorchModelMixin
 from .requests import Row
@@ -83,15 +84,19 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def register_attention() -> None:
-    """Register ``softprompt_prefix`` (attention + SDPA's mask builder) with transformers once."""
+    """Register ``softprompt_prefix`` with transformers' attention registry once.
+
+    No mask builder is registered for it, on purpose: transformers then skips mask creation
+    (``attention_mask`` stays None). The prefix attention needs no mask (lengths say it all) and
+    the plain-SDPA path, which computes prefixes one prompt at a time, is causal without one.
+    Skipping it also skips transformers' packed-sequence check, a host sync that CUDA graph
+    capture would refuse."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, _prefix_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     _registered = True
 
 
@@ -99,15 +104,34 @@ def register_attention() -> None:
 class _GenState:
     batch: PrefixBatch
     next_pos: torch.Tensor  # [B] position id of each row's next token
+    slots: list  # batch row of each still-generating request, in the caller's order
+    active: torch.Tensor  # [B] int32: 1 for rows still generating, 0 for idle/padding rows
 
 
 class TorchBackend(TorchModelMixin):
     name = "torch"
 
-    def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None):
-        """triton: use the Triton kernels (default: on CUDA); else their PyTorch references."""
+    def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None,
+                 cuda_graphs: bool | None = None, buckets: bool | None = None):
+        """
+        triton: attend through the Triton kernels (default: on CUDA), else their PyTorch references.
+        cuda_graphs: replay forwards and decode steps as CUDA graphs, one per padded shape
+            (runtime/graphs.py; default: on CUDA with Triton). Needs CUDA; implies buckets.
+        buckets: pad rows, tokens, prompts and prefix length of every forward to
+            ``graphs.bucket`` sizes (default: with CUDA graphs). Padding rows and tokens are
+            idle (zero lengths) and never change a real row's result.
+        """
         self._init_model(lm)
-        self.triton = self.device.type == "cuda" if triton is None else triton
+        on_cuda = self.device.type == "cuda"
+        self.triton = on_cuda if triton is None else triton
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and self.triton
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {self.device}")
+        self.graphs = CudaGraphs() if cuda_graphs else None
+        self.buckets = bool(cuda_graphs) if buckets is None else buckets
+        if self.graphs is not None and not self.buckets:
+            raise ValueError("cuda_graphs=True needs buckets=True (a graph is captured per padded shape)")
         register_attention()
         self.model.set_attn_implementation(ATTN_NAME)
         spec = ModelSpec.from_model(self.model)
@@ -117,6 +141,9 @@ class TorchBackend(TorchModelMixin):
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
         self.tokens_computed = 0
         self.batches = 0
+
+    def _pad(self, n: int) -> int:
+        return bucket(n) if self.buckets else n
 
     # ----------------------------------------------------------------------------- prefix
     @torch.inference_mode()
@@ -142,8 +169,9 @@ class TorchBackend(TorchModelMixin):
         self._stacks.clear()
 
     def stats(self) -> dict:
+        graphs = self.graphs.stats() if self.graphs is not None else {}
         return {**self.cache.stats(), "tokens_computed": self.tokens_computed,
-                "batches": self.batches}
+                "batches": self.batches, **graphs}
 
     def save_cache(self, path) -> int:
         return self.cache.save(path, to_numpy=lambda t: t.float().cpu().numpy())
@@ -153,75 +181,105 @@ class TorchBackend(TorchModelMixin):
         return self.cache.load(path, from_numpy=lambda a: torch.from_numpy(a).to(
             self.device, self.dtype if a.ndim == 3 else torch.float32))
 
-    def _stack(self, prompts: list) -> tuple[list, list, torch.Tensor, list]:
-        """Per layer ``[Np, Hkv, P_max, D]`` for the batch's distinct prompts (planned once per
-        set of prompts and reused while their cache entries live), lengths ``[Np]``, entries."""
-        key = tuple(p.digest for p in prompts)
+    def _stack(self, prompts: list, empty_slot: bool) -> tuple[list, list, torch.Tensor, list]:
+        """Per layer ``[Np, Hkv, P_max, D]`` for the batch's distinct prompts, plus one empty slot
+        (length 0) for rows without a prompt when ``empty_slot``; Np and P_max padded to buckets
+        when ``self.buckets``. Planned once per set of prompts and reused while their cache
+        entries live. Returns (keys, values, lengths ``[Np]`` int32, entries)."""
+        key = (tuple(p.digest for p in prompts), empty_slot)
         entries = [self.entry(p) for p in prompts]  # counts hits, recomputes evicted prefixes
         hit = self._stacks.get(key)
         if hit is not None and all(e is h for e, h in zip(entries, hit[3])):
             self._stacks.move_to_end(key)
             return hit
-        p_max = max([1] + [e.num_tokens for e in entries])
-        lens = torch.tensor([e.num_tokens for e in entries], dtype=torch.int32, device=self.device)
+        n = self._pad(len(entries) + empty_slot)
+        p_max = self._pad(max([1] + [e.num_tokens for e in entries]))
+        lens = torch.zeros(n, dtype=torch.int32)
+        lens[: len(entries)] = torch.tensor([e.num_tokens for e in entries], dtype=torch.int32)
         ks, vs = [], []
         for layer in range(self.num_layers):
-            k = torch.zeros(len(entries), self.num_kv_heads, p_max, self.head_dim,
+            k = torch.zeros(n, self.num_kv_heads, p_max, self.head_dim,
                             dtype=self.dtype, device=self.device)
             v = torch.zeros_like(k)
-            for n, e in enumerate(entries):
-                k[n, :, : e.num_tokens] = e.keys[layer]
-                v[n, :, : e.num_tokens] = e.values[layer]
+            for i, e in enumerate(entries):
+                k[i, :, : e.num_tokens] = e.keys[layer]
+                v[i, :, : e.num_tokens] = e.values[layer]
             ks.append(k)
             vs.append(v)
-        self._stacks[key] = (ks, vs, lens, entries)
+        self._stacks[key] = (ks, vs, lens.to(self.device), entries)
         while len(self._stacks) > 4:
             self._stacks.popitem(last=False)
-        return ks, vs, lens, entries
+        return self._stacks[key]
+
+    def _own_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
+        """Per layer ``[rows, Hkv, capacity, D]`` decode K/V buffers (persistent under graphs)."""
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        if self.graphs is not None:
+            return tuple([self.graphs.persistent((name, i), shape, self.dtype, self.device)
+                          for i in range(self.num_layers)] for name in ("own_k", "own_v"))
+        return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
+                      for _ in range(self.num_layers)] for _ in range(2))
 
     def _batch(self, rows: list[Row], capacity: int = 0):
         """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]``, positions
-        ``[B, L_max]`` and ``{digest: PrefixEntry}`` of the batch's prompts."""
+        ``[B, L_max]`` and ``{digest: PrefixEntry}`` of the batch's prompts. With buckets, B and
+        L_max are padded (rows past len(rows) are idle: zero lengths, prompt slot 0)."""
         distinct = list({r.prompt.digest: r.prompt for r in rows if r.prompt is not None}.values())
         index = {p.digest: n for n, p in enumerate(distinct)}
-        ks, vs, lens, entries = self._stack(distinct)
-        if any(r.prompt is None for r in rows):  # P = 0 rows point at an extra empty slot
+        no_prompt = any(r.prompt is None for r in rows)
+        ks, vs, lens, entries = self._stack(distinct, no_prompt)
+        if no_prompt:  # P = 0 rows point at the empty slot after the prompts
             index[None] = len(distinct)
-            ks = [torch.cat([k, k.new_zeros(1, *k.shape[1:])]) for k in ks]
-            vs = [torch.cat([v, v.new_zeros(1, *v.shape[1:])]) for v in vs]
-            lens = torch.cat([lens, lens.new_zeros(1)])
         B, l_max = len(rows), max(len(r.ids) for r in rows)
-        ids = torch.zeros(B, l_max, dtype=torch.long)
+        Bp, Lp = self._pad(B), self._pad(l_max)
+        ids = torch.zeros(Bp, Lp, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, : len(r.ids)] = torch.tensor(r.ids)
         emb = self.embed(ids.to(self.device))  # [B, L_max, E]; padding embeds token 0, unread
-        p = torch.tensor([r.num_virtual for r in rows], device=self.device)
-        pos = p[:, None] + torch.arange(l_max, device=self.device)  # row b starts at its P
-        seq_lens = torch.tensor([len(r.ids) for r in rows], dtype=torch.int32, device=self.device)
-        prompt_idx = torch.tensor([index[r.prompt.digest if r.prompt else None] for r in rows],
-                                  dtype=torch.int32, device=self.device)
-        own_k = own_v = None
-        if capacity:
-            shape = (B, self.num_kv_heads, capacity, self.head_dim)
-            own_k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                     for _ in range(self.num_layers)]
-            own_v = [torch.zeros_like(k) for k in own_k]
+
+        def column(values, dtype=torch.int32):  # [Bp] on the device, zeros for padding rows
+            return torch.tensor(values + [0] * (Bp - B), dtype=dtype).to(self.device)
+
+        p = column([r.num_virtual for r in rows], torch.long)
+        pos = (p[:, None] + torch.arange(Lp, device=self.device)).clamp_(max=self.max_positions - 1)
+        seq_lens = column([len(r.ids) for r in rows])
+        prompt_idx = column([index[r.prompt.digest if r.prompt else None] for r in rows])
+        own_k, own_v = self._own_buffers(Bp, self._pad(capacity)) if capacity else (None, None)
         batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v,
                             triton=self.triton)
         self.tokens_computed += int(sum(len(r.ids) for r in rows))
         self.batches += 1
         return batch, emb, pos, dict(zip(index, entries))
 
-    def _hidden(self, batch: PrefixBatch, emb, pos) -> torch.Tensor:
-        out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=False,
-                                    softprompt_batch=batch)
-        return out.last_hidden_state  # [B, L_max, E]
+    def _run(self, b: PrefixBatch, emb: torch.Tensor, pos: torch.Tensor, project: bool = False):
+        """The model over ``emb [B, L, E]`` at ``pos [B, L]`` with batch ``b``: the last hidden
+        states ``[B, L, E]``, or with ``project`` the logits of position 0, ``[B, V]`` (decode).
+        Through a CUDA graph when enabled: then the result is the graph's static output, valid
+        until the next call."""
+        decoding, triton = b.decoding, b.triton
+
+        def forward(emb, pos, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
+                    own_k, own_v):
+            batch = PrefixBatch(prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
+                                own_k, own_v, decoding, triton)
+            out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=False,
+                                        softprompt_batch=batch)
+            hidden = out.last_hidden_state
+            return self.lm_head(hidden[:, 0]) if project else hidden
+
+        inputs = dict(emb=emb, pos=pos, prefix_k=b.prefix_k, prefix_v=b.prefix_v,
+                      prefix_lens=b.prefix_lens, prompt_idx=b.prompt_idx, kv_lens=b.kv_lens,
+                      q_lens=b.q_lens, own_k=b.own_k, own_v=b.own_v)
+        if self.graphs is None:
+            return forward(**inputs)
+        return self.graphs.run(forward, inputs, reuse=("prefix_k", "prefix_v"),
+                               tag=(decoding, project))
 
     # ------------------------------------------------------------------------------ score
     @torch.inference_mode()
     def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
         batch, emb, pos, entries = self._batch(rows)
-        hidden = self._hidden(batch, emb, pos)
+        hidden = self._run(batch, emb, pos)
         # Only the positions that predict a target go through the vocabulary projection.
         sel_b, sel_t, tgt = [], [], []
         for b, r in enumerate(rows):
@@ -250,30 +308,54 @@ class TorchBackend(TorchModelMixin):
     def start(self, rows: list[Row], max_new_tokens: int):
         l_max = max(len(r.ids) for r in rows)
         batch, emb, pos, _ = self._batch(rows, capacity=l_max + max_new_tokens)
-        hidden = self._hidden(batch, emb, pos)
-        last = batch.kv_lens.long() - 1
-        logits = self.lm_head(hidden[torch.arange(len(rows), device=self.device), last])
-        next_pos = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
-        return _GenState(batch, next_pos), logits.float().cpu().numpy()
+        hidden = self._run(batch, emb, pos)
+        B = len(rows)
+        real = torch.arange(B, device=self.device)
+        logits = self.lm_head(hidden[real, batch.kv_lens[:B].long() - 1])  # [B, V]
+        Bp = batch.prompt_idx.shape[0]
+        next_pos = torch.zeros(Bp, dtype=torch.long, device=self.device)
+        next_pos[:B] = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
+        active = (torch.arange(Bp, device=self.device) < B).to(torch.int32)
+        return _GenState(batch, next_pos, list(range(B)), active), logits.float().cpu().numpy()
 
     @torch.inference_mode()
     def step(self, state: _GenState, next_ids: np.ndarray):
+        """One token for each generating row (``next_ids`` in the caller's order): ``[n, V]`` logits."""
         b = state.batch
         b.decoding = True
-        b.kv_lens = b.kv_lens + 1
-        b.q_lens = torch.ones_like(b.kv_lens)
-        emb = self._embed_ids(next_ids)[:, None]  # [B, 1, E]
-        hidden = self._hidden(b, emb, state.next_pos[:, None])
-        state.next_pos = state.next_pos + 1
+        b.kv_lens = b.kv_lens + state.active  # idle rows stay put (and write nowhere: -1)
+        b.q_lens = state.active
+        ids = torch.zeros(len(state.active), dtype=torch.long)
+        ids[state.slots] = torch.as_tensor(next_ids, dtype=torch.long)
+        emb = self._embed_ids(ids)[:, None]  # [B, 1, E]
+        logits = self._run(b, emb, state.next_pos[:, None], project=True)  # [B, V]
+        state.next_pos = state.next_pos + state.active
         self.tokens_computed += len(next_ids)
-        return self.lm_head(hidden[:, 0]).float().cpu().numpy()
+        slots = torch.tensor(state.slots, device=self.device)
+        return logits[slots].float().cpu().numpy()
 
     def select(self, state: _GenState, keep: list[int]) -> _GenState:
-        """Drop finished rows so later steps compute only the rows still generating."""
-        b, idx = state.batch, torch.tensor(keep, device=self.device)
-        b.prompt_idx, b.kv_lens, b.q_lens = b.prompt_idx[idx], b.kv_lens[idx], b.q_lens[idx]
-        b.own_k = [k[idx] for k in b.own_k]
-        b.own_v = [v[idx] for v in b.own_v]
+        """Keep only the rows at positions ``keep`` of the caller's order. Rows are compacted
+        into a smaller batch when it is smaller (with buckets: a smaller bucket); otherwise the
+        dropped rows are made idle in place."""
+        b, slots = state.batch, [state.slots[k] for k in keep]
+        n, dev = self._pad(len(slots)), self.device
+        if n == len(state.active):  # same batch size: idle the dropped rows, copy nothing
+            state.active = torch.zeros_like(state.active)
+            state.active[torch.tensor(slots, device=dev)] = 1
+            b.kv_lens = b.kv_lens * state.active
+            state.slots = slots
+            return state
+        idx = torch.tensor(slots + [slots[0]] * (n - len(slots)), device=dev)  # padding: idled copies
+        state.active = (torch.arange(n, device=dev) < len(slots)).to(torch.int32)
+        b.prompt_idx, b.kv_lens = b.prompt_idx[idx], b.kv_lens[idx] * state.active
+        b.q_lens = state.active
+        cap = b.own_k[0].shape[2]
+        own_k, own_v = self._own_buffers(n, cap)
+        for dst, src in ((own_k, b.own_k), (own_v, b.own_v)):
+            for layer in range(self.num_layers):
+                dst[layer].copy_(src[layer][idx])  # src[idx] is a gathered copy: safe in place
+        b.own_k, b.own_v = own_k, own_v
         state.next_pos = state.next_pos[idx]
+        state.slots = list(range(len(slots)))
         return state
-

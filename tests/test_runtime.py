@@ -128,6 +128,33 @@ def test_torch_backend_through_triton_kernels(rts, tiny_dirs, family):
     assert [g.token_ids for g in got] == want
 
 
+@pytest.mark.parametrize("triton", [False, True])
+def test_bucketed_shapes_change_no_result(rts, tiny_dirs, triton):
+    """The padded shapes CUDA graphs are captured for (rows, tokens, prompts, prefix length and
+    decode capacity rounded up by graphs.bucket; padding rows idle) change no real row's result:
+    scores, and greedy generation where rows stop at different steps, so finished rows are first
+    idled in place and then compacted into a smaller bucket. Reference attention and the Triton
+    kernels (interpreted on CPU)."""
+    ref = rts("llama", "reference")
+    rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    rt.backend.buckets, rt.backend.triton = True, triton
+    for name, sp in _prompts().items():
+        rt.add_prompt(name, sp)
+    reqs = mixed_requests(seed=5)[:5]  # B = 5 -> 8 rows, L_max = 64, P_max = 100 -> 128
+    assert_scores_close(rt.score(reqs), [ref.score([r])[0] for r in reqs])
+
+    names = ["p20", None, "p100", "p1", "p20", "p100"]
+    ctxs = [[5, 6, 7], [9, 9], [4] * 9, [30], [8, 12, 16, 20], [7, 7]]
+    free = [ref.generate(n, [c], max_new_tokens=8, stop_at_eos=False)[0] for n, c in zip(names, ctxs)]
+    stops = [rt.tokenizer.decode(f.token_ids[k: k + 2]) for f, k in zip(free[:3], (0, 2, 4))]
+    kw = dict(max_new_tokens=8, stop=[s for s in stops if s.strip()], stop_at_eos=False)
+    want = [ref.generate(n, [c], **kw)[0] for n, c in zip(names, ctxs)]
+    got = rt.generate(names, ctxs, **kw)
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+    reasons = {g.finish_reason for g in got}
+    assert reasons == {"stop", "length"}, reasons
+
+
 def test_zero_virtual_tokens_equals_base_model(rts, tiny_dirs):
     """prompt=None is the plain base model (the P = 0 point of the benchmark sweep)."""
     from transformers import AutoModelForCausalLM

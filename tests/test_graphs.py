@@ -1,0 +1,117 @@
+"""runtime/graphs.py pieces that run without a GPU: the bucket sizes every padded forward uses,
+and how CudaGraphs fills the static buffers a captured graph reads (capture and replay
+themselves need CUDA: bench/gpu_check.sh runs them against the eager forward)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from softprompt.runtime.graphs import CudaGraphs, bucket
+
+
+def test_bucket_sizes():
+    got = [bucket(n) for n in (0, 1, 2, 3, 5, 17, 40, 64, 65, 130, 1000)]
+    assert got == [1, 1, 2, 4, 8, 32, 64, 64, 128, 192, 1024]
+    for n in range(1, 600):
+        b = bucket(n)
+        assert n <= b and bucket(b) == b  # covers n, and a bucket is its own bucket
+        assert b < 2 * n or n <= 1 or (n > 64 and b - n < 64)
+
+
+def test_static_buffers_copy_reuse_and_persist():
+    g = CudaGraphs()
+    a = torch.arange(6.0).reshape(2, 3)
+    buf = g._static(("x", None), a, reuse=False)
+    assert buf is not a and torch.equal(buf, a)
+    a2 = a + 1
+    assert g._static(("x", None), a2, reuse=False) is buf and torch.equal(buf, a2)
+
+    # reuse: copied when a different tensor arrives, skipped for the same one
+    s1, s2 = torch.ones(4), torch.full((4,), 2.0)
+    sbuf = g._static(("stack", 0), s1, reuse=True)
+    s1.fill_(5.0)  # same object: not copied again (stacks are never changed in place)
+    assert g._static(("stack", 0), s1, reuse=True) is sbuf and torch.equal(sbuf, torch.ones(4))
+    g._static(("stack", 0), s2, reuse=True)
+    assert torch.equal(sbuf, s2)
+
+    # a persistent buffer passed back as the input is used as it is, never copied over
+    own = g.persistent(("own_k", 0), (2, 5), torch.float32, "cpu")
+    assert torch.equal(own, torch.zeros(2, 5))
+    own[0, 0] = 7.0
+    assert g._static(("own_k", 0), own, reuse=False) is own and own[0, 0] == 7.0
+    assert g.persistent(("own_k", 0), (2, 5), torch.float32, "cpu") is own
+
+
+def test_cuda_graphs_need_cuda(tiny_dirs):
+    from softprompt.runtime.models import load_model
+    from softprompt.runtime.torch_backend import TorchBackend
+
+    lm = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        TorchBackend(lm, cuda_graphs=True)
+    assert TorchBackend(lm).graphs is None  # default on CPU: eager, unpadded
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that read a tensor's value on the host (on CUDA each is a device sync,
+    which CUDA graph capture refuses, and which stalls the eager pipeline too) or make a tensor
+    from host data (``torch.tensor(...)``: a host-to-device copy a graph would not repeat)."""
+
+    SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal", "unique", "_unique2",
+             "masked_select", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma"])
+def test_graphed_forwards_never_read_device_values(tiny_dirs, family):
+    """What a CUDA graph captures (the padded model forward with the Triton kernels: scoring,
+    generation prefill, decode steps before and after rows finish) never reads a tensor's value
+    on the host, so capture cannot be refused for a sync. The detector itself is checked on
+    transformers' packed-sequence test, which does sync and which the backend avoids."""
+    import numpy as np
+
+    from softprompt.runtime.api import Runtime
+    from softprompt.runtime.prompts import SoftPrompt
+    from softprompt.runtime.requests import ScoreRequest
+
+    rt = Runtime.load(str(tiny_dirs[family]), backend="torch")
+    be = rt.backend
+    be.buckets, be.triton = True, True
+    for P in (1, 20, 100):
+        rt.add_prompt(f"p{P}", SoftPrompt.random(P, be.hidden_size, seed=P))
+    reqs = [ScoreRequest("p20", [5, 6, 7, 8]), ScoreRequest("p100", [9]), ScoreRequest(None, [4, 4]),
+            ScoreRequest("p1", [7] * 9), ScoreRequest("p20", [3, 3, 3])]
+    rows = rt._prepare(reqs, "raise")[0]
+    seen, run = [], be._run
+
+    def checked(*args, **kwargs):
+        with _HostSyncs() as mode:
+            out = run(*args, **kwargs)
+        seen.extend(mode.seen)
+        return out
+
+    be._run = checked
+    be.logprobs(rows)
+    state, _ = be.start(rows, max_new_tokens=4)
+    be.step(state, np.full(len(rows), 5))
+    state = be.select(state, [0, 2, 3, 4])  # 5 -> 4 rows: compacted into the 4-row bucket
+    be.step(state, np.full(4, 6))
+    state = be.select(state, [0, 1, 3])  # 4 -> 3 rows: the dropped row idles in place
+    be.step(state, np.full(3, 7))
+    state = be.select(state, [0, 2])  # 3 -> 2 rows: compacted into the 2-row bucket
+    be.step(state, np.full(2, 8))
+    assert seen == []
+
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    with _HostSyncs() as mode:
+        find_packed_sequence_indices(torch.arange(6)[None])
+    assert mode.seen  # the detector sees a host read where there is one
