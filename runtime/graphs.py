@@ -16,7 +16,9 @@ one warning and the eager result is returned, so a graph can never change an ans
 with the same shapes copy their inputs into the graph's static buffers and replay.
 
 Static buffers are keyed by (name, shape, dtype) and shared by every graph that takes such an
-input (graphs replay one at a time and every input is copied in before a replay). Inputs that
+input (graphs replay one at a time and every input is copied in before a replay); the graphs'
+intermediates share one memory pool for the same reason (a replay may overwrite the memory
+behind an earlier replay's output, never the output of the graph being replayed). Inputs that
 are already a registered buffer (``persistent``: the per-row decode K/V buffers, written in
 place by the captured ``write_kv``) are used as they are; large inputs marked ``reuse`` (the
 stacked prompt prefixes) are copied only when a different tensor arrives. The output of a replay
@@ -79,6 +81,7 @@ class CudaGraphs:
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self.buffers: dict[tuple, torch.Tensor] = {}
         self._src: dict[tuple, weakref.ref] = {}
+        self.pool = None  # one memory pool for all graphs: they replay one at a time
         self.captures = 0
         self.replays = 0
         self.disabled: str | None = None  # why graphs were turned off, once they were
@@ -147,9 +150,11 @@ class CudaGraphs:
                 expected = fn(**args).clone()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         try:
             forget_plans()  # index plans must be computed inside the graph, from its static inputs
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool):
                 out = fn(**args)
             forget_plans()
             graph.replay()
