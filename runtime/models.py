@@ -234,6 +234,25 @@ def fingerprint_model(model) -> str:
     return h.hexdigest()
 
 
+def _directory_fingerprint(path: Path, model) -> str:
+    """fingerprint_model for a model directory, remembered under ``$SOFTPROMPT_HOME/fingerprints``
+    by the directory's file names, sizes and modification times, so a reload does not hash every
+    weight again (seconds for a 1B model); any rewritten file means a new hash."""
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    stamp = json.dumps([str(path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                for f in files])
+    memo = softprompt_home() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text())["fingerprint"]
+    fingerprint = fingerprint_model(model)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"fingerprint": fingerprint, "path": str(path.resolve())}))
+    except OSError:  # a read-only home only costs the hash again next time
+        pass
+    return fingerprint
+
+
 def check_architecture(config) -> None:
     """Refuse models whose prompt prefix cannot be cached, naming what is supported."""
     if getattr(config, "is_encoder_decoder", False):
@@ -304,6 +323,6 @@ def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu") -> LoadedMod
     tokenizer = AutoTokenizer.from_pretrained(path)
     fp_file = path / _FINGERPRINT_FILE
     fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() \
-        else fingerprint_model(model)
+        else _directory_fingerprint(path, model)
     model.to(device=device, dtype=torch_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint, source=src)

@@ -54,3 +54,21 @@ def test_fingerprint_tracks_weights_and_dtype_option(tiny_dirs):
     assert other.fingerprint != a.fingerprint
     with pytest.raises(models.ModelError, match="unknown dtype 'int3'"):
         models.load_model(tiny_dirs["llama"], dtype="int3")
+
+
+def test_directory_fingerprint_is_remembered_until_a_file_changes(tiny_dirs, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path / "home"))
+    d = shutil.copytree(tiny_dirs["llama"], tmp_path / "llama")
+    first = models.load_model(d).fingerprint
+    memos = list((tmp_path / "home" / "fingerprints").glob("*.json"))
+    assert len(memos) == 1
+    calls = []
+    monkeypatch.setattr(models, "fingerprint_model", lambda m: calls.append(m) or "recomputed")
+    assert models.load_model(d).fingerprint == first and calls == []  # remembered, not rehashed
+    weights = d / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file was rewritten
+    assert models.load_model(d).fingerprint == "recomputed" and len(calls) == 1
