@@ -14,6 +14,8 @@
    mask (full over the prefix, causal over own tokens), both with enable_gqa (K/V at Hkv heads)
    and with K/V heads repeated to H. Median of CUDA-event times after warm-up; achieved bandwidth
    against the bytes floor (formula in `bytes_floor`).
+3. Dispatch: the points where the cascade beats the fused kernel, and how often `use_cascade`
+   (the rule `prefix_attention_auto` follows) picks the faster one: the figure that sets it.
 
 Needs only torch and triton (no install): imports softprompt.kernels if installed, else loads
 kernels/prefix_attention.py and tests/tolerances.py from this checkout by path.
@@ -268,6 +270,20 @@ def run_timings(torch, pa, device, dtype, sizes, runs, warmup) -> list[dict]:
     return rows
 
 
+def dispatch_summary(rows) -> dict:
+    """Where the cascade beats the fused kernel, and whether use_cascade (what `auto` picked)
+    agrees: the measurement that sets the rule in kernels/prefix_attention.py."""
+    wins = [(r["B"], r["P"], r["L"]) for r in rows if r["cascade_ms"] < r["kernel_ms"]]
+    agree = sum((r["cascade_ms"] < r["kernel_ms"]) == (r["auto_choice"] == "cascade") for r in rows)
+    # time lost by the rule's choice against the better of the two, summed over the grid
+    lost = sum(r[f"{r['auto_choice']}_ms"] - min(r["kernel_ms"], r["cascade_ms"]) for r in rows)
+    summary = (f"dispatch: cascade faster than the fused kernel at (B, P, L) = {wins or 'none'}; "
+               f"use_cascade picks the faster one at {agree}/{len(rows)} points, "
+               f"{lost:.4f} ms lost over the grid")
+    return dict(cascade_wins=wins, rule_agrees=agree, points=len(rows), ms_lost=round(lost, 4),
+                summary=summary)
+
+
 def markdown(rows) -> str:
     head = ("| B | P | L | SDPA gqa ms | SDPA expanded ms | kernel ms | cascade ms | auto ms (choice) "
             "| kernel speedup | cascade speedup | kernel GB/s | cascade GB/s |")
@@ -327,6 +343,8 @@ def main() -> int:
         print(f"## timings ({result['timing']} of {runs} after {warmup} warm-up), {tdtype}", flush=True)
         result["timings"] = run_timings(torch, pa, device, tdtype, sizes, runs, warmup)
         print(markdown(result["timings"]))
+        result["dispatch"] = dispatch_summary(result["timings"])
+        print(result["dispatch"]["summary"])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     print(f"# wrote {out_path}")
