@@ -237,13 +237,13 @@ class TorchBackend(TorchModelMixin):
             ids[b, : len(r.ids)] = torch.tensor(r.ids)
         emb = self.embed(ids.to(self.device))  # [B, L_max, E]; padding embeds token 0, unread
 
-        def column(values, dtype=torch.int32):  # [Bp] on the device, zeros for padding rows
-            return torch.tensor(values + [0] * (Bp - B), dtype=dtype).to(self.device)
-
-        p = column([r.num_virtual for r in rows], torch.long)
-        pos = (p[:, None] + torch.arange(Lp, device=self.device)).clamp_(max=self.max_positions - 1)
-        seq_lens = column([len(r.ids) for r in rows])
-        prompt_idx = column([index[r.prompt.digest if r.prompt else None] for r in rows])
+        pad = [0] * (Bp - B)  # padding rows: no tokens, prompt slot 0
+        meta = torch.tensor([[r.num_virtual for r in rows] + pad, [len(r.ids) for r in rows] + pad,
+                             [index[r.prompt.digest if r.prompt else None] for r in rows] + pad],
+                            dtype=torch.int32).to(self.device)  # [3, Bp], one copy
+        pos = meta[0, :, None].long() + torch.arange(Lp, device=self.device)  # row b starts at its P
+        pos.clamp_(max=self.max_positions - 1)  # padding positions only: they are never read
+        seq_lens, prompt_idx = meta[1], meta[2]
         own_k, own_v = self._own_buffers(Bp, self._pad(capacity)) if capacity else (None, None)
         batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v,
                             triton=self.triton)
@@ -279,27 +279,34 @@ class TorchBackend(TorchModelMixin):
     @torch.inference_mode()
     def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
         batch, emb, pos, entries = self._batch(rows)
-        hidden = self._run(batch, emb, pos)
+        hidden = self._run(batch, emb, pos)  # [B, L_max, E]
         # Only the positions that predict a target go through the vocabulary projection.
         sel_b, sel_t, tgt = [], [], []
         for b, r in enumerate(rows):
             sel_b += [b] * len(r.own_targets)
             sel_t += [j - 1 for j in r.own_targets]
             tgt += [r.ids[j] for j in r.own_targets]
-
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
-
-        lp = self.lm_head(hidden[t(sel_b), t(sel_t)])  # [T, V], T = targets in the batch
-        lp = lp.float().log_softmax(-1).gather(-1, t(tgt)[:, None])[:, 0].cpu().numpy()
-        out, at = [], 0
+        sel = torch.tensor([sel_b, sel_t, tgt], dtype=torch.long).to(self.device)  # [3, T], one copy
+        lp = self.lm_head(hidden[sel[0], sel[1]]).float().log_softmax(-1)  # [T, V]
+        lp = lp.gather(-1, sel[2][:, None])[:, 0]  # [T]
+        # A row scored from its first token takes it from its prompt's cached first-token
+        # log-probs (predicted by the last virtual token): gathered for all such rows at once.
+        firsts = [r for r in rows if r.target_start == 0]
+        if firsts:
+            digests = list({r.prompt.digest: None for r in firsts})
+            table = torch.stack([entries[d].first_logprobs for d in digests])  # [Np, V]
+            at = torch.tensor([[digests.index(r.prompt.digest) for r in firsts],
+                               [r.ids[0] for r in firsts]], dtype=torch.long).to(self.device)
+            lp = torch.cat([lp, table[at[0], at[1]].float()])  # [T + F]
+        lp = lp.cpu().numpy()  # the call's one device-to-host copy
+        out, at, f = [], 0, len(tgt)
         for r in rows:
             n = len(r.own_targets)
             vals = lp[at: at + n]
             at += n
-            if r.target_start == 0:  # the first token is predicted by the last virtual token
-                first = entries[r.prompt.digest].first_logprobs[r.ids[0]].float().cpu().numpy()
-                vals = np.concatenate([first[None], vals])
+            if r.target_start == 0:
+                vals = np.concatenate([lp[f: f + 1], vals])
+                f += 1
             out.append(vals)
         return out
 
