@@ -51,7 +51,8 @@ class Runtime:
         self.max_virtual_tokens = max_virtual_tokens
         self.strict = strict
         self.prompts: dict[str, SoftPrompt] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one backend call at a time
+        self._gen_lock = threading.Lock()  # one generation at a time (its steps take _lock each)
         self._batcher = None
         self.requests_served = 0
 
@@ -285,7 +286,8 @@ class Runtime:
         Greedy when temperature == 0; otherwise sampling, each row with its own generator
         seeded by ``seed`` (a row samples the same tokens alone or in a batch). Each row stops
         at EOS (stop_at_eos), at a stop string (the text is cut before it), or after
-        max_new_tokens; finished rows leave the batch.
+        max_new_tokens; finished rows leave the batch. Generations run one at a time; scores
+        (direct or micro-batched) are served between a generation's decode steps.
         """
         params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop),
                                 stop_at_eos)
@@ -301,14 +303,15 @@ class Runtime:
         valid = [i for i, r in enumerate(rows) if r is not None]
         for at in range(0, len(valid), self.max_batch):
             idx = valid[at: at + self.max_batch]
-            with self._lock:
+            with self._gen_lock:  # scores still run between this generation's steps
                 for i, res in zip(idx, self._generate_rows([rows[i] for i in idx], params)):
                     results[i] = res
         self.requests_served += len(valid)
         return results
 
     def _generate_rows(self, rows: list[Row], p: GenerateParams) -> list[GenerateResult]:
-        state, logits = self.backend.start(rows, p.max_new_tokens)  # logits: [B, V]
+        with self._lock:
+            state, logits = self.backend.start(rows, p.max_new_tokens)  # logits: [B, V]
         rngs = [np.random.default_rng(p.seed) for _ in rows]
         out = [[] for _ in rows]
         done: list[GenerateResult | None] = [None] * len(rows)
@@ -331,11 +334,12 @@ class Runtime:
             keep = [k for k, i in enumerate(active) if done[i] is None]
             if not keep:
                 break
-            if len(keep) < len(active):
-                state = self.backend.select(state, keep)
-                active = [active[k] for k in keep]
-                nxt = [nxt[k] for k in keep]
-            logits = self.backend.step(state, np.array(nxt, dtype=np.int64))
+            with self._lock:
+                if len(keep) < len(active):
+                    state = self.backend.select(state, keep)
+                    active = [active[k] for k in keep]
+                    nxt = [nxt[k] for k in keep]
+                logits = self.backend.step(state, np.array(nxt, dtype=np.int64))
         return done
 
     # --------------------------------------------------------------------------- services

@@ -263,6 +263,42 @@ def test_seeded_sampling_is_batch_invariant(rts):
     assert rt.generate("p1", [[5, 6]], **{**kw, "seed": 8})[0].token_ids != alone.token_ids
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_scores_are_served_between_generation_steps(rts, backend):
+    """A long generation does not hold the runtime for its whole length: while it is paused
+    between two decode steps, a score call on another thread completes, and both results equal
+    what they are alone."""
+    rt = rts("llama", backend)
+    req = {"prompt": "p20", "context": [5, 6, 7], "continuation": [8, 9]}
+    kw = dict(max_new_tokens=12, stop_at_eos=False)
+    want_gen = rt.generate("p100", [[4, 4, 4]], **kw)[0].token_ids
+    want_score = rt.score([req])[0].logprob
+    paused, scored, results = threading.Event(), threading.Event(), {}
+    decode, calls = rt.tokenizer.decode, []
+
+    def slow_decode(ids):  # called once per generated token, between the backend's steps
+        calls.append(1)
+        if len(calls) == 5:
+            paused.set()
+            results["blocked"] = not scored.wait(timeout=30)
+        return decode(ids)
+
+    rt.tokenizer.decode = slow_decode
+    try:
+        gen = threading.Thread(target=lambda: results.setdefault(
+            "gen", rt.generate("p100", [[4, 4, 4]], **kw)[0].token_ids))
+        gen.start()
+        assert paused.wait(timeout=30)
+        results["score"] = rt.score([req])[0].logprob
+        scored.set()
+        gen.join(timeout=60)
+    finally:
+        del rt.tokenizer.decode
+    assert results["blocked"] is False  # the score ran while the generation was paused
+    assert results["gen"] == want_gen
+    np.testing.assert_allclose(results["score"], want_score, **SCORE["float32"])
+
+
 def test_micro_batcher_many_threads(rts):
     """16 threads x 50 requests through submit(): every result equals its single-request reference."""
     ref, rt = rts("llama", "reference"), rts("llama", "torch")
