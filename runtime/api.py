@@ -8,8 +8,10 @@
     rt.generate("sentiment", ["Write a review:"], max_new_tokens=20)
 
 Backends implement five calls on prepared ``Row``s: ``prepare(prompt)`` (cache its prefix),
-``forget(prompt)``, ``logprobs(rows)``, and for generation ``start(rows, max_new_tokens)``,
-``step(state, next_ids)``, ``select(state, keep)``. Everything else (validation, tokenising,
+``forget(prompt)``, ``logprobs(rows)``, and for generation ``start(rows, max_new_tokens,
+greedy)``, ``step(state, next_ids, greedy)`` (each returns the next-token logits ``[B, V]``, or
+with ``greedy`` only their argmax ids ``[B]``, so a GPU sends B integers to the host instead of
+B x V floats), ``select(state, keep)``. Everything else (validation, tokenising,
 batching, sampling, stop strings, threads) lives here, once, for all of them.
 """
 
@@ -310,8 +312,9 @@ class Runtime:
         return results
 
     def _generate_rows(self, rows: list[Row], p: GenerateParams) -> list[GenerateResult]:
-        with self._lock:
-            state, logits = self.backend.start(rows, p.max_new_tokens)  # logits: [B, V]
+        greedy = p.temperature == 0
+        with self._lock:  # logits: [B, V], or the argmax ids [B] when greedy
+            state, logits = self.backend.start(rows, p.max_new_tokens, greedy=greedy)
         rngs = [np.random.default_rng(p.seed) for _ in rows]
         out = [[] for _ in rows]
         done: list[GenerateResult | None] = [None] * len(rows)
@@ -319,7 +322,7 @@ class Runtime:
         for step in range(p.max_new_tokens):
             nxt = []
             for k, i in enumerate(active):
-                t = _choose(logits[k], p, rngs[i])
+                t = int(logits[k]) if greedy else _choose(logits[k], p, rngs[i])
                 nxt.append(t)
                 if p.stop_at_eos and t in self.tokenizer.eos_token_ids:
                     done[i] = GenerateResult(self.tokenizer.decode(out[i]), out[i], "eos")
@@ -339,7 +342,7 @@ class Runtime:
                     state = self.backend.select(state, keep)
                     active = [active[k] for k in keep]
                     nxt = [nxt[k] for k in keep]
-                logits = self.backend.step(state, np.array(nxt, dtype=np.int64))
+                logits = self.backend.step(state, np.array(nxt, dtype=np.int64), greedy=greedy)
         return done
 
     # --------------------------------------------------------------------------- services
@@ -387,9 +390,7 @@ class Runtime:
 
 
 def _choose(logits: np.ndarray, p: GenerateParams, rng: np.random.Generator) -> int:
-    """Greedy argmax, or a sample from the temperature/top-k/top-p filtered distribution."""
-    if p.temperature == 0:
-        return int(np.argmax(logits))
+    """A sample from the temperature/top-k/top-p filtered distribution (temperature > 0)."""
     lp = log_softmax(logits / p.temperature)
     if p.top_k is not None and p.top_k < lp.shape[-1]:
         kth = np.partition(lp, -p.top_k)[-p.top_k]

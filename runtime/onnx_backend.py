@@ -130,14 +130,14 @@ class OnnxBackend:
         return out
 
     # ------------------------------------------------------------------------- generation
-    def start(self, rows: list[Row], max_new_tokens: int):
+    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
         entries, past, mask, pos, emb = self._assemble(rows)
         last = np.array([[len(r.ids) - 1] for r in rows], np.int64)
         logits, presents = self.bundle.run(emb, mask, pos, past, last)
         next_pos = np.array([e.num_tokens + len(r.ids) for r, e in zip(rows, entries)], np.int64)
-        return _GenState(presents, mask, next_pos), logits[:, 0].astype(np.float32)
+        return _GenState(presents, mask, next_pos), _next(logits[:, 0], greedy)
 
-    def step(self, state: "_GenState", next_ids: np.ndarray):
+    def step(self, state: "_GenState", next_ids: np.ndarray, greedy: bool = False):
         b = self.bundle
         state.mask = np.concatenate([state.mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
         emb = b.embeddings[next_ids][:, None].astype(b.np_dtype)  # [B, 1, E]
@@ -145,12 +145,17 @@ class OnnxBackend:
                                    np.zeros((len(next_ids), 1), np.int64))
         state.next_pos = state.next_pos + 1
         self.tokens_computed += len(next_ids)
-        return logits[:, 0].astype(np.float32)
+        return _next(logits[:, 0], greedy)
 
     def select(self, state: "_GenState", keep: list[int]) -> "_GenState":
         state.past = [(k[keep], v[keep]) for k, v in state.past]
         state.mask, state.next_pos = state.mask[keep], state.next_pos[keep]
         return state
+
+
+def _next(logits: np.ndarray, greedy: bool) -> np.ndarray:
+    """``[B, V]`` float32 logits, or with ``greedy`` their argmax ids ``[B]``."""
+    return logits.argmax(-1) if greedy else logits.astype(np.float32)
 
 
 @dataclass

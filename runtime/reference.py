@@ -39,6 +39,12 @@ class TorchModelMixin:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
         return torch.from_numpy(prompt.embeddings).to(self.device, self.dtype)
 
+    @staticmethod
+    def _to_host(logits: torch.Tensor, greedy: bool) -> np.ndarray:
+        """Next-token logits ``[B, V]`` as float32 on the host, or with ``greedy`` their argmax
+        ids ``[B]`` (first maximum, as numpy's): then only B integers leave the device."""
+        return (logits.argmax(-1) if greedy else logits.float()).cpu().numpy()
+
     def _embed_ids(self, ids) -> torch.Tensor:
         """``[L, E]``: the model's own input-embedding module (so Gemma's scaling applies)."""
         return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.device))
@@ -93,20 +99,20 @@ class ReferenceBackend(TorchModelMixin):
         return out
 
     # generation: state is the list of (prompt, ids so far)
-    def start(self, rows: list[Row], max_new_tokens: int):
+    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
         state = [(r.prompt, list(r.ids)) for r in rows]
-        return state, self._last_logits(state)
+        return state, self._next(state, greedy)
 
-    def step(self, state, next_ids: np.ndarray):
+    def step(self, state, next_ids: np.ndarray, greedy: bool = False):
         for (_, ids), t in zip(state, next_ids):
             ids.append(int(t))
-        return self._last_logits(state)
+        return self._next(state, greedy)
 
     def select(self, state, keep: list[int]):
         return [state[i] for i in keep]
 
-    def _last_logits(self, state) -> np.ndarray:
+    def _next(self, state, greedy: bool) -> np.ndarray:
         logits = self._forward([self._sequence(p, ids) for p, ids in state])
         last = torch.tensor([prompt_len(p) + len(ids) - 1 for p, ids in state], device=self.device)
-        return logits[torch.arange(len(state), device=self.device), last].float().cpu().numpy()
+        return self._to_host(logits[torch.arange(len(state), device=self.device), last], greedy)
 

@@ -312,7 +312,7 @@ class TorchBackend(TorchModelMixin):
 
     # ------------------------------------------------------------------------- generation
     @torch.inference_mode()
-    def start(self, rows: list[Row], max_new_tokens: int):
+    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
         l_max = max(len(r.ids) for r in rows)
         batch, emb, pos, _ = self._batch(rows, capacity=l_max + max_new_tokens)
         hidden = self._run(batch, emb, pos)
@@ -323,11 +323,12 @@ class TorchBackend(TorchModelMixin):
         next_pos = torch.zeros(Bp, dtype=torch.long, device=self.device)
         next_pos[:B] = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
         active = (torch.arange(Bp, device=self.device) < B).to(torch.int32)
-        return _GenState(batch, next_pos, list(range(B)), active), logits.float().cpu().numpy()
+        return _GenState(batch, next_pos, list(range(B)), active), self._to_host(logits, greedy)
 
     @torch.inference_mode()
-    def step(self, state: _GenState, next_ids: np.ndarray):
-        """One token for each generating row (``next_ids`` in the caller's order): ``[n, V]`` logits."""
+    def step(self, state: _GenState, next_ids: np.ndarray, greedy: bool = False):
+        """One token for each generating row (``next_ids`` in the caller's order): ``[n, V]``
+        logits, or with ``greedy`` their argmax ids ``[n]``."""
         b = state.batch
         b.decoding = True
         b.kv_lens = b.kv_lens + state.active  # idle rows stay put (and write nowhere: -1)
@@ -339,7 +340,7 @@ class TorchBackend(TorchModelMixin):
         state.next_pos = state.next_pos + state.active
         self.tokens_computed += len(next_ids)
         slots = torch.tensor(state.slots, device=self.device)
-        return logits[slots].float().cpu().numpy()
+        return self._to_host(logits[slots], greedy)
 
     def select(self, state: _GenState, keep: list[int]) -> _GenState:
         """Keep only the rows at positions ``keep`` of the caller's order. Rows are compacted

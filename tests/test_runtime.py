@@ -243,6 +243,21 @@ def test_greedy_generation_equals_reference(rts, backend):
     assert all(g.finish_reason == "length" and len(g.token_ids) == 12 for g in got)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "onnx"])
+def test_greedy_start_and_step_return_the_logits_argmax(rts, backend):
+    """With greedy=True a backend hands back only the argmax ids of the logits it would return."""
+    from softprompt.runtime.requests import ScoreRequest
+
+    rt = rts("llama", backend)
+    rows = rt._prepare([ScoreRequest("p20", [5, 6, 7]), ScoreRequest(None, [9, 8]),
+                        ScoreRequest("p100", [4] * 6)], "raise")[0]
+    s_logits, logits = rt.backend.start(rows, 2)  # [B, V]
+    s_ids, ids = rt.backend.start(rows, 2, greedy=True)  # [B]
+    assert logits.shape == (3, rt.backend.vocab_size) and ids.tolist() == logits.argmax(-1).tolist()
+    logits = rt.backend.step(s_logits, ids)
+    assert rt.backend.step(s_ids, ids, greedy=True).tolist() == logits.argmax(-1).tolist()
+
+
 def test_generation_stops_per_row(rts):
     rt = rts("llama", "torch")
     free = rt.generate("p20", [[5, 6, 7]], max_new_tokens=8, stop_at_eos=False)[0]
