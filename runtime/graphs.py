@@ -100,6 +100,15 @@ class CudaGraphs:
             buf = self.buffers[key] = torch.zeros(shape, dtype=dtype, device=device)
         return buf
 
+    def drop_persistent(self, names: tuple, shape: tuple) -> int:
+        """Free the persistent buffers of these input names (e.g. ``("own_k", "own_v")``) with
+        this shape, and the graphs captured with them. Returns the bytes freed."""
+        gone = [k for k in self.buffers if k[0][0] in names and k[1] == tuple(shape)]
+        freed = sum(self.buffers.pop(k).nbytes for k in gone)
+        for key in [k for k in self.graphs if any(part in gone for part in k[1:])]:
+            del self.graphs[key]
+        return freed
+
     def _static(self, name: tuple, src: torch.Tensor, reuse: bool) -> torch.Tensor:
         key = (name, tuple(src.shape), src.dtype)
         buf = self.buffers.get(key)

@@ -12,6 +12,8 @@ next token needs it.
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -106,13 +108,15 @@ class _GenState:
     next_pos: torch.Tensor  # [B] position id of each row's next token
     slots: list  # batch row of each still-generating request, in the caller's order
     active: torch.Tensor  # [B] int32: 1 for rows still generating, 0 for idle/padding rows
+    closed: bool = False  # superseded by a newer generation (CUDA graphs: one at a time)
 
 
 class TorchBackend(TorchModelMixin):
     name = "torch"
 
     def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None,
-                 cuda_graphs: bool | None = None, buckets: bool | None = None):
+                 cuda_graphs: bool | None = None, buckets: bool | None = None,
+                 decode_buffer_bytes: int = 4 << 30):
         """
         triton: attend through the Triton kernels (default: on CUDA), else their PyTorch references.
         cuda_graphs: replay forwards and decode steps as CUDA graphs, one per padded shape
@@ -120,6 +124,10 @@ class TorchBackend(TorchModelMixin):
         buckets: pad rows, tokens, prompts and prefix length of every forward to
             ``graphs.bucket`` sizes (default: with CUDA graphs). Padding rows and tokens are
             idle (zero lengths) and never change a real row's result.
+        decode_buffer_bytes: under CUDA graphs, per-row decode K/V buffers are kept per
+            (rows, capacity) bucket for reuse by later generations, least recently used first
+            out beyond this many bytes (a generation's own buffers are always kept). With
+            graphs a backend runs one generation at a time: starting one closes the previous.
         """
         self._init_model(lm)
         on_cuda = self.device.type == "cuda"
@@ -139,6 +147,9 @@ class TorchBackend(TorchModelMixin):
                                                              spec.head_dim)
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
+        self.decode_buffer_bytes = decode_buffer_bytes
+        self._own_sets: OrderedDict[tuple, int] = OrderedDict()  # kept decode buffers: shape -> bytes
+        self._generation = None  # weak reference to the live generation state (graphs)
         self.tokens_computed = 0
         self.batches = 0
 
@@ -212,13 +223,23 @@ class TorchBackend(TorchModelMixin):
         return self._stacks[key]
 
     def _own_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
-        """Per layer ``[rows, Hkv, capacity, D]`` decode K/V buffers (persistent under graphs)."""
+        """Per layer ``[rows, Hkv, capacity, D]`` decode K/V buffers. Under graphs they are the
+        persistent buffers of that shape, which the captured decode steps write in place."""
         shape = (rows, self.num_kv_heads, capacity, self.head_dim)
-        if self.graphs is not None:
-            return tuple([self.graphs.persistent((name, i), shape, self.dtype, self.device)
-                          for i in range(self.num_layers)] for name in ("own_k", "own_v"))
-        return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
-                      for _ in range(self.num_layers)] for _ in range(2))
+        if self.graphs is None:
+            return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)] for _ in range(2))
+        self._own_sets[shape] = 2 * self.num_layers * math.prod(shape) * self.dtype.itemsize
+        self._own_sets.move_to_end(shape)
+        return tuple([self.graphs.persistent((name, i), shape, self.dtype, self.device)
+                      for i in range(self.num_layers)] for name in ("own_k", "own_v"))
+
+    def _trim_own_buffers(self) -> None:
+        """Free least recently used decode buffer sets beyond decode_buffer_bytes (and their
+        graphs), keeping the newest. Only called when no other generation is live."""
+        while len(self._own_sets) > 1 and sum(self._own_sets.values()) > self.decode_buffer_bytes:
+            shape, _ = self._own_sets.popitem(last=False)
+            self.graphs.drop_persistent(("own_k", "own_v"), shape)
 
     def _batch(self, rows: list[Row], capacity: int = 0):
         """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]``, positions
@@ -313,6 +334,10 @@ class TorchBackend(TorchModelMixin):
     # ------------------------------------------------------------------------- generation
     @torch.inference_mode()
     def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
+        if self.graphs is not None:  # its decode buffers are shared: close the previous generation
+            previous = self._generation() if self._generation is not None else None
+            if previous is not None:
+                previous.closed = True
         l_max = max(len(r.ids) for r in rows)
         batch, emb, pos, _ = self._batch(rows, capacity=l_max + max_new_tokens)
         hidden = self._run(batch, emb, pos)
@@ -323,12 +348,17 @@ class TorchBackend(TorchModelMixin):
         next_pos = torch.zeros(Bp, dtype=torch.long, device=self.device)
         next_pos[:B] = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
         active = (torch.arange(Bp, device=self.device) < B).to(torch.int32)
-        return _GenState(batch, next_pos, list(range(B)), active), self._to_host(logits, greedy)
+        state = _GenState(batch, next_pos, list(range(B)), active)
+        if self.graphs is not None:
+            self._generation = weakref.ref(state)
+            self._trim_own_buffers()
+        return state, self._to_host(logits, greedy)
 
     @torch.inference_mode()
     def step(self, state: _GenState, next_ids: np.ndarray, greedy: bool = False):
         """One token for each generating row (``next_ids`` in the caller's order): ``[n, V]``
         logits, or with ``greedy`` their argmax ids ``[n]``."""
+        _check_open(state)
         b = state.batch
         b.decoding = True
         b.kv_lens = b.kv_lens + state.active  # idle rows stay put (and write nowhere: -1)
@@ -346,6 +376,7 @@ class TorchBackend(TorchModelMixin):
         """Keep only the rows at positions ``keep`` of the caller's order. Rows are compacted
         into a smaller batch when it is smaller (with buckets: a smaller bucket); otherwise the
         dropped rows are made idle in place."""
+        _check_open(state)
         b, slots = state.batch, [state.slots[k] for k in keep]
         n, dev = self._pad(len(slots)), self.device
         if n == len(state.active):  # same batch size: idle the dropped rows, copy nothing
@@ -367,3 +398,10 @@ class TorchBackend(TorchModelMixin):
         state.next_pos = state.next_pos[idx]
         state.slots = list(range(len(slots)))
         return state
+
+
+def _check_open(state: _GenState) -> None:
+    if state.closed:
+        raise RuntimeError("this generation was closed by a newer one: under CUDA graphs a "
+                           "TorchBackend runs one generation at a time (Runtime.generate "
+                           "serialises them)")

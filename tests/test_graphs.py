@@ -42,6 +42,55 @@ def test_static_buffers_copy_reuse_and_persist():
     assert g.persistent(("own_k", 0), (2, 5), torch.float32, "cpu") is own
 
 
+def test_decode_buffers_are_kept_per_bucket_and_trimmed(tiny_dirs):
+    """Under graphs the decode K/V buffers persist per (rows, capacity) bucket for reuse; beyond
+    decode_buffer_bytes the least recently used sets go (with their graphs), never the live
+    generation's; a newer generation closes the previous one, whose next step then fails
+    loudly instead of sharing buffers."""
+    import numpy as np
+
+    from softprompt.runtime.api import Runtime
+    from softprompt.runtime.prompts import SoftPrompt
+    from softprompt.runtime.requests import ScoreRequest
+
+    rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    be = rt.backend
+    be.graphs, be.buckets = CudaGraphs(), True
+    be.graphs.disabled = "CPU test: eager forwards over the persistent buffers"
+    rt.add_prompt("p", SoftPrompt.random(5, be.hidden_size, seed=0))
+    rows = rt._prepare([ScoreRequest("p", [5, 6, 7])] * 3, "raise")[0]  # 3 rows -> bucket 4
+
+    def own_shapes():
+        return {k[1] for k in be.graphs.buffers if k[0][0] == "own_k"}
+
+    first, _ = be.start(rows, max_new_tokens=10)  # capacity 13 -> 16
+    assert own_shapes() == {(4, be.num_kv_heads, 16, be.head_dim)}
+    be.step(first, np.array([1, 2, 3]))
+    be.select(first, [0])  # 1 row: a new 1-row set; the 4-row set is kept while in budget
+    assert len(own_shapes()) == 2
+
+    be.decode_buffer_bytes = 0  # over budget: the next start keeps only its own set
+    second, _ = be.start(rows[:2], max_new_tokens=100)  # 2 rows, capacity 103 -> 128
+    assert own_shapes() == {(2, be.num_kv_heads, 128, be.head_dim)}
+    with pytest.raises(RuntimeError, match="closed by a newer one"):
+        be.step(first, np.array([4]))
+    assert be.step(second, np.array([4, 5])).shape == (2, be.vocab_size)
+
+
+def test_drop_persistent_frees_buffers_and_their_graphs():
+    g = CudaGraphs()
+    a = g.persistent(("own_k", 0), (2, 3), torch.float32, "cpu")
+    g.persistent(("own_v", 0), (2, 3), torch.float32, "cpu")
+    g.persistent(("own_k", 0), (4, 3), torch.float32, "cpu")
+    g._static(("emb", None), torch.ones(2, 3), reuse=False)
+    uses = ((), (("own_k", 0), (2, 3), torch.float32), (("emb", None), (2, 3), torch.float32))
+    other = ((), (("own_k", 0), (4, 3), torch.float32))
+    g.graphs[uses], g.graphs[other] = ("graph", None), ("graph", None)
+    assert g.drop_persistent(("own_k", "own_v"), (2, 3)) == 2 * a.nbytes
+    assert list(g.graphs) == [other]
+    assert sorted(k[0][0] for k in g.buffers) == ["emb", "own_k"]
+
+
 def test_cuda_graphs_need_cuda(tiny_dirs):
     from softprompt.runtime.models import load_model
     from softprompt.runtime.torch_backend import TorchBackend

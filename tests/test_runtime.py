@@ -128,16 +128,22 @@ def test_torch_backend_through_triton_kernels(rts, tiny_dirs, family):
     assert [g.token_ids for g in got] == want
 
 
-@pytest.mark.parametrize("triton", [False, True])
-def test_bucketed_shapes_change_no_result(rts, tiny_dirs, triton):
+@pytest.mark.parametrize("triton, persistent", [(False, False), (True, False), (True, True)])
+def test_bucketed_shapes_change_no_result(rts, tiny_dirs, triton, persistent):
     """The padded shapes CUDA graphs are captured for (rows, tokens, prompts, prefix length and
     decode capacity rounded up by graphs.bucket; padding rows idle) change no real row's result:
     scores, and greedy generation where rows stop at different steps, so finished rows are first
     idled in place and then compacted into a smaller bucket. Reference attention and the Triton
-    kernels (interpreted on CPU)."""
+    kernels (interpreted on CPU); with `persistent`, the decode K/V live in the per-bucket
+    buffers CUDA graphs write in place (a CudaGraphs that runs eagerly, as on CPU it must)."""
+    from softprompt.runtime.graphs import CudaGraphs
+
     ref = rts("llama", "reference")
     rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
     rt.backend.buckets, rt.backend.triton = True, triton
+    if persistent:
+        rt.backend.graphs = CudaGraphs()
+        rt.backend.graphs.disabled = "CPU test: eager forwards over the persistent buffers"
     for name, sp in _prompts().items():
         rt.add_prompt(name, sp)
     reqs = mixed_requests(seed=5)[:5]  # B = 5 -> 8 rows, L_max = 64, P_max = 100 -> 128
