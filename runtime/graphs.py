@@ -149,25 +149,17 @@ class CudaGraphs:
         return self._capture(key, fn, args)
 
     def _capture(self, key: tuple, fn, args: dict) -> torch.Tensor:
+        """Warm up, capture, replay once and check against the eager result; on any failure
+        turn graphs off (one warning) and return the eager result."""
         from softprompt.kernels.prefix_attention import forget_plans
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-            for _ in range(2):
-                forget_plans()
-                expected = fn(**args).clone()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        expected = self._warm_up(fn, args)
         try:
             forget_plans()  # index plans must be computed inside the graph, from its static inputs
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn(**args)
+            graph, out = self._record(fn, args)
             forget_plans()
             graph.replay()
-            torch.cuda.current_stream().synchronize()
+            self._synchronize()
             if not torch.allclose(out.float(), expected.float(), rtol=self.rtol, atol=self.atol):
                 err = (out.float() - expected.float()).abs().max().item()
                 raise RuntimeError(f"the replayed graph differs from the eager forward by {err:.3g}")
@@ -183,3 +175,31 @@ class CudaGraphs:
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return out
+
+    # The three CUDA calls, apart so that tests can stand in for the device ----------------------
+
+    def _warm_up(self, fn, args: dict) -> torch.Tensor:
+        """Run fn eagerly twice on a side stream (Triton compiles, cuBLAS picks its kernels, as
+        capture requires); returns a copy of the result, the reference for the replay check."""
+        from softprompt.kernels.prefix_attention import forget_plans
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forget_plans()
+                expected = fn(**args).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        return expected
+
+    def _record(self, fn, args: dict) -> tuple:
+        """Capture fn(**args) into a CUDA graph in the shared pool: (graph, static output)."""
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn(**args)
+        return graph, out
+
+    def _synchronize(self) -> None:
+        torch.cuda.current_stream().synchronize()

@@ -120,7 +120,8 @@ class TorchBackend(TorchModelMixin):
         """
         triton: attend through the Triton kernels (default: on CUDA), else their PyTorch references.
         cuda_graphs: replay forwards and decode steps as CUDA graphs, one per padded shape
-            (runtime/graphs.py; default: on CUDA with Triton). Needs CUDA; implies buckets.
+            (runtime/graphs.py; default: on CUDA with Triton). Needs CUDA and the Triton
+            kernels; implies buckets.
         buckets: pad rows, tokens, prompts and prefix length of every forward to
             ``graphs.bucket`` sizes (default: with CUDA graphs). Padding rows and tokens are
             idle (zero lengths) and never change a real row's result.
@@ -136,6 +137,9 @@ class TorchBackend(TorchModelMixin):
             cuda_graphs = on_cuda and self.triton
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {self.device}")
+        if cuda_graphs and not self.triton:
+            raise ValueError("cuda_graphs=True needs triton=True: the PyTorch reference attention "
+                             "reads lengths on the host, which graph capture forbids")
         self.graphs = CudaGraphs() if cuda_graphs else None
         self.buckets = bool(cuda_graphs) if buckets is None else buckets
         if self.graphs is not None and not self.buckets:

@@ -91,6 +91,127 @@ def test_drop_persistent_frees_buffers_and_their_graphs():
     assert sorted(k[0][0] for k in g.buffers) == ["emb", "own_k"]
 
 
+class _ReplayGraph:
+    """Stands in for a captured CUDA graph on CPU: a replay re-runs the captured function on the
+    captured (static) inputs and writes into the captured output, which is what a real replay
+    does. Index plans are forgotten first because a real replay runs no Python (the plan's
+    computation is part of the graph)."""
+
+    def __init__(self, fn, args, out, corrupt=False):
+        self.fn, self.args, self.out, self.corrupt = fn, args, out, corrupt
+
+    def replay(self):
+        from softprompt.kernels import forget_plans
+
+        forget_plans()
+        self.out.copy_(self.fn(**self.args))
+        if self.corrupt:
+            self.out.add_(1.0)
+
+
+class CpuGraphs(CudaGraphs):
+    """CudaGraphs with the three CUDA calls replaced (eager warm-up, _ReplayGraph, no sync), so
+    that everything else (buffers, keys, capture checks, fallback, LRU) runs for real on CPU."""
+
+    def __init__(self, fail: str | None = None, corrupt: bool = False, **kw):
+        super().__init__(**kw)
+        self.fail, self.corrupt = fail, corrupt
+
+    def _warm_up(self, fn, args):
+        return fn(**args).clone()
+
+    def _record(self, fn, args):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        out = fn(**args)
+        return _ReplayGraph(fn, args, out, self.corrupt), out
+
+    def _synchronize(self):
+        pass
+
+
+def _graphed_runtime(tiny_dirs, graphs):
+    from softprompt.runtime.api import Runtime
+    from softprompt.runtime.prompts import SoftPrompt
+
+    rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    rt.backend.graphs, rt.backend.buckets, rt.backend.triton = graphs, True, True
+    for P in (1, 20, 100):
+        rt.add_prompt(f"p{P}", SoftPrompt.random(P, rt.backend.hidden_size, seed=P))
+    return rt
+
+
+def _traffic(rt):
+    """Scores of a mixed batch (twice: the second replays) and a greedy generation whose rows
+    stop at different steps (prefill, decode steps, idling and compaction)."""
+    reqs = [{"prompt": "p20", "context": [5, 6, 7, 8], "continuation": [9]},
+            {"prompt": "p100", "context": [9]}, {"prompt": None, "context": [4, 4, 4]},
+            {"prompt": "p1", "context": [7] * 9, "continuation": [3, 3]},
+            {"prompt": "p20", "context": [3, 3, 3]}]
+    scores = [[r.token_logprobs for r in rt.score(reqs)] for _ in range(2)]
+    gens = [g.token_ids for g in rt.generate(["p20", "p100", None], [[5, 6], [9], [4, 4]],
+                                             max_new_tokens=6, stop_at_eos=False)]
+    return scores, gens
+
+
+@pytest.fixture(scope="module")
+def eager_traffic(tiny_dirs):
+    """_traffic's results from the plain eager torch backend (PyTorch reference attention,
+    unpadded shapes): what every graphed variant must reproduce."""
+    rt = _graphed_runtime(tiny_dirs, None)
+    rt.backend.triton = False
+    return _traffic(rt)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_graph_runner_replays_and_matches_eager(tiny_dirs, eager_traffic, monkeypatch, cascade):
+    """With the device calls stood in for, the CUDA-graph path (static buffers, one graph per
+    shape key, replays, decode buffers written in place; Triton kernels, fused or cascade)
+    gives the eager path's results, and the second call of each shape replays instead of
+    capturing."""
+    import importlib
+
+    import numpy as np
+
+    pa = importlib.import_module("softprompt.kernels.prefix_attention")  # the module, not the function
+    monkeypatch.setattr(pa, "use_cascade", lambda B, N, Pmax, Lq: cascade)
+    want_scores, want_gens = eager_traffic
+    rt = _graphed_runtime(tiny_dirs, CpuGraphs())
+    scores, gens = _traffic(rt)
+    for got, want in zip(scores, want_scores):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert gens == want_gens
+    st = rt.stats()
+    assert st["graphs_disabled"] is None and st["graph_captures"] >= 3  # score, prefill, decode
+    assert st["graph_replays"] >= 1 + 4  # the second score, and the decode steps after the first
+    captures = st["graph_captures"]
+    _traffic(rt)
+    assert rt.stats()["graph_captures"] == captures  # every shape seen before: replays only
+
+
+@pytest.mark.parametrize("fail, corrupt, reason", [
+    ("operation not permitted when stream is capturing", False, "RuntimeError: operation not permitted"),
+    (None, True, "the replayed graph differs from the eager forward by"),
+])
+def test_failed_or_wrong_capture_falls_back_to_eager_once(tiny_dirs, eager_traffic, fail, corrupt,
+                                                         reason):
+    """A capture that raises, or whose replay disagrees with the eager forward, turns graphs off
+    with one warning; the call returns the eager result and later calls run eagerly."""
+    import numpy as np
+
+    want_scores, want_gens = eager_traffic
+    rt = _graphed_runtime(tiny_dirs, CpuGraphs(fail=fail, corrupt=corrupt))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs turned off") as caught:
+        scores, gens = _traffic(rt)
+    assert len([w for w in caught if "CUDA graphs" in str(w.message)]) == 1
+    assert reason in rt.stats()["graphs_disabled"] and rt.stats()["graphs"] == 0
+    for got, want in zip(scores, want_scores):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert gens == want_gens
+
+
 def test_cuda_graphs_need_cuda(tiny_dirs):
     from softprompt.runtime.models import load_model
     from softprompt.runtime.torch_backend import TorchBackend
