@@ -18,6 +18,7 @@ batching, sampling, stop strings, threads) lives here, once, for all of them.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -371,6 +372,38 @@ class Runtime:
         """Stop the micro-batcher (finishing queued requests when ``drain``, else cancelling)."""
         if self._batcher is not None:
             self._batcher.close(drain=drain)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 8), lengths: Sequence[int] = (32,),
+               prompts: Sequence[str | None] | None = None, new_tokens: int = 0) -> float:
+        """Run one dummy batch per (prompt, batch size, length) now, so that the first real
+        requests of those shapes skip the one-time work: Triton compilation and CUDA graph
+        capture (torch backend on CUDA), ONNX Runtime's first-run allocations. Shapes are
+        bucketed (runtime/graphs.py), so B=8 also covers 5..8 rows and L=32 covers 17..32
+        tokens. With ``new_tokens``, each shape also generates that many greedy tokens (the
+        decode graphs, whose shapes also depend on the bucket of L + new_tokens, the per-row
+        decode capacity). prompts: names (None: no prompt; default: every registered prompt, or
+        None when there is none). Returns the seconds spent; not counted in requests_served.
+        """
+        if prompts is None:
+            prompts = list(self.prompts) or [None]
+        for name, vals in (("batch_sizes", batch_sizes), ("lengths", lengths)):
+            if not vals or any(not isinstance(v, int) or v < 1 for v in vals):
+                raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {vals!r}")
+        if not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"new_tokens must be an integer >= 0, got {new_tokens!r}")
+        t0, served = time.perf_counter(), self.requests_served
+        token = min(self.tokenizer.eos_token_ids or [0])  # any valid id: the values do not matter
+        for name in prompts:
+            for L in lengths:
+                if name is None and L < 2:
+                    continue  # nothing to score without a prompt
+                for B in batch_sizes:
+                    self.score([{"prompt": name, "context": [token] * L}] * B)
+                    if new_tokens:
+                        self.generate([name] * B, [[token] * L] * B, max_new_tokens=new_tokens,
+                                      stop_at_eos=False)
+        self.requests_served = served
+        return time.perf_counter() - t0
 
     def stats(self) -> dict:
         """Counters: prefix-cache hits/misses/evictions/bytes, batches, tokens computed, ..."""

@@ -212,6 +212,22 @@ def test_failed_or_wrong_capture_falls_back_to_eager_once(tiny_dirs, eager_traff
     assert gens == want_gens
 
 
+def test_warmup_captures_the_shapes_real_traffic_then_replays(tiny_dirs):
+    """Runtime.warmup runs the bucketed shapes once, so real requests of those shapes only
+    replay: 3 rows of 5 tokens (buckets 4 x 8, covered by warming 4 x 8), and generations of 3
+    rows, 7 context + 3 new tokens (decode capacity 10 -> 16, as warming 8 + 2)."""
+    rt = _graphed_runtime(tiny_dirs, CpuGraphs())
+    with pytest.raises(ValueError, match="batch_sizes must be a non-empty list of integers >= 1"):
+        rt.warmup(batch_sizes=[0])
+    assert rt.warmup(batch_sizes=(4,), lengths=(8,), prompts=["p20"], new_tokens=2) > 0
+    st = rt.stats()
+    assert st["graph_captures"] >= 3 and st["requests_served"] == 0
+    rt.score([{"prompt": "p20", "context": [5, 6, 7, 8, 9]}] * 3)
+    rt.generate("p20", [[5, 6, 7, 8, 9, 10, 11]] * 3, max_new_tokens=3, stop_at_eos=False)
+    assert rt.stats()["graph_captures"] == st["graph_captures"]
+    assert rt.stats()["graph_replays"] > st["graph_replays"]
+
+
 def test_cuda_graphs_need_cuda(tiny_dirs):
     from softprompt.runtime.models import load_model
     from softprompt.runtime.torch_backend import TorchBackend
