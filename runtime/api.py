@@ -95,6 +95,8 @@ class Runtime:
         is_bundle = isinstance(model, (str, Path)) and (Path(model) / "bundle.json").is_file()
         if backend == "auto":
             backend = "torch" if _cuda_available() and not is_bundle else "onnx"
+        if cuda_graphs is not None and backend != "torch":
+            raise ValueError(f"cuda_graphs applies to backend='torch' only, got backend={backend!r}")
         kw = dict(max_batch_tokens=max_batch_tokens, max_batch=max_batch,
                   max_virtual_tokens=max_virtual_tokens, strict=strict)
         if backend == "onnx":

@@ -232,9 +232,13 @@ def test_cuda_graphs_need_cuda(tiny_dirs):
     from softprompt.runtime.models import load_model
     from softprompt.runtime.torch_backend import TorchBackend
 
+    from softprompt.runtime.api import Runtime
+
     lm = load_model(str(tiny_dirs["llama"]), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         TorchBackend(lm, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs applies to backend='torch' only"):
+        Runtime.load(lm, backend="reference", cuda_graphs=False)
     assert TorchBackend(lm).graphs is None  # default on CPU: eager, unpadded
 
 
