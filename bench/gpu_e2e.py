@@ -162,27 +162,8 @@ def main(argv=None) -> int:
            "runs": runs, "warmup": warmup, "tol": tol, "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     print("# " + ", ".join(f"{k} {v}" for k, v in env.items()))
 
-    def timed(fn) -> list[float]:
-        """ms per call: CUDA events around each call (the call ends by copying results to host)."""
-        for _ in range(warmup):
-            fn()
-        out = []
-        for _ in range(runs):
-            if smoke:
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-            else:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b))
-        return out
-
     def timed_once(fn) -> float:
-        """ms of one call (CUDA events on the GPU)."""
+        """ms of one call: CUDA events on the GPU (the call ends by copying results to host)."""
         if smoke:
             t0 = time.perf_counter()
             fn()
@@ -193,6 +174,12 @@ def main(argv=None) -> int:
         b.record()
         b.synchronize()
         return a.elapsed_time(b)
+
+    def timed(fn) -> list[float]:
+        """ms per call of --runs calls after --warmup untimed ones."""
+        for _ in range(warmup):
+            fn()
+        return [timed_once(fn) for _ in range(runs)]
 
     rows, skipped, gens, graph_stats = [], [], [], {}
     for shape in shapes:
