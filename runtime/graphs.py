@@ -80,6 +80,7 @@ class CudaGraphs:
         self.rtol, self.atol = rtol, atol
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self._persistent: OrderedDict[tuple, list] = OrderedDict()  # shape -> its buffers' keys, LRU first
         self._src: dict[tuple, weakref.ref] = {}
         self.pool = None  # one memory pool for all graphs: they replay one at a time
         self.captures = 0
@@ -94,16 +95,26 @@ class CudaGraphs:
         """A zeroed buffer that lives as long as this object, e.g. per-row decode K/V written in
         place by a captured forward. Pass it back to ``run`` as input ``name`` = (input, list
         index or None), e.g. ``("own_k", layer)``, and it is used without a copy."""
-        key = (name, tuple(shape), dtype)
+        shape = tuple(shape)
+        key = (name, shape, dtype)
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = torch.zeros(shape, dtype=dtype, device=device)
+            self._persistent.setdefault(shape, []).append(key)
+        self._persistent.move_to_end(shape)
         return buf
 
-    def drop_persistent(self, names: tuple, shape: tuple) -> int:
-        """Free the persistent buffers of these input names (e.g. ``("own_k", "own_v")``) with
-        this shape, and the graphs captured with them. Returns the bytes freed."""
-        gone = [k for k in self.buffers if k[0][0] in names and k[1] == tuple(shape)]
+    def trim_persistent(self, max_bytes: int) -> None:
+        """Drop the least recently used shapes of persistent buffers (and their graphs) while
+        they hold more than max_bytes, always keeping the most recently used shape."""
+        while len(self._persistent) > 1 and sum(
+                self.buffers[k].nbytes for keys in self._persistent.values() for k in keys) > max_bytes:
+            self.drop_persistent(next(iter(self._persistent)))
+
+    def drop_persistent(self, shape: tuple) -> int:
+        """Free the persistent buffers of this shape and the graphs captured with them.
+        Returns the bytes freed."""
+        gone = self._persistent.pop(tuple(shape), [])
         freed = sum(self.buffers.pop(k).nbytes for k in gone)
         for key in [k for k in self.graphs if any(part in gone for part in k[1:])]:
             del self.graphs[key]

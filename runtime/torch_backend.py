@@ -12,7 +12,6 @@ next token needs it.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -152,7 +151,6 @@ class TorchBackend(TorchModelMixin):
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
         self.decode_buffer_bytes = decode_buffer_bytes
-        self._own_sets: OrderedDict[tuple, int] = OrderedDict()  # kept decode buffers: shape -> bytes
         self._generation = None  # weak reference to the live generation state (graphs)
         self.tokens_computed = 0
         self.batches = 0
@@ -233,17 +231,8 @@ class TorchBackend(TorchModelMixin):
         if self.graphs is None:
             return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)] for _ in range(2))
-        self._own_sets[shape] = 2 * self.num_layers * math.prod(shape) * self.dtype.itemsize
-        self._own_sets.move_to_end(shape)
         return tuple([self.graphs.persistent((name, i), shape, self.dtype, self.device)
                       for i in range(self.num_layers)] for name in ("own_k", "own_v"))
-
-    def _trim_own_buffers(self) -> None:
-        """Free least recently used decode buffer sets beyond decode_buffer_bytes (and their
-        graphs), keeping the newest. Only called when no other generation is live."""
-        while len(self._own_sets) > 1 and sum(self._own_sets.values()) > self.decode_buffer_bytes:
-            shape, _ = self._own_sets.popitem(last=False)
-            self.graphs.drop_persistent(("own_k", "own_v"), shape)
 
     def _batch(self, rows: list[Row], capacity: int = 0):
         """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]``, positions
@@ -355,7 +344,8 @@ class TorchBackend(TorchModelMixin):
         state = _GenState(batch, next_pos, list(range(B)), active)
         if self.graphs is not None:
             self._generation = weakref.ref(state)
-            self._trim_own_buffers()
+            # no other generation is live: older decode buffer sets may go (the newest stays)
+            self.graphs.trim_persistent(self.decode_buffer_bytes)
         return state, self._to_host(logits, greedy)
 
     @torch.inference_mode()
