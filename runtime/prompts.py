@@ -7,6 +7,11 @@ Sources, in order of trust:
 - ``.bin`` / ``.pt`` only with ``allow_pickle=True``, and then ``torch.load(weights_only=True)``;
 - text (PEFT's ``PromptTuningInit.TEXT``) or random with a seed.
 
+Files are checked before they are trusted: ``adapter_config.json`` values are type-checked
+(one-line errors), safetensors and ``.npy`` headers are parsed and bounded before any data is
+read (no pickle, no trailing bytes, sizes that match shapes), only the prompt tensor is
+read, and a prompt from a file must have P >= 1 finite ``[P, E]`` floating-point values.
+
 ``SoftPrompt.save_peft`` writes a directory that ``peft.PeftModel.from_pretrained`` loads.
 """
 
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import safetensors_np
+from . import hub, safetensors_np
 
 DEFAULT_MAX_VIRTUAL_TOKENS = 1024
 _PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -123,12 +128,18 @@ class SoftPrompt:
     # ---------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, source, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
-        """Load from a PEFT adapter dir, ``.safetensors``, ``.npy``, or (opt-in) ``.bin``/``.pt``."""
+        """Load from a PEFT adapter dir, ``.safetensors``, ``.npy``, or (opt-in) ``.bin``/``.pt``;
+        a hub id ``owner/name[@revision]`` that is not a local path is a PEFT adapter fetched
+        through huggingface_hub's cache (see ``hub.py``)."""
         if isinstance(source, SoftPrompt):
             return source
         if isinstance(source, np.ndarray) or hasattr(source, "detach"):
             return cls(source, name=name or "prompt", init="tensor")
         path = Path(source)
+        if hub.is_hub_id(source):
+            name = name or hub.parse(source)[0].rpartition("/")[2]
+            path = hub.resolve(source, kind="adapter", error=SoftPromptError, allow_patterns=(
+                hub.ADAPTER_FILES + ["adapter_model.bin"] * allow_pickle))
         name = name or path.stem
         if path.is_dir():
             return cls.from_peft(path, name=name, allow_pickle=allow_pickle)
@@ -137,17 +148,14 @@ class SoftPrompt:
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             tensors, meta = _read_safetensors(path)
-            return cls(_pick_tensor(tensors, path), name=name, init="file",
-                       base_fingerprint=meta.get("base_fingerprint"),
-                       base_model=meta.get("base_model"))
+            return _checked(cls(_pick_tensor(tensors, path), name=name, init="file",
+                                base_fingerprint=meta.get("base_fingerprint"),
+                                base_model=meta.get("base_model")), path)
         if suffix == ".npy":
-            try:
-                arr = np.load(path, allow_pickle=False)
-            except Exception as e:
-                raise SoftPromptError(f"cannot read {path}: corrupt or truncated .npy ({e})") from None
-            return cls(arr.astype(np.float32), name=name, init="file")
+            return _checked(cls(_read_npy(path), name=name, init="file"), path)
         if suffix in (".bin", ".pt", ".pth"):
-            return cls(_pick_tensor(_torch_load(path, allow_pickle), path), name=name, init="file")
+            return _checked(cls(_pick_tensor(_torch_load(path, allow_pickle), path), name=name,
+                                init="file"), path)
         raise SoftPromptError(f"unsupported soft prompt file {path.name}; expected a PEFT adapter "
                               "directory, .safetensors, .npy, or .bin/.pt with allow_pickle=True")
 
@@ -158,14 +166,11 @@ class SoftPrompt:
         cfg_file = path / "adapter_config.json"
         if not cfg_file.is_file():
             raise SoftPromptError(f"{path} is not a PEFT adapter directory: adapter_config.json missing")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SoftPromptError(f"{cfg_file}: corrupt JSON ({e})") from None
+        cfg = _read_adapter_config(cfg_file)
         if cfg.get("peft_type") != "PROMPT_TUNING":
             raise SoftPromptError(f"{path} holds a {cfg.get('peft_type')!r} adapter; expected "
                                   "peft_type 'PROMPT_TUNING'")
-        subs = cfg.get("num_transformer_submodules", 1) or 1
+        subs = cfg.get("num_transformer_submodules") or 1
         if subs != 1:
             raise SoftPromptError(f"{path}: num_transformer_submodules is {subs}; expected 1 "
                                   "(a decoder-only model; encoder-decoder prompts are not served)")
@@ -178,15 +183,18 @@ class SoftPrompt:
         if "prompt_embeddings" not in tensors:
             raise SoftPromptError(f"{path}: adapter weights have no 'prompt_embeddings' tensor "
                                   f"(found {sorted(tensors)[:5]})")
-        emb = tensors["prompt_embeddings"]
-        p = cfg.get("num_virtual_tokens")
-        if p is not None and emb.shape[0] != p:
-            raise SoftPromptError(f"{path}: prompt_embeddings has {emb.shape[0]} rows but "
-                                  f"adapter_config.json says num_virtual_tokens={p}")
-        return cls(emb, name=name or path.name, base_model=cfg.get("base_model_name_or_path"),
-                   base_fingerprint=meta.get("base_fingerprint"), init="peft",
-                   metadata={"prompt_tuning_init": cfg.get("prompt_tuning_init"),
-                             "prompt_tuning_init_text": cfg.get("prompt_tuning_init_text")})
+        sp = _checked(cls(tensors["prompt_embeddings"], name=name or path.name,
+                          base_model=cfg.get("base_model_name_or_path"),
+                          base_fingerprint=meta.get("base_fingerprint"), init="peft",
+                          metadata={"prompt_tuning_init": cfg.get("prompt_tuning_init"),
+                                    "prompt_tuning_init_text": cfg.get("prompt_tuning_init_text")}),
+                      path)
+        for key, got, what in (("num_virtual_tokens", sp.num_virtual_tokens, "rows"),
+                               ("token_dim", sp.hidden_size, "columns")):
+            if cfg.get(key) is not None and cfg[key] != got:
+                raise SoftPromptError(f"{path}: prompt_embeddings has {got} {what} but "
+                                      f"adapter_config.json says {key}={cfg[key]}")
+        return sp
 
     @classmethod
     def from_text(cls, text: str, model, num_virtual_tokens: int, name: str = "prompt",
@@ -239,12 +247,81 @@ class SoftPrompt:
         return path
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
+MAX_CONFIG_BYTES = 1 << 20
+# adapter_config.json keys the runtime reads -> accepted types (None is always accepted)
+_CONFIG_TYPES = {"peft_type": str, "num_virtual_tokens": int, "token_dim": int,
+                 "num_transformer_submodules": int, "base_model_name_or_path": str,
+                 "prompt_tuning_init": str, "prompt_tuning_init_text": str, "task_type": str}
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """adapter_config.json as a dict whose keys the runtime reads have the right types."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SoftPromptError(f"{path}: {path.stat().st_size} bytes, above the "
+                              f"{MAX_CONFIG_BYTES}-byte limit for an adapter config")
     try:
-        return safetensors_np.load_file(path)
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftPromptError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise SoftPromptError(f"{path}: holds a JSON {type(cfg).__name__}, expected an object")
+    for key, typ in _CONFIG_TYPES.items():
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, typ) or isinstance(value, bool)):
+            raise SoftPromptError(f"{path}: {key} must be {typ.__name__} or null, got "
+                                  f"{type(value).__name__} {value!r:.60}")
+        if typ is int and value is not None and value < 1:
+            raise SoftPromptError(f"{path}: {key} must be >= 1, got {value}")
+    return cfg
+
+
+def _checked(sp: "SoftPrompt", path: Path) -> "SoftPrompt":
+    """A prompt read from a file: at least one virtual token, every value finite."""
+    try:
+        return sp.validate(max_virtual_tokens=sp.num_virtual_tokens)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """The prompt tensor (``prompt_embeddings``, or the only tensor) and the metadata; the
+    header is checked first and no other tensor is read."""
+    try:
+        with open(path, "rb") as f:
+            names = list(safetensors_np.read_header(f).tensors)
+        if "prompt_embeddings" in names:
+            names = ["prompt_embeddings"]
+        elif len(names) != 1:  # _pick_tensor names the problem
+            return dict.fromkeys(names), {}
+        return safetensors_np.load_file(path, names=names)
     except safetensors_np.SafetensorsError as e:
         raise SoftPromptError(f"cannot read {path}: corrupt or truncated safetensors file "
                               f"({e})") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` floating-point array, header checked first: never a pickle or an object
+    array, and the file holds exactly the bytes the header's shape needs."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[version]
+            shape, fortran, dtype = read(f)
+        except (ValueError, KeyError, SyntaxError, EOFError) as e:
+            raise SoftPromptError(f"cannot read {path}: corrupt or truncated .npy (bad header: "
+                                  f"{e or 'unsupported version'})") from None
+        if dtype.hasobject or dtype.kind != "f":
+            raise SoftPromptError(f"cannot read {path}: a .npy soft prompt must hold floating "
+                                  f"point values, got {dtype} (pickled objects are never loaded)")
+        need = math.prod(shape) * dtype.itemsize
+        have = path.stat().st_size - f.tell()
+        if have != need:
+            what = "truncated" if have < need else f"{have - need} trailing bytes"
+            raise SoftPromptError(f"cannot read {path}: corrupt or truncated .npy ({what}: "
+                                  f"{dtype} {list(shape)} needs {need} data bytes, file has {have})")
+        arr = np.fromfile(f, dtype=dtype, count=math.prod(shape))
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> dict:
