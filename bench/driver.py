@@ -14,15 +14,23 @@ the runtime backends (request validation and batching included), one ``model(...
 the per-row prefix copy for ``copied``.
 
 Methods (``--backends``):
+  peft       the baseline users run today: ``peft.PeftModelForCausalLM`` loaded with
+             ``PeftModel.from_pretrained(base, adapter_dir)`` from the same soft prompt saved as
+             a PEFT PROMPT_TUNING adapter, one forward over the batch (P = 0: the base model),
+             then log-softmax of its logits at the scored positions, as a user would. Every
+             speedup column is measured against it.
   reference  Runtime(backend="reference"): PEFT semantics, the P virtual tokens are recomputed
-             in every call and logits are computed at all P + L positions (as PEFT does).
+             in every call and logits are computed at all P + L positions (as PEFT does); the
+             correctness oracle of ``--refcheck``.
   copied     plain transformers with the prompt's K/V computed once and COPIED into every row
              as a ``DynamicCache`` (the "copied prefix cache" of the anchors), request tokens on
              top; logits only where a score needs them (``logits_to_keep``).
   torch      Runtime(backend="torch"): the cached prefix is shared, never copied per row
              (Triton kernels on CUDA, the PyTorch reference attention on CPU).
-  onnx       Runtime(backend="onnx"): the exported bundle under ONNX Runtime with the cached
-             prefix (exported once into $SOFTPROMPT_HOME/bundles if needed).
+  onnx       Runtime(backend="onnx"): the float32 bundle under ONNX Runtime with the cached
+             prefix (exported once into $SOFTPROMPT_HOME/bundles if needed, or ``--bundle``).
+  onnx-int4  the same over the model's 4-bit weight bundle (``softprompt export --weights
+             int4``; exported once next to the float32 bundle if needed, or ``--bundle-int4``).
 
 The prefix of the cached methods is computed once per prompt before timing (amortised over all
 requests of that prompt, which is the point of caching); it is not part of any timed call.
@@ -33,12 +41,14 @@ drifts of machine load hit all alike; but ONNX Runtime's spinning worker threads
 cores from the next torch call, so it is off by default). Reported: median and min/max/IQR of
 wall ms per batch, sequences/s, request tokens/s, achieved GFLOP/s (see :func:`flops`), speedup
 over ``reference`` (of medians; ``speedup_best`` of minima, robust to bursts of load from other
-processes) and the ideal speedup (P + L) / L of not recomputing the prompt.
+processes) and the ideal speedup (P + L) / L of not recomputing the prompt. The speedups are
+over ``peft`` (empty when peft is not among the backends).
 
 ``--refcheck``: before timing, every backend's log-probs on the point's batch are compared with
 the float32 ``reference`` backend on the same batch and device; tolerance = the project's SCORE
 table (tests/tolerances.py) for the backend's dtype, and the ONNX table's for ``onnx`` (the
-graph is compared to PyTorch within 1e-2). A backend that fails is reported FAILED at that
+graph is compared to PyTorch within 1e-2; for ``onnx-int4`` the 4-bit bundle's score tolerance
+``INT4_SCORE_ATOL``). A backend that fails is reported FAILED at that
 point and is not timed.
 """
 
@@ -59,8 +69,10 @@ from pathlib import Path
 import numpy as np
 
 LESTER_P = (0, 1, 5, 20, 100, 150)  # prompt lengths studied by Lester et al. (2021)
-ALL_BACKENDS = ("reference", "copied", "torch", "onnx")
-COLORS = {"reference": "tab:blue", "copied": "tab:orange", "torch": "tab:green", "onnx": "tab:red"}
+ALL_BACKENDS = ("peft", "reference", "copied", "torch", "onnx", "onnx-int4")
+BASELINE = "peft"  # every speedup column is over this backend
+COLORS = {"peft": "tab:blue", "reference": "tab:gray", "copied": "tab:orange", "torch": "tab:green",
+          "onnx": "tab:red", "onnx-int4": "tab:purple"}
 
 # Copy of tests/tolerances.py (SCORE per dtype, ONNX for the onnx backend); _tolerances()
 # reads the real table when the repository's tests/ folder is next to this package.
@@ -87,6 +99,10 @@ def _tolerances() -> tuple[dict, dict]:
 def tolerance(backend: str, dtype: str) -> float:
     """Max |log-prob - float32 reference| allowed for ``backend`` computing in ``dtype``."""
     score, onnx = _tolerances()
+    if backend == "onnx-int4":
+        from softprompt.export.quantize import INT4_SCORE_ATOL
+
+        return INT4_SCORE_ATOL
     tol = score.get(dtype, 1e-1)
     if backend == "onnx":
         tol = max(tol, onnx.get(dtype, 5e-2))
@@ -131,19 +147,19 @@ class Dims:
 def flops(d: Dims, method: str, B: int, P: int, L: int, n_score: int) -> float:
     """FLOPs one batch really computes (multiply-add = 2 FLOPs), by method:
 
-        tokens T run through the layers: reference T = P + L (prompt recomputed), else T = L
+        tokens T run through the layers: reference, peft T = P + L (prompt recomputed), else T = L
         linear  = 2 * linear_params * T
         attention (causal, only keys a query may see; QK^T and PV each 2*H*D per key):
             reference: 4 * N * H * D * sum_{i=1..P+L} i        = 4NHD * S(S+1)/2, S = P + L
             cached   : 4 * N * H * D * sum_{j=1..L} (P + j)    = 4NHD * (L*P + L(L+1)/2)
-        lm_head = 2 * E * V * positions projected: reference all P + L (PEFT returns logits at
-                  every position), copied/torch/onnx only the n_score scored positions
+        lm_head = 2 * E * V * positions projected: reference and peft all P + L (PEFT returns
+                  logits at every position), the cached methods only the n_score scored ones
         total   = B * (linear + attention + lm_head)
 
     The one-time prefix computation of the cached methods is not counted (not in the timed call).
     """
     attn = 4 * d.num_layers * d.num_heads * d.head_dim
-    if method == "reference":
+    if method in ("reference", "peft"):
         S = P + L
         per_row = 2 * d.linear_params * S + attn * S * (S + 1) / 2 + 2 * d.hidden_size * d.vocab_size * S
     else:
@@ -220,6 +236,58 @@ class CopiedPrefix:
             return lp.gather(-1, tgt[..., None])[..., 0].cpu().numpy()
 
 
+class PeftBaseline:
+    """The real ``peft.PeftModelForCausalLM`` forward: what users of prompt tuning run today.
+
+    Each soft prompt is saved as a PEFT PROMPT_TUNING adapter (``SoftPrompt.save_peft``) and
+    loaded the way a user loads one, ``PeftModel.from_pretrained(base, dir, adapter_name=key)``
+    (later prompts with ``load_adapter``); a batch under one prompt is one PEFT forward over
+    ``[v_1 .. v_P, t_1 .. t_L]`` whose logits [B, P + L, V] are log-softmaxed at the scored
+    positions only. P = 0 runs the base model itself (PEFT with no prompt).
+    """
+
+    name = "peft"
+
+    def __init__(self, model, workdir: Path):
+        import torch
+
+        self.torch, self.base, self.workdir = torch, model, workdir
+        self.peft = None
+        self.device = next(model.parameters()).device
+        self.num_virtual: dict = {}
+
+    def prepare(self, key, prompt) -> None:
+        """prompt: a SoftPrompt (saved as a PEFT adapter and loaded by PEFT) or None (P = 0)."""
+        from peft import PeftModel
+
+        if prompt is None:
+            self.num_virtual[key] = 0
+            return
+        path = prompt.save_peft(self.workdir / str(key))
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=key).eval()
+        else:
+            self.peft.load_adapter(str(path), adapter_name=key)
+        self.num_virtual[key] = prompt.num_virtual_tokens
+
+    def requests(self, key, ids: np.ndarray, n_score: int):
+        return key, self.torch.as_tensor(ids, device=self.device), n_score
+
+    def run(self, batch) -> np.ndarray:
+        """-> [B, n_score] float64 log-probs of each row's last n_score ids."""
+        torch = self.torch
+        key, ids, n_score = batch
+        with torch.inference_mode():
+            if self.num_virtual[key]:
+                self.peft.set_adapter(key)
+                logits = self.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            else:
+                logits = self.base(input_ids=ids).logits  # [B, P + L, V]
+            lp = logits[:, -n_score - 1:-1].float().log_softmax(-1)  # [B, n_score, V]
+            tgt = ids[:, -n_score:]
+            return lp.gather(-1, tgt[..., None])[..., 0].cpu().numpy().astype(np.float64)
+
+
 # ------------------------------------------------------------------------------ backends
 class _RuntimeMethod:
     """One Runtime backend behind the driver's uniform interface."""
@@ -257,8 +325,11 @@ class _CopiedMethod:
 
 
 def load_methods(names, model: str, device: str, dtype: str, max_batch: int,
-                 max_batch_tokens: int, bundle_dir: str | None = None, log=print):
+                 max_batch_tokens: int, bundle_dir: str | None = None, log=print,
+                 bundle_int4: str | None = None):
     """{name: method or error string}; a backend that cannot load is reported, not fatal."""
+    import tempfile
+
     from softprompt.runtime.api import Runtime
 
     out = {}
@@ -272,6 +343,20 @@ def load_methods(names, model: str, device: str, dtype: str, max_batch: int,
 
                     shared = load_model(model, dtype=dtype, device=device)
                 out[name] = _CopiedMethod(CopiedPrefix(shared.model))
+            elif name == "peft":  # its own copy of the model: PEFT wraps the module it is given
+                from softprompt.runtime.models import load_model
+
+                work = tempfile.TemporaryDirectory(prefix="softprompt-bench-peft-")
+                out[name] = PeftBaseline(load_model(model, dtype=dtype, device=device).model,
+                                         Path(work.name))
+                out[name].tmp = work  # removed with the method
+            elif name == "onnx-int4":
+                from softprompt.runtime.onnx_backend import bundle_for
+
+                path = bundle_int4 or bundle_for(model, dtype="fp32", weights="int4")
+                rt = Runtime.load(str(path), backend="onnx", max_batch=max_batch,
+                                  max_batch_tokens=max_batch_tokens)
+                out[name] = _RuntimeMethod(name, rt)
             else:
                 kw = dict(max_batch=max_batch, max_batch_tokens=max_batch_tokens)
                 if name == "onnx":
@@ -311,8 +396,8 @@ class Result:
     tok_per_s: float | None = None
     gflop: float | None = None
     gflop_per_s: float | None = None
-    speedup_vs_reference: float | None = None  # of medians
-    speedup_best: float | None = None  # of minima
+    speedup_vs_peft: float | None = None  # of medians
+    speedup_best: float | None = None  # of minima, over peft
     ideal_speedup: float | None = None
     max_abs_diff: float | None = None
     tol: float | None = None
@@ -356,7 +441,7 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
     max_b = max(args.B)
     max_tokens = max(args.B) * max(args.L)
     methods = load_methods(args.backends, args.model, device, dtype, max_b, max_tokens,
-                           args.bundle, log)
+                           args.bundle, log, bundle_int4=args.bundle_int4)
     # The refcheck oracle is the float32 reference backend; the FLOP model and the prompts read
     # the torch model (the oracle's, else any torch-based backend's, else a fresh CPU load).
     check_rt = None
@@ -397,7 +482,8 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
         want = check_rt.run(check_rt.requests(key, ids, n)) if check_rt else None
         live, res = {}, {}
         for name, m in methods.items():
-            r = Result(name, B, L, P, n, "float32" if name == "onnx" and dtype == "bfloat16" else dtype,
+            r = Result(name, B, L, P, n,
+                       "float32" if name.startswith("onnx") and dtype == "bfloat16" else dtype,
                        device, ideal_speedup=(P + L) / L,
                        gflop=flops(dims, name, B, P, L, n) / 1e9)
             res[name] = r
@@ -455,11 +541,11 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
             r.seq_per_s = B / sec
             r.tok_per_s = B * L / sec
             r.gflop_per_s = r.gflop / sec
-        ref = res.get("reference")
+        base = res.get(BASELINE)
         for r in res.values():
-            if ref is not None and ref.median_ms and r.median_ms:
-                r.speedup_vs_reference = ref.median_ms / r.median_ms
-                r.speedup_best = ref.min_ms / r.min_ms
+            if base is not None and base.median_ms and r.median_ms:
+                r.speedup_vs_peft = base.median_ms / r.median_ms
+                r.speedup_best = base.min_ms / r.min_ms
         bar.set_postfix_str(f"B={B} L={L} P={P}")
     bar.close()
     return results, env
@@ -506,6 +592,8 @@ def command_line(args) -> str:
         parts += ["--threads", str(args.threads)]
     if args.bundle:
         parts += ["--bundle", args.bundle]
+    if args.bundle_int4:
+        parts += ["--bundle-int4", args.bundle_int4]
     if args.refcheck:
         parts.append("--refcheck")
     if args.interleave:
@@ -518,7 +606,7 @@ def command_line(args) -> str:
 
 def table(results: list[Result]) -> str:
     head = ("| backend | B | L | P | status | median ms | min-max ms | seq/s | tok/s | GFLOP/s "
-            "| speedup (median) | speedup (min) | ideal | max abs diff |")
+            "| speedup vs peft (median) | speedup vs peft (min) | ideal | max abs diff |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         def f(x, fmt):
@@ -527,7 +615,7 @@ def table(results: list[Result]) -> str:
             f"| {r.backend} | {r.B} | {r.L} | {r.P} | {r.status.split(':')[0]} | "
             f"{f(r.median_ms, '.1f')} | {f(r.min_ms, '.1f')}-{f(r.max_ms, '.1f')} | "
             f"{f(r.seq_per_s, '.1f')} | {f(r.tok_per_s, '.0f')} | {f(r.gflop_per_s, '.1f')} | "
-            f"{f(r.speedup_vs_reference, '.2f')} | {f(r.speedup_best, '.2f')} | "
+            f"{f(r.speedup_vs_peft, '.2f')} | {f(r.speedup_best, '.2f')} | "
             f"{f(r.ideal_speedup, '.2f')} | "
             f"{f(r.max_abs_diff, '.2g')} |")
     return "\n".join(lines)
@@ -548,7 +636,7 @@ def write_outputs(results: list[Result], env: dict, cmd: str, out: Path) -> list
 
 
 def plot(results: list[Result], env: dict, out: Path) -> list[Path]:
-    """throughput.png (seq/s vs P) and speedup.png (vs reference, with the ideal (P+L)/L)."""
+    """throughput.png (seq/s vs P) and speedup.png (vs peft, with the ideal (P+L)/L)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -559,8 +647,10 @@ def plot(results: list[Result], env: dict, out: Path) -> list[Path]:
     name = env["model"]["name"]
     name = "SmolLM2-135M-Instruct" if name == "default" else Path(name).name
     title = f"{name} · {env['dtype']} · {env['device_name']} · batch scoring, 1 scored token/row"
+    if len(title) > 110:
+        title = title.replace(" · batch scoring", "\nbatch scoring")
     paths = []
-    for what, ylabel in (("throughput", "sequences / s"), ("speedup", "speedup over reference")):
+    for what, ylabel in (("throughput", "sequences / s"), ("speedup", "speedup over PEFT")):
         fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.2), squeeze=False,
                                  dpi=100)
         for ax, (B, L) in zip(axes[0], combos):
@@ -570,12 +660,12 @@ def plot(results: list[Result], env: dict, out: Path) -> list[Path]:
             if what == "speedup":
                 ax.plot(range(len(Ps)), [(P + L) / L for P in Ps], "k--", lw=1,
                         label="ideal (P+L)/L")
-                ax.axhline(1.0, color=COLORS["reference"], lw=0.8, ls=":")
+                ax.axhline(1.0, color=COLORS[BASELINE], lw=0.8, ls=":")
             for be in backends:
-                pts = [(r.P, r.seq_per_s if what == "throughput" else r.speedup_vs_reference)
+                pts = [(r.P, r.seq_per_s if what == "throughput" else r.speedup_vs_peft)
                        for r in rows if r.backend == be]
                 pts = [(p, y) for p, y in pts if y is not None]
-                if pts and not (what == "speedup" and be == "reference"):
+                if pts and not (what == "speedup" and be == BASELINE):
                     ax.plot([x[p] for p, _ in pts], [y for _, y in pts], "o-", ms=3.5, lw=1.4,
                             label=be, color=COLORS.get(be))
             ax.set_xticks(range(len(Ps)))
@@ -619,7 +709,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'default' (SmolLM2-135M-Instruct), a Hugging Face model directory or a "
                         ".gguf file (default: %(default)s)")
     p.add_argument("--backends", type=_backends, default=list(ALL_BACKENDS),
-                   help="comma-separated among reference, copied, torch, onnx (default: all)")
+                   help="comma-separated among peft, reference, copied, torch, onnx, onnx-int4 "
+                        "(default: all)")
     p.add_argument("--P", type=_ints, default=list(LESTER_P),
                    help="virtual-token counts; 0 = no prompt (default: Lester et al.'s grid "
                         "0,1,5,20,100,150)")
@@ -645,6 +736,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "torch's choice)")
     p.add_argument("--bundle", default=None, help="ONNX bundle directory for backend onnx "
                    "(default: exported once under $SOFTPROMPT_HOME/bundles)")
+    p.add_argument("--bundle-int4", default=None, help="4-bit bundle directory for backend "
+                   "onnx-int4 (default: exported once next to the float32 bundle)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: P 0,5,20, B 2, L 8, 2 repeats, 1 warm-up (overrides those)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -678,6 +771,7 @@ def merge(paths: list[str], out: Path) -> int:
         envs.append(data["env"])
         rows: dict = {}
         for r in data["results"]:
+            r = {k: v for k, v in r.items() if k in Result.__dataclass_fields__}  # older files
             rows.setdefault((r["B"], r["L"], r["P"]), []).append(Result(**r))
         points.update(rows)
     results = [r for key in sorted(points) for r in points[key]]
