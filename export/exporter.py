@@ -62,8 +62,10 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
     Args:
         model: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face model directory, a
             ``.gguf`` file, or a ``LoadedModel``. Supported families: llama, gpt2, qwen2, gemma.
-        out_dir: the bundle directory to write. An existing bundle there is replaced; an
-            existing non-empty directory that is not a bundle is refused.
+        out_dir: the bundle directory to write. The bundle is written aside and moved there
+            only once validation has passed, replacing a bundle already there; a failed export
+            leaves nothing behind (and an old bundle untouched). An existing non-empty
+            directory that is not a bundle is refused.
         dtype: ``"fp32"`` (default) or ``"fp16"`` (for GPU execution providers; on CPU it
             runs but is not faster).
         opset: ONNX opset; default the exporter's.
@@ -121,8 +123,9 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
 
         bar.next()
         _write_embeddings(model32, tmp / EMBEDDINGS_FILE)
-        loaded.tokenizer.save_pretrained(str(tmp))
-        if not (tmp / "tokenizer.json").is_file():
+        if loaded.tokenizer is not None:  # a tokenizer-less bundle serves token ids only
+            loaded.tokenizer.save_pretrained(str(tmp))
+        if loaded.tokenizer is not None and not (tmp / "tokenizer.json").is_file():
             raise ModelError(f"the tokenizer of {loaded.source} has no fast version "
                              "(tokenizer.json); the torch-free bundle needs one")
 
@@ -153,22 +156,37 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
                 bar.next()
                 figures, error = _validate(reference, tmp, logprob_atol=INT8_LOGPROB_ATOL)
                 manifest["validation"] = {**figures, "float_graph": float_figures}
+        if error is not None:  # the attempt is removed below; out_dir was never touched
+            raise error
         manifest["total_seconds"] = round(time.perf_counter() - t_start, 1)
         _write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_dir)
+        _move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
-    if error is not None:
-        raise error
     if progress:
         size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
         print(f"softprompt export: wrote {out_dir} ({size:.0f} MiB) in "
               f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
     return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Make the validated bundle ``tmp`` the directory ``out_dir`` (a sibling, so a rename):
+    a bundle already there is moved aside first and deleted only once the new one is in
+    place, so ``out_dir`` holds either the old bundle or the new one, never a part."""
+    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _validate(wrapper: ExportWrapper, root: Path, **kwargs) -> tuple[dict, Exception | None]:

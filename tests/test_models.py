@@ -66,7 +66,7 @@ def test_directory_fingerprint_is_remembered_until_a_file_changes(tiny_dirs, tmp
     memos = list((tmp_path / "home" / "fingerprints").glob("*.json"))
     assert len(memos) == 1
     calls = []
-    monkeypatch.setattr(models, "fingerprint_model", lambda m: calls.append(m) or "recomputed")
+    monkeypatch.setattr(models, "fingerprint_files", lambda p, c: calls.append(p) or "recomputed")
     assert models.load_model(d).fingerprint == first and calls == []  # remembered, not rehashed
     weights = d / "model.safetensors"
     st = weights.stat()
