@@ -12,6 +12,13 @@ A bundle is a directory:
 - ``bundle.json``: dimensions, dtype, opset, input/output names, source fingerprint, eos/bos
   ids, library versions, ``files`` {name: {size, sha256}}, validation figures.
 
+Loading trusts nothing it has not checked: ``bundle.json`` is type-checked (one-line
+``BundleError`` naming the key), every listed file must match its size and sha256 — the
+weights included — and the graph's inputs, outputs and static sizes must match the manifest.
+Hashing ~540 MB of weights takes seconds, so a successful check is recorded under
+``$SOFTPROMPT_HOME/verified/`` keyed by each file's path, size, mtime, ctime and inode; a
+later load of the unchanged files skips the hash (``verify="full"`` always hashes).
+
 Graph contract (names as Optimum names them):
 
     inputs_embeds                [B, L, E]         float (bundle dtype)
@@ -30,6 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +55,10 @@ WEIGHTS_FILE = "model.onnx.data"
 EMBEDDINGS_FILE = "embeddings.npy"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 VERIFY_MODES = ("fast", "full")
+TOKENIZER_FILE = "tokenizer.json"
+MAX_MANIFEST_BYTES = 16 << 20
+_DIMS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -67,7 +80,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def file_entry(path: Path, weights: bool = False) -> dict:
     """The manifest entry of one bundle file: size, sha256, and whether it is the big
-    external-weights file (checked by size only unless ``verify="full"``)."""
+    external-weights file."""
     entry = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     if weights:
         entry["weights"] = True
@@ -76,49 +89,161 @@ def file_entry(path: Path, weights: bool = False) -> dict:
 
 def check_files(root: Path, manifest: dict, verify: str = "fast") -> None:
     """Raise BundleError unless every file listed in the manifest is present with the
-    recorded size and (for all but the weights file in ``fast`` mode) the recorded sha256."""
+    recorded size and sha256.
+
+    ``verify="fast"`` skips hashing a file whose path, size, mtime, ctime and inode equal
+    those recorded when it last hashed to the manifest's sha256 (``$SOFTPROMPT_HOME/
+    verified/``); ``"full"`` hashes every file every time. Files the loader reads
+    (``model.onnx.data``, ``tokenizer.json``) must be listed when present.
+    """
     if verify not in VERIFY_MODES:
         raise BundleError(f"verify={verify!r} is not one of {VERIFY_MODES}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files or EMBEDDINGS_FILE not in files:
-        raise BundleError(f"{root / MANIFEST}: 'files' must list at least {MODEL_FILE} and "
-                          f"{EMBEDDINGS_FILE}")
+    files = manifest["files"]
+    for name in (MODEL_FILE, EMBEDDINGS_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if name not in files and (name in (MODEL_FILE, EMBEDDINGS_FILE) or (root / name).exists()):
+            raise BundleError(f"{root / MANIFEST}: 'files' does not list {name}; every file "
+                              "the loader reads must be listed with its sha256")
+    record_file = _record_path(root)
+    record = _read_record(record_file) if verify == "fast" else {}
+    new_record, changed = {}, False
     for name, entry in files.items():
         path = root / name
         if not path.is_file():
             raise BundleError(f"{path}: file missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise BundleError(f"{path}: size {size} bytes differs from {entry['size']} in "
+        st = path.stat()
+        if st.st_size != entry["size"]:
+            raise BundleError(f"{path}: size {st.st_size} bytes differs from {entry['size']} in "
                               f"{MANIFEST}")
-        if entry.get("weights") and verify != "full":
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                 "ino": st.st_ino, "sha256": entry["sha256"]}
+        if record.get(name) == stamp:
+            new_record[name] = stamp
             continue
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise BundleError(f"{path}: sha256 {digest[:16]}... differs from "
-                              f"{entry['sha256'][:16]}... in {MANIFEST}")
+                              f"{entry['sha256'][:16]}... in {MANIFEST}; the file is corrupt "
+                              "or was changed after export")
+        new_record[name], changed = stamp, True
+    if changed or record != new_record:
+        _write_record(record_file, root, new_record)
+
+
+def _record_path(root: Path) -> Path:
+    from ..runtime.models import softprompt_home  # torch-free
+
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+    return softprompt_home() / "verified" / f"{key}.json"
+
+
+def _read_record(path: Path) -> dict:
+    """{file name: stamp} of a bundle's last successful verification; {} if none or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+        return record["files"] if isinstance(record.get("files"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):
+        return {}
+
+
+def _write_record(path: Path, root: Path, files: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"bundle": str(root.resolve()), "files": files}))
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs the hash again next time
+        pass
+
+
+def _is_int(x, minimum: int = 1) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """One-line BundleError naming the first key of ``bundle.json`` with a wrong type or value."""
+    missing = [k for k in ("model_type", *_DIMS, "dtype", "input_names", "output_names", "files")
+               if k not in m]
+    if missing:
+        raise BundleError(f"{path}: missing keys {missing}")
+
+    def bad(key, expected):
+        raise BundleError(f"{path}: {key} must be {expected}, got {m[key]!r:.80}")
+
+    if not isinstance(m["model_type"], str):
+        bad("model_type", "a string")
+    for k in _DIMS:
+        if not _is_int(m[k]):
+            bad(k, "an integer >= 1")
+    if m["num_heads"] % m["num_kv_heads"]:
+        raise BundleError(f"{path}: num_heads {m['num_heads']} is not a multiple of "
+                          f"num_kv_heads {m['num_kv_heads']}")
+    if m["dtype"] not in NP_DTYPES:
+        raise BundleError(f"{path}: dtype {m['dtype']!r} is not one of {sorted(NP_DTYPES)}")
+    for k in ("input_names", "output_names"):
+        if not isinstance(m[k], list) or not all(isinstance(n, str) for n in m[k]):
+            bad(k, "a list of strings")
+    for k, ok, expected in (
+            ("max_position_embeddings", _is_int, "an integer >= 1 or null"),
+            ("fingerprint", lambda v: isinstance(v, str), "a string or null"),
+            ("bos_token_id", lambda v: _is_int(v, 0), "an integer >= 0 or null"),
+            ("eos_token_ids", lambda v: isinstance(v, list) and all(_is_int(i, 0) for i in v),
+             "a list of integers >= 0 or null"),
+            ("validation", lambda v: isinstance(v, dict), "an object or null")):
+        if m.get(k) is not None and not ok(m[k]):
+            bad(k, expected)
+    if not isinstance(m["files"], dict):
+        bad("files", "an object {name: {size, sha256}}")
+    for name, entry in m["files"].items():
+        if not name or name != os.path.basename(name) or name in (".", "..", MANIFEST):
+            raise BundleError(f"{path}: files lists {name!r}; expected a plain file name "
+                              "inside the bundle directory")
+        if not (isinstance(entry, dict) and _is_int(entry.get("size"), 0)
+                and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])
+                and isinstance(entry.get("weights", False), bool)):
+            raise BundleError(f"{path}: files[{name!r}] must be {{size: int >= 0, sha256: 64 "
+                              f"hex digits}}, got {entry!r:.100}")
 
 
 def read_manifest(root: Path) -> dict:
+    """Parse and type-check ``bundle.json``; BundleError (one line) on anything malformed."""
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: file missing; {root} is not an exported bundle")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, above the "
+                          f"{MAX_MANIFEST_BYTES}-byte limit for a manifest")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: holds a JSON {type(manifest).__name__}, expected an object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise BundleError(f"{path}: format_version {version!r} is not supported (expected "
                           f"{FORMAT_VERSION}); re-export the model with this softprompt")
-    missing = [k for k in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                           "hidden_size", "vocab_size", "dtype", "input_names", "output_names",
-                           "files") if k not in manifest]
-    if missing:
-        raise BundleError(f"{path}: missing keys {missing}")
-    if manifest["dtype"] not in NP_DTYPES:
-        raise BundleError(f"{path}: dtype {manifest['dtype']!r} is not one of {sorted(NP_DTYPES)}")
+    _check_manifest(path, manifest)
     return manifest
+
+
+def check_graph(root: Path, manifest: dict, session) -> None:
+    """BundleError unless the graph's input/output names and static sizes match the manifest."""
+    got_in, got_out = session.get_inputs(), session.get_outputs()
+    if [i.name for i in got_in] != manifest["input_names"] or \
+            [o.name for o in got_out] != manifest["output_names"]:
+        raise BundleError(f"{root / MODEL_FILE}: graph inputs/outputs differ from {MANIFEST} "
+                          f"(got {len(got_in)} inputs, {len(got_out)} outputs)")
+    m = manifest
+    kv = {1: ("num_kv_heads", m["num_kv_heads"]), 3: ("head_dim", m["head_dim"])}
+    for value in (*got_in, *got_out):
+        want = (kv if value.name.startswith(("past_key_values.", "present.")) else
+                {2: ("hidden_size", m["hidden_size"])} if value.name == "inputs_embeds" else
+                {2: ("vocab_size", m["vocab_size"])} if value.name == "logits" else {})
+        for axis, (key, size) in want.items():
+            got = value.shape[axis] if len(value.shape) > axis else None
+            if got != size:
+                raise BundleError(f"{root / MODEL_FILE}: graph {value.name!r} has size {got!r} "
+                                  f"on axis {axis} but {MANIFEST} says {key}={size}")
 
 
 @dataclass
@@ -233,8 +358,10 @@ def load_bundle(path, providers=None, verify: str = "fast",
         path: the bundle directory (holding ``bundle.json``).
         providers: onnxruntime execution providers, e.g. ``["CUDAExecutionProvider",
             "CPUExecutionProvider"]``; default CPU. With CUDA, ``Bundle.run`` uses IOBinding.
-        verify: ``"fast"`` checks every listed file's size and the sha256 of all but the big
-            external-weights file; ``"full"`` also hashes the weights.
+        verify: ``"fast"`` checks every listed file's size and sha256, the weights included,
+            but skips hashing files unchanged (path, size, mtime, ctime, inode) since they
+            last passed, as recorded under ``$SOFTPROMPT_HOME/verified/``; ``"full"`` hashes
+            every file every time.
         session_options: optional ``onnxruntime.SessionOptions`` (threads, logging).
 
     Raises:
@@ -242,6 +369,8 @@ def load_bundle(path, providers=None, verify: str = "fast",
             inputs/outputs differ from the manifest (one line naming the file).
     """
     root = Path(path)
+    if verify not in VERIFY_MODES:
+        raise BundleError(f"verify={verify!r} is not one of {VERIFY_MODES}")
     manifest = read_manifest(root)
     validation = manifest.get("validation") or {}
     if validation.get("passed") is False:
@@ -259,20 +388,19 @@ def load_bundle(path, providers=None, verify: str = "fast",
     except Exception as e:  # onnxruntime raises its own exception types
         raise BundleError(f"{root / MODEL_FILE}: onnxruntime cannot load it "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    got_in = [i.name for i in session.get_inputs()]
-    got_out = [o.name for o in session.get_outputs()]
-    if got_in != manifest["input_names"] or got_out != manifest["output_names"]:
-        raise BundleError(f"{root / MODEL_FILE}: graph inputs/outputs differ from {MANIFEST} "
-                          f"(got {len(got_in)} inputs, {len(got_out)} outputs)")
+    check_graph(root, manifest, session)
     try:
         embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise BundleError(f"{root / EMBEDDINGS_FILE}: not a plain .npy array ({e})") from None
     expect = (int(manifest["vocab_size"]), int(manifest["hidden_size"]))
     if embeddings.shape != expect or embeddings.dtype != np.float32:
         raise BundleError(f"{root / EMBEDDINGS_FILE}: {embeddings.dtype} {embeddings.shape}, "
                           f"expected float32 {expect}")
-    tok_file = root / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+    tok_file = root / TOKENIZER_FILE
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+    except Exception as e:  # tokenizers raises its own exception type
+        raise BundleError(f"{tok_file}: tokenizers cannot load it ({str(e)[:100]})") from None
     return Bundle(path=root, manifest=manifest, session=session, embeddings=embeddings,
                   tokenizer=tokenizer)

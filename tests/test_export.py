@@ -138,12 +138,13 @@ def test_tampered_bundle_is_refused(tiny_bundles, tmp_path):
     (b / "embeddings.npy").unlink()
     with pytest.raises(BundleError, match=r"embeddings.npy: file missing"):
         load_bundle(b)
-    # the big weights file: size always, sha256 only with verify="full"
+    # the big weights file too: hashed on a bundle's first load, and always with verify="full"
     b = copy()
     data = bytearray((b / "model.onnx.data").read_bytes())
     data[100] ^= 0x01
     (b / "model.onnx.data").write_bytes(bytes(data))
-    load_bundle(b)
+    with pytest.raises(BundleError, match=r"model.onnx.data: sha256"):
+        load_bundle(b)
     with pytest.raises(BundleError, match=r"model.onnx.data: sha256"):
         load_bundle(b, verify="full")
     (b / "model.onnx.data").write_bytes(bytes(data[:-4]))
