@@ -1,4 +1,4 @@
-"""``Runtime``: the one entry point. Prompts in, requests in, batches out to a backend.
+"""``Runtime``: the one entry point, a thin facade over validation, the engine and a backend.
 
     rt = Runtime.load("default", backend="auto")      # onnx on CPU, torch + Triton on CUDA
     rt.add_prompt("sentiment", "path/to/peft_adapter")
@@ -6,24 +6,30 @@
                "continuation": " positive"}])
     rt.classify("sentiment", ["Review: awful.\\nSentiment:"], [" positive", " negative"])
     rt.generate("sentiment", ["Write a review:"], max_new_tokens=20)
+    for chunk in rt.stream("sentiment", "Write a review:"):   # tokens as they come
+        print(chunk.text, end="")
 
-Backends implement five calls on prepared ``Row``s: ``prepare(prompt)`` (cache its prefix),
-``forget(prompt)``, ``logprobs(rows)``, and for generation ``start(rows, max_new_tokens,
-greedy)``, ``step(state, next_ids, greedy)`` (each returns the next-token logits ``[B, V]``, or
-with ``greedy`` only their argmax ids ``[B]``, so a GPU sends B integers to the host instead of
-B x V floats), ``select(state, keep)``. Everything else (validation, tokenising,
-batching, sampling, stop strings, threads) lives here, once, for all of them.
+Every call validates its requests here, alone (a bad request fails only itself, before any
+batching), then hands the rows to the engine (``engine.py``), which schedules every caller's
+work into shared steps on the backend (``backend.py``; ``onnx_backend.py``,
+``torch_backend.py``, ``reference.py``). The prompt registry lives here: changes are atomic and
+a request keeps the prompt version that was current when it was accepted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
+from .engine import Engine, EngineClosed, Sequence as GenSequence, StreamChunk
 from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, SoftPrompt, SoftPromptError
 from .requests import (ClassifyResult, GenerateParams, GenerateResult, RequestError, Row,
                        ScoreRequest, ScoreResult, Tokenizer, as_request, log_softmax, to_ids)
@@ -34,9 +40,9 @@ BACKENDS = ("auto", "onnx", "torch", "reference")
 class Runtime:
     """Serve soft prompts over one frozen causal LM.
 
-    Build it with :meth:`Runtime.load`. Thread-safe: calls from many threads are serialised
-    around the backend (which itself uses every core); use :meth:`submit` to have concurrent
-    single requests gathered into batches.
+    Build it with :meth:`Runtime.load`. Thread-safe and asyncio-friendly: every call from any
+    thread or task goes through one engine, which batches concurrent scores and generations
+    into shared forwards step by step (continuous batching).
     """
 
     def __init__(self, backend, tokenizer: Tokenizer, *, model_name: str | None = None,
@@ -44,7 +50,7 @@ class Runtime:
                  max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS, strict: bool = False):
         for arg, val in (("max_batch_tokens", max_batch_tokens), ("max_batch", max_batch),
                          ("max_virtual_tokens", max_virtual_tokens)):
-            if not isinstance(val, int) or val < 1:
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {val!r}")
         self.backend = backend
         self.tokenizer = tokenizer
@@ -54,9 +60,11 @@ class Runtime:
         self.max_virtual_tokens = max_virtual_tokens
         self.strict = strict
         self.prompts: dict[str, SoftPrompt] = {}
-        self._lock = threading.RLock()  # one backend call at a time
-        self._gen_lock = threading.Lock()  # one generation at a time (its steps take _lock each)
-        self._batcher = None
+        self._registry = threading.Lock()  # prompt changes, one at a time, swapped atomically
+        self._inflight: Counter = Counter()  # prompt digest -> accepted requests not finished
+        self._inflight_lock = threading.Lock()
+        self.engine = Engine(backend, tokenizer, max_batch=max_batch,
+                             max_batch_tokens=max_batch_tokens)
         self.requests_served = 0
 
     # ------------------------------------------------------------------------------ load
@@ -131,37 +139,72 @@ class Runtime:
         """Register (or replace) soft prompt ``name`` and compute its prefix now.
 
         source: a PEFT adapter directory, a ``.safetensors``/``.npy`` file (``.bin``/``.pt``
-        with ``allow_pickle=True``), a SoftPrompt, or a ``[P, E]`` tensor/array.
-        Replacing a prompt invalidates exactly the old prompt's cache entry.
+        with ``allow_pickle=True``), a SoftPrompt (not modified: the registry keeps a renamed
+        copy), or a ``[P, E]`` tensor/array. All-or-nothing: the new prompt is validated and its
+        prefix computed first; only then does it replace the old one, so a failure leaves the
+        registry as it was. Requests accepted before the swap keep the old version; the old
+        prefix is dropped once none of them needs it.
         """
         if not isinstance(name, str) or not name:
             raise SoftPromptError(f"prompt name must be a non-empty string, got {name!r}")
         sp = SoftPrompt.load(source, name=name, allow_pickle=allow_pickle)
-        sp.name = name
+        if sp is source or sp.name != name:
+            from dataclasses import replace
+
+            sp = replace(sp, name=name)
         sp.validate(self.backend.hidden_size, self.max_virtual_tokens)
         if sp.num_virtual_tokens >= self.backend.max_positions:
             raise SoftPromptError(f"soft prompt {name!r} has {sp.num_virtual_tokens} virtual "
                                   f"tokens but the model has only {self.backend.max_positions} positions")
         sp.check_base_model(self.backend.fingerprint, self.model_name, strict=self.strict)
-        with self._lock:
+        with self._registry:
+            self.engine.call(lambda: self.backend.prepare(sp))  # raises: nothing changed
             old = self.prompts.get(name)
             self.prompts[name] = sp
-            if old is not None and old.digest != sp.digest:
+            if old is not None:
                 self._forget_if_unused(old)
-            self.backend.prepare(sp)
         return sp
 
     def remove_prompt(self, name: str) -> None:
-        """Unregister ``name`` and drop its cached prefix."""
-        with self._lock:
+        """Unregister ``name``; its cached prefix goes once no accepted request needs it."""
+        with self._registry:
             sp = self.prompts.pop(name, None)
             if sp is None:
                 raise KeyError(f"unknown prompt {name!r}; known: {sorted(self.prompts)}")
             self._forget_if_unused(sp)
 
     def _forget_if_unused(self, sp: SoftPrompt) -> None:
-        if all(p.digest != sp.digest for p in self.prompts.values()):
-            self.backend.forget(sp)
+        """Drop sp's prefix unless a registered prompt or an accepted request still uses it
+        (called under the registry lock; requests release theirs in ``_release``)."""
+        with self._inflight_lock:
+            if self._inflight[sp.digest] or any(p.digest == sp.digest for p in self.prompts.values()):
+                return
+        self.engine.call(lambda: self.backend.forget(sp))
+
+    def _hold(self, rows) -> None:
+        """Bind accepted rows to their prompt versions (released by ``_release``)."""
+        with self._inflight_lock:
+            self._inflight.update(r.prompt.digest for r in rows if r is not None and r.prompt)
+
+    def _release(self, rows) -> None:
+        """The rows finished: drop prompt versions that nothing uses any more. Runs on the
+        engine thread (result delivery), so it never waits for the registry lock."""
+        drop = {}
+        with self._inflight_lock:
+            for r in rows:
+                if r is None or r.prompt is None:
+                    continue
+                d = r.prompt.digest
+                self._inflight[d] -= 1
+                if self._inflight[d] <= 0:
+                    del self._inflight[d]
+                    if all(p.digest != d for p in list(self.prompts.values())):
+                        drop[d] = r.prompt
+        for sp in drop.values():
+            try:
+                self.engine.call(lambda sp=sp: self.backend.forget(sp))
+            except EngineClosed:
+                pass  # closing: the cache goes with the runtime
 
     # -------------------------------------------------------------------------- requests
     def _row(self, request, extra_positions: int = 0) -> Row:
@@ -182,7 +225,7 @@ class Runtime:
                 raise RequestError("empty continuation: expected at least one token (or None "
                                    "to score the context)")
         P = 0 if prompt is None else prompt.num_virtual_tokens
-        if cont is None and P == 0 and len(ctx) < 2:
+        if cont is None and P == 0 and len(ctx) < 2 and not extra_positions:
             raise RequestError("without a prompt or continuation there is nothing to score: "
                                "expected a context of at least 2 tokens")
         ids = ctx + (cont or [])
@@ -195,8 +238,11 @@ class Runtime:
         return Row(prompt, ids, start)
 
     def _prepare(self, requests, errors: str, extra_positions: int = 0):
+        """Rows for the valid requests (None for the others) and {index: error}."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__len__"):
+            raise RequestError(f"requests must be a list of requests, got {type(requests).__name__}")
         rows, failed = [], {}
         for i, req in enumerate(requests):
             try:
@@ -208,21 +254,36 @@ class Runtime:
                 failed[i] = str(e)
         return rows, failed
 
-    def _batches(self, rows: list[Row | None]) -> Iterable[list[int]]:
-        """Indices of valid rows grouped into forwards: longest first, B <= max_batch and
-        B x L_max <= max_batch_tokens (a row longer than that runs alone)."""
-        order = sorted((i for i, r in enumerate(rows) if r is not None),
-                       key=lambda i: -len(rows[i].ids))
-        batch: list[int] = []
-        for i in order:
-            l_max = len(rows[batch[0]].ids) if batch else len(rows[i].ids)
-            if batch and (len(batch) >= self.max_batch or
-                          (len(batch) + 1) * l_max > self.max_batch_tokens):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+    def _score_future(self, rows: list, on_progress=None) -> Future:
+        """Future of one ScoreResult per row (None rows are skipped: their slot stays None)."""
+        valid = [i for i, r in enumerate(rows) if r is not None]
+        self._hold(rows)
+        try:
+            inner = self.engine.submit_scores([rows[i] for i in valid], on_progress)
+        except BaseException:
+            self._release(rows)
+            raise
+        outer: Future = Future()
+
+        def done(f: Future):
+            self._release(rows)
+            if f.cancelled():
+                outer.cancel()
+                outer.set_running_or_notify_cancel()
+                return
+            if f.exception() is not None:
+                outer.set_exception(f.exception())
+                return
+            res: list = [None] * len(rows)
+            for i, (lp, greedy) in zip(valid, f.result()):
+                r = rows[i]
+                res[i] = ScoreResult(float(np.sum(lp, dtype=np.float64)), [float(x) for x in lp],
+                                     r.ids[r.target_start:], is_greedy=greedy)
+            self.requests_served += len(valid)
+            outer.set_result(res)
+
+        inner.add_done_callback(done)
+        return outer
 
     def score(self, requests: Sequence, *, errors: str = "raise",
               progress: bool = False) -> list[ScoreResult]:
@@ -231,36 +292,30 @@ class Runtime:
         requests: dicts ``{"prompt", "context", "continuation"}`` or ScoreRequest.
         errors: ``"raise"`` (a bad request raises RequestError naming its index before any
             work) or ``"return"`` (its result carries ``.error``; the others are scored).
-        progress: show a tqdm bar over the batches (for large offline scoring jobs).
-        Returns one ScoreResult per request, in order.
+        progress: show a tqdm bar over the rows (for large offline scoring jobs).
+        Returns one ScoreResult per request, in order (``is_greedy`` from the same forward).
         """
         rows, failed = self._prepare(requests, errors)
-        return self._score_rows(rows, failed, progress)
-
-    def _score_rows(self, rows, failed: dict, progress: bool = False) -> list[ScoreResult]:
-        results = [ScoreResult(error=failed[i]) if i in failed else None for i in range(len(rows))]
-        batches = list(self._batches(rows))
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="scoring", unit="batch")
-        for idx in batches:
-            with self._lock:
-                lps = self.backend.logprobs([rows[i] for i in idx])
-            for i, lp in zip(idx, lps):
-                r = rows[i]
-                results[i] = ScoreResult(float(np.sum(lp, dtype=np.float64)),
-                                         [float(x) for x in lp], r.ids[r.target_start:])
-        self.requests_served += len(rows) - len(failed)
-        return results
+            bar = tqdm(total=len(rows) - len(failed), desc="scoring", unit="row")
+        try:
+            res = self._score_future(rows, bar.update if bar else None).result()
+        finally:
+            if bar is not None:
+                bar.close()
+        return [ScoreResult(error=failed[i]) if i in failed else r for i, r in enumerate(res)]
 
     def classify(self, prompt: str | None, contexts: Sequence, labels: Sequence[str], *,
                  errors: str = "raise") -> list[ClassifyResult]:
         """Probabilities of each label as the continuation of each context (softmax over the
         labels' summed log-probabilities). Returns one ClassifyResult per context."""
-        labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise RequestError(f"labels must be at least 2 distinct strings, got {labels!r}")
+        labels = list(labels) if not isinstance(labels, str) else [labels]
+        if (len(labels) < 2 or len(set(labels)) != len(labels)
+                or any(not isinstance(x, str) or not x for x in labels)):
+            raise RequestError(f"labels must be at least 2 distinct non-empty strings, got {labels!r}")
         if isinstance(contexts, str):
             contexts = [contexts]
         reqs = [ScoreRequest(prompt, c, lab) for c in contexts for lab in labels]
@@ -280,100 +335,157 @@ class Runtime:
         return out
 
     # ------------------------------------------------------------------------ generation
+    def _sequence(self, prompt, context, params: GenerateParams, sink) -> GenSequence:
+        """A validated, accepted generation row (raises RequestError when invalid)."""
+        row = self._row(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
+        self._hold([row])
+        seq = GenSequence(row, params, self.tokenizer, self.tokenizer.eos_token_ids, sink,
+                          on_done=lambda s: self._release([s.row]))
+        try:
+            self.engine.submit_generation(seq)
+        except BaseException:
+            self._release([row])
+            raise
+        return seq
+
     def generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, stop: Sequence[str] = (),
+                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
                  stop_at_eos: bool = True, errors: str = "raise") -> list[GenerateResult]:
         """Continue each context under its soft prompt.
 
         prompt: one prompt name for all contexts, or a list with one name per context (rows
             of different prompts share batches). contexts: strings or token-id lists.
-        Greedy when temperature == 0; otherwise sampling, each row with its own generator
-        seeded by ``seed`` (a row samples the same tokens alone or in a batch). Each row stops
-        at EOS (stop_at_eos), at a stop string (the text is cut before it), or after
-        max_new_tokens; finished rows leave the batch. Generations run one at a time; scores
-        (direct or micro-batched) are served between a generation's decode steps.
+        Greedy when temperature == 0; otherwise sampling (top_k / top_p filters), each row with
+        its own generator: with ``seed`` every row uses that seed and samples the same tokens
+        alone, in any batch and any arrival order; without, each row draws a fresh one. Each row
+        stops at EOS (stop_at_eos), at a stop string (the text is cut before it), or after
+        max_new_tokens (``finish_reason`` eos | stop | length). Rows join the engine's running
+        batch as they come and leave it when they finish, alongside other callers' work.
         """
-        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop),
-                                stop_at_eos)
+        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos)
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if isinstance(contexts, str):
             contexts = [contexts]
         names = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(contexts)
         if len(names) != len(contexts):
             raise RequestError(f"got {len(names)} prompt names for {len(contexts)} contexts")
-        reqs = [ScoreRequest(p, c) for p, c in zip(names, contexts)]
-        rows, failed = self._prepare(reqs, errors, extra_positions=max_new_tokens)
-        results = [GenerateResult("", [], "error", error=failed[i]) if i in failed else None
-                   for i in range(len(rows))]
-        valid = [i for i, r in enumerate(rows) if r is not None]
-        for at in range(0, len(valid), self.max_batch):
-            idx = valid[at: at + self.max_batch]
-            with self._gen_lock:  # scores still run between this generation's steps
-                for i, res in zip(idx, self._generate_rows([rows[i] for i in idx], params)):
-                    results[i] = res
-        self.requests_served += len(valid)
-        return results
+        rows, failed = self._prepare([ScoreRequest(p, c) for p, c in zip(names, contexts)],
+                                     errors, extra_positions=max_new_tokens)
+        done = threading.Event()
+        left = [sum(r is not None for r in rows)]
+        lock = threading.Lock()
 
-    def _generate_rows(self, rows: list[Row], p: GenerateParams) -> list[GenerateResult]:
-        greedy = p.temperature == 0
-        with self._lock:  # logits: [B, V], or the argmax ids [B] when greedy
-            state, logits = self.backend.start(rows, p.max_new_tokens, greedy=greedy)
-        rngs = [np.random.default_rng(p.seed) for _ in rows]
-        out = [[] for _ in rows]
-        done: list[GenerateResult | None] = [None] * len(rows)
-        active = list(range(len(rows)))
-        for step in range(p.max_new_tokens):
-            nxt = []
-            for k, i in enumerate(active):
-                t = int(logits[k]) if greedy else _choose(logits[k], p, rngs[i])
-                nxt.append(t)
-                if p.stop_at_eos and t in self.tokenizer.eos_token_ids:
-                    done[i] = GenerateResult(self.tokenizer.decode(out[i]), out[i], "eos")
-                    continue
-                out[i].append(t)
-                text = self.tokenizer.decode(out[i])
-                cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-                if cut >= 0:
-                    done[i] = GenerateResult(text[:cut], out[i], "stop")
-                elif step == p.max_new_tokens - 1:
-                    done[i] = GenerateResult(text, out[i], "length")
-            keep = [k for k, i in enumerate(active) if done[i] is None]
-            if not keep:
-                break
-            with self._lock:
-                if len(keep) < len(active):
-                    state = self.backend.select(state, keep)
-                    active = [active[k] for k in keep]
-                    nxt = [nxt[k] for k in keep]
-                logits = self.backend.step(state, np.array(nxt, dtype=np.int64), greedy=greedy)
-        return done
+        def finished(_chunk):
+            if _chunk.finish_reason is not None:
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+
+        seqs = {}
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            self._hold([r])
+            seqs[i] = GenSequence(r, params, self.tokenizer, self.tokenizer.eos_token_ids,
+                                  finished, on_done=lambda s: self._release([s.row]))
+        if not seqs:
+            done.set()
+        try:
+            for i, s in seqs.items():
+                self.engine.submit_generation(s)
+        except EngineClosed:
+            for s in seqs.values():
+                if s.finish_reason is None:
+                    self._release([s.row])
+            raise
+        try:
+            done.wait()
+        except BaseException:  # KeyboardInterrupt: free the rows
+            for s in seqs.values():
+                s.cancel()
+            self.engine.wake()
+            raise
+        self.requests_served += len(seqs)
+        out = []
+        for i in range(len(rows)):
+            if i in failed:
+                out.append(GenerateResult("", [], "error", error=failed[i]))
+                continue
+            s = seqs[i]
+            out.append(GenerateResult(s.detok.text, s.token_ids, s.finish_reason,
+                                      error=s.error, token_logprobs=s.token_logprobs))
+        return out
+
+    def stream(self, prompt: str | None, context, **sampling) -> "Stream":
+        """Generate for one context, yielding ``StreamChunk``s (text delta, ids, log-probs) as
+        the engine produces them; the last has ``finish_reason``. Same keyword arguments as
+        :meth:`generate` (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos).
+        Closing the iterator (``close()``, leaving a ``with`` block, or dropping it) cancels
+        the row: it is freed at the next engine step. Raises RequestError when invalid."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)), q.put)
+        return Stream(seq, q, self)
+
+    def stream_async(self, prompt: str | None, context, **sampling) -> "AsyncStream":
+        """The asyncio form of :meth:`stream`: ``async for chunk in rt.stream_async(...)``.
+        Cancelling the consuming task or ``await it.aclose()`` cancels the row. Must be called
+        from a running event loop."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)),
+                             lambda chunk: loop.call_soon_threadsafe(q.put_nowait, chunk))
+        return AsyncStream(seq, q, self)
 
     # --------------------------------------------------------------------------- services
-    def submit(self, request):
+    def submit(self, request) -> Future:
         """Queue one score request; returns a ``concurrent.futures.Future[ScoreResult]``.
 
-        Concurrent submissions are gathered into batches by a MicroBatcher (started on first
-        use with max_batch and max_wait_ms=5; see :meth:`batcher` to configure it).
-        """
-        return self.batcher().submit(request)
+        A bad request's future raises its RequestError; the others are unaffected. Concurrent
+        submissions share engine steps (they batch without any waiting window)."""
+        fut: Future = Future()
+        try:
+            row = self._row(request)
+        except (RequestError, SoftPromptError) as e:
+            fut.set_exception(RequestError(str(e)))
+            return fut
+        inner = self._score_future([row])
+
+        def done(f: Future):
+            if f.cancelled():
+                fut.cancel()
+                fut.set_running_or_notify_cancel()
+            elif f.exception() is not None:
+                fut.set_exception(f.exception())
+            else:
+                fut.set_result(f.result()[0])
+
+        inner.add_done_callback(done)
+        return fut
 
     async def submit_async(self, request) -> ScoreResult:
         """``await rt.submit_async(request)``: the asyncio form of :meth:`submit`."""
-        return await self.batcher().submit_async(request)
+        return await asyncio.wrap_future(self.submit(request))
 
-    def batcher(self, max_batch: int | None = None, max_wait_ms: float = 5.0):
-        """The runtime's MicroBatcher, created on first call with these settings."""
-        from .batcher import MicroBatcher
+    async def score_async(self, requests: Sequence, *, errors: str = "return") -> list[ScoreResult]:
+        """``await rt.score_async(requests)``: :meth:`score` without blocking the event loop."""
+        rows, failed = self._prepare(requests, errors)
+        res = await asyncio.wrap_future(self._score_future(rows))
+        return [ScoreResult(error=failed[i]) if i in failed else r for i, r in enumerate(res)]
 
-        with self._lock:
-            if self._batcher is None or self._batcher.closed:
-                self._batcher = MicroBatcher(self, max_batch or self.max_batch, max_wait_ms)
-            return self._batcher
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; finish every accepted one (``drain``) or cancel them (score
+        futures are cancelled, generations end with ``finish_reason="cancelled"``). Every
+        accepted request ends with a result, an error or a cancellation; none is left waiting."""
+        self.engine.close(drain=drain, timeout=timeout)
 
-    def close(self, drain: bool = True) -> None:
-        """Stop the micro-batcher (finishing queued requests when ``drain``, else cancelling)."""
-        if self._batcher is not None:
-            self._batcher.close(drain=drain)
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8), lengths: Sequence[int] = (32,),
                prompts: Sequence[str | None] | None = None, new_tokens: int = 0) -> float:
@@ -382,8 +494,7 @@ class Runtime:
         capture (torch backend on CUDA), ONNX Runtime's first-run allocations. Shapes are
         bucketed (runtime/graphs.py), so B=8 also covers 5..8 rows and L=32 covers 17..32
         tokens. With ``new_tokens``, each shape also generates that many greedy tokens (the
-        decode graphs, whose shapes also depend on the bucket of L + new_tokens, the per-row
-        decode capacity). prompts: names (None: no prompt; default: every registered prompt, or
+        decode graphs). prompts: names (None: no prompt; default: every registered prompt, or
         None when there is none). Returns the seconds spent; not counted in requests_served.
         """
         if prompts is None:
@@ -408,35 +519,101 @@ class Runtime:
         return time.perf_counter() - t0
 
     def stats(self) -> dict:
-        """Counters: prefix-cache hits/misses/evictions/bytes, batches, tokens computed, ..."""
-        s = {"backend": self.backend.name, "prompts": len(self.prompts),
-             "requests_served": self.requests_served, **self.backend.stats()}
-        if self._batcher is not None:
-            s.update(self._batcher.stats())
-        return s
+        """Counters: prefix-cache hits/misses/evictions/bytes, engine running/waiting/steps,
+        tokens computed, memory by kind (``*_bytes``)."""
+        try:
+            backend = self.engine.call(self.backend.stats)
+        except EngineClosed:
+            backend = self.backend.stats()
+        return {"backend": self.backend.name, "prompts": len(self.prompts),
+                "requests_served": self.requests_served, **backend, **self.engine.stats()}
 
     def save_cache(self, path) -> int:
         """Persist the prefix cache (safetensors) for a warm restart; returns entries saved."""
-        return self.backend.save_cache(path)
+        return self.engine.call(lambda: self.backend.save_cache(path))
 
     def load_cache(self, path) -> int:
         """Load a cache written by :meth:`save_cache` for the same model and dtype."""
-        return self.backend.load_cache(path)
+        return self.engine.call(lambda: self.backend.load_cache(path))
 
 
-def _choose(logits: np.ndarray, p: GenerateParams, rng: np.random.Generator) -> int:
-    """A sample from the temperature/top-k/top-p filtered distribution (temperature > 0)."""
-    lp = log_softmax(logits / p.temperature)
-    if p.top_k is not None and p.top_k < lp.shape[-1]:
-        kth = np.partition(lp, -p.top_k)[-p.top_k]
-        lp = np.where(lp >= kth, lp, -np.inf)
-    if p.top_p is not None and p.top_p < 1:
-        order = np.argsort(-lp)
-        cum = np.cumsum(np.exp(lp[order]))
-        cut = order[np.searchsorted(cum, p.top_p) + 1:]
-        lp[cut] = -np.inf
-    probs = np.exp(lp - lp.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
+class Stream:
+    """Iterator of one generation's StreamChunks (see :meth:`Runtime.stream`)."""
+
+    def __init__(self, seq: GenSequence, q: queue.SimpleQueue, rt: Runtime):
+        self.seq, self._q, self._rt = seq, q, rt
+        self._ended = False
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        if self._ended:
+            raise StopIteration
+        chunk = self._q.get()
+        if chunk.finish_reason is not None:
+            self._ended = True
+            self._rt.requests_served += 1
+        return chunk
+
+    def close(self) -> None:
+        """Cancel the row (freed at the next engine step) unless it already finished."""
+        if not self._ended:
+            self._ended = True
+            self.seq.cancel()
+            self._rt.engine.wake()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not self._ended and self.seq.finish_reason is None:
+            self.seq.cancel()
+
+
+class AsyncStream:
+    """Async iterator of one generation's StreamChunks (see :meth:`Runtime.stream_async`)."""
+
+    def __init__(self, seq: GenSequence, q: asyncio.Queue, rt: Runtime):
+        self.seq, self._q, self._rt = seq, q, rt
+        self._ended = False
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._q.get()
+        except BaseException:  # the consuming task was cancelled: free the row
+            await self.aclose()
+            raise
+        if chunk.finish_reason is not None:
+            self._ended = True
+            self._rt.requests_served += 1
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.seq.cancel()
+            self._rt.engine.wake()
+
+    def __del__(self):
+        if not self._ended and self.seq.finish_reason is None:
+            self.seq.cancel()
+
+
+def _sampling(kw: dict) -> dict:
+    allowed = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos")
+    unknown = set(kw) - set(allowed)
+    if unknown:
+        raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected {allowed}")
+    return kw
 
 
 def _cuda_available() -> bool:

@@ -3,11 +3,15 @@
 The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
 1. a prompt's prefix is the graph run over its P embeddings with an empty past, once; the
    ``present.*`` outputs ``[1, Hkv, P, D]`` go into the PrefixCache;
-2. a batch of requests runs only its L tokens, with each row's cached prefix assembled into
-   the past (``[B, Hkv, P_max, D]``, right-padded, ``attention_mask`` 0 on the padding) and
-   ``position_ids`` starting at each row's own P; ``logits_index`` asks the graph for the
-   vocabulary projection only at the positions a score needs;
-3. generation decodes one token at a time on top of the previous ``present.*``.
+2. a batch of new rows (a ``BatchPlan``) runs only its L tokens, with each row's cached prefix
+   assembled into the past (``[B, Hkv, P_max, D]``, right-padded, ``attention_mask`` 0 on the
+   padding) and ``position_ids`` from the plan; ``logits_index`` asks the graph for the
+   vocabulary projection only at the positions a score (or the next token) needs;
+3. generating rows form one decode state: per layer K/V ``[B, Hkv, S, D]`` with a mask
+   ``[B, S]``. Rows with different past lengths share it (a row that joined later has mask-0
+   gaps); each decode step appends one column; rows that leave are dropped and columns no
+   remaining row uses are trimmed. ONNX Runtime returns a new ``present`` every call, so the
+   state is its output, never a copy the backend makes per row.
 """
 
 from __future__ import annotations
@@ -17,12 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import Stepper
 from .cache import PrefixCache, PrefixEntry
 from .models import display_name
-from .requests import Row, Tokenizer, log_softmax
+from .plan import BatchPlan
+from .requests import Tokenizer, log_softmax
+from .sampling import pick_numpy
 
 
-class OnnxBackend:
+@dataclass
+class _GenState:
+    past: list  # per layer (K, V) [B, Hkv, S, D]
+    mask: np.ndarray  # [B, S] int64: 1 where a row has a key
+    next_pos: np.ndarray  # [B] position id of each row's next token
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.past)
+
+
+class OnnxBackend(Stepper):
     name = "onnx"
 
     def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30):
@@ -64,29 +82,32 @@ class OnnxBackend:
         self._last_past = (None, None)
 
     def stats(self) -> dict:
-        return {**self.cache.stats(), "tokens_computed": self.tokens_computed,
-                "batches": self.batches}
+        last = self._last_past[1]
+        stacks = sum(k.nbytes + v.nbytes for k, v in last) if last else 0
+        decode = self._state.nbytes if self._state is not None else 0
+        return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
+                "tokens_computed": self.tokens_computed, "batches": self.batches}
 
     def save_cache(self, path) -> int:
         return self.cache.save(path)
 
     def load_cache(self, path) -> int:
+        self._last_past = (None, None)
         return self.cache.load(path)
 
     # ------------------------------------------------------------------------------ batch
-    def _assemble(self, rows: list[Row]):
-        """Past ``[B, Hkv, P_max, D]`` per layer from the cache, mask ``[B, P_max + L_max]``,
-        positions ``[B, L_max]`` and request embeddings ``[B, L_max, E]``."""
+    def _run_plan(self, plan: BatchPlan, index: np.ndarray):
+        """The graph over the plan's new tokens on top of their prefixes: (logits ``[B, K, V]``
+        at ``index [B, K]``, presents per layer ``[B, Hkv, P_max + L_max, D]``, mask, entries)."""
         b = self.bundle
-        distinct = {r.prompt.digest: r.prompt for r in rows if r.prompt is not None}
-        found = {d: self.entry(p) for d, p in distinct.items()}  # one lookup per prompt
-        entries = [found[r.prompt.digest] if r.prompt is not None else self._empty for r in rows]
-        B = len(rows)
-        p_max = max(e.num_tokens for e in entries)
-        l_max = max(len(r.ids) for r in rows)
+        entries = [self.entry(p) for p in plan.prompts] + [self._empty]  # the empty slot last
+        rows = [entries[i] for i in plan.prompt_idx]
+        B, L = plan.B, plan.L_max
+        p_max = max(e.num_tokens for e in rows)
         # ORT takes a dense past, one copy of the prefix per row; batch scoring sends the
         # same prompts in the same order again and again, so the last one is kept and reused.
-        key = tuple(r.prompt.digest if r.prompt is not None else None for r in rows)
+        key = (tuple(e.num_tokens for e in rows), tuple(
+            p.digest for p in plan.prompts), tuple(plan.prompt_idx.tolist()))
         if self._last_past[0] == key:
             past = self._last_past[1]
         else:
@@ -94,50 +115,47 @@ class OnnxBackend:
             for layer in range(b.num_layers):
                 k = np.zeros((B, b.num_kv_heads, p_max, b.head_dim), b.np_dtype)
                 v = np.zeros_like(k)
-                for i, e in enumerate(entries):
+                for i, e in enumerate(rows):
                     k[i, :, : e.num_tokens] = e.keys[layer]
                     v[i, :, : e.num_tokens] = e.values[layer]
                 past.append((k, v))
             self._last_past = (key, past)
-        mask = np.zeros((B, p_max + l_max), np.int64)
-        pos = np.zeros((B, l_max), np.int64)
-        emb = np.zeros((B, l_max, self.hidden_size), b.np_dtype)
-        for i, (r, e) in enumerate(zip(rows, entries)):
+        mask = np.zeros((B, p_max + L), np.int64)
+        for i, e in enumerate(rows):
             mask[i, : e.num_tokens] = 1
-            mask[i, p_max: p_max + len(r.ids)] = 1
-            pos[i] = e.num_tokens + np.arange(l_max)
-            emb[i, : len(r.ids)] = b.embeddings[r.ids]
-        self.tokens_computed += sum(len(r.ids) for r in rows)
+        mask[:, p_max:] = np.arange(L)[None] < plan.q_lens[:, None]
+        emb = b.embeddings[plan.ids].astype(b.np_dtype, copy=False)  # [B, L, E]
+        self.tokens_computed += plan.tokens
         self.batches += 1
-        return entries, past, mask, pos, emb
+        logits, presents = b.run(emb, mask, plan.positions, past, index)
+        return logits, presents, mask, entries
 
-    def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
-        entries, past, mask, pos, emb = self._assemble(rows)
-        # Positions predicting each row's targets (the first token, when scored, comes from
-        # the cached prefix); rows with fewer are padded by repeating their last index.
-        want = [np.array(r.own_targets, np.int64) - 1 for r in rows]
-        k = max(1, max(len(w) for w in want))
-        index = np.array([np.pad(w, (0, k - len(w)), mode="edge") if len(w) else np.zeros(k, int)
-                          for w in want], np.int64)
-        logits, _ = self.bundle.run(emb, mask, pos, past, index)  # [B, K, V]
-        out = []
-        for i, (r, e, w) in enumerate(zip(rows, entries, want)):
-            tgt = np.array([r.ids[j] for j in r.own_targets], np.int64)
-            lp = log_softmax(logits[i, : len(w)])[np.arange(len(w)), tgt]
-            if r.target_start == 0:
-                lp = np.concatenate([[e.first_logprobs[r.ids[0]]], lp])
-            out.append(lp)
-        return out
+    def score(self, plan: BatchPlan) -> list:
+        # logits_index [B, K]: the columns predicting each row's own targets, padded by
+        # repeating one (rows without own targets read column 0, unused)
+        per_row = [plan.target_cols[plan.target_rows == r] for r in range(plan.B)]
+        K = max(1, max(len(c) for c in per_row))
+        index = np.array([np.pad(c, (0, K - len(c)), mode="edge") if len(c) else np.zeros(K, int)
+                          for c in per_row], np.int64)
+        logits, _, _, entries = self._run_plan(plan, index)  # [B, K, V]
+        # the k-th own target of row r sits at index[r, k]: its order in the plan's targets
+        slot = np.concatenate([np.arange(len(c)) for c in per_row]).astype(np.int64)
+        sel = logits[plan.target_rows, slot].astype(np.float64)  # [T, V]
+        own_lp = log_softmax(sel)[np.arange(len(sel)), plan.target_ids]
+        own_top = sel.argmax(-1) == plan.target_ids
+        first = np.stack([entries[plan.prompt_idx[r]].first_logprobs for r in plan.first_rows]) \
+            if len(plan.first_rows) else np.zeros((0, self.vocab_size), np.float32)
+        first_lp = first[np.arange(len(first)), plan.first_ids]
+        first_top = first.argmax(-1) == plan.first_ids if len(first) else np.zeros(0, bool)
+        return plan.assemble(own_lp, own_top, first_lp, first_top)
 
     # ------------------------------------------------------------------------- generation
-    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
-        entries, past, mask, pos, emb = self._assemble(rows)
-        last = np.array([[len(r.ids) - 1] for r in rows], np.int64)
-        logits, presents = self.bundle.run(emb, mask, pos, past, last)
-        next_pos = np.array([e.num_tokens + len(r.ids) for r, e in zip(rows, entries)], np.int64)
-        return _GenState(presents, mask, next_pos), _next(logits[:, 0], greedy)
+    def prefill(self, plan: BatchPlan, capacity):
+        logits, presents, mask, entries = self._run_plan(plan, plan.last_cols[:, None])
+        next_pos = plan.prefix_lens + plan.past_lens + plan.q_lens
+        return _GenState(presents, mask, next_pos), logits[:, 0]
 
-    def step(self, state: "_GenState", next_ids: np.ndarray, greedy: bool = False):
+    def decode(self, state: _GenState, next_ids: np.ndarray):
         b = self.bundle
         state.mask = np.concatenate([state.mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
         emb = b.embeddings[next_ids][:, None].astype(b.np_dtype)  # [B, 1, E]
@@ -145,24 +163,35 @@ class OnnxBackend:
                                    np.zeros((len(next_ids), 1), np.int64))
         state.next_pos = state.next_pos + 1
         self.tokens_computed += len(next_ids)
-        return _next(logits[:, 0], greedy)
+        return logits[:, 0]
 
-    def select(self, state: "_GenState", keep: list[int]) -> "_GenState":
-        state.past = [(k[keep], v[keep]) for k, v in state.past]
-        state.mask, state.next_pos = state.mask[keep], state.next_pos[keep]
+    def select(self, state: _GenState, keep: list[int]) -> _GenState:
+        mask = state.mask[keep]
+        cols = np.flatnonzero(mask.any(0))  # columns some remaining row still uses
+        state.past = [(k[keep][:, :, cols], v[keep][:, :, cols]) for k, v in state.past]
+        state.mask, state.next_pos = mask[:, cols], state.next_pos[keep]
         return state
 
+    def join(self, state: _GenState | None, new: _GenState) -> _GenState:
+        """Rows of ``new`` after those of ``state``; the shorter past is right-padded (mask 0)."""
+        if state is None:
+            return new
+        S = max(state.mask.shape[1], new.mask.shape[1])
 
-def _next(logits: np.ndarray, greedy: bool) -> np.ndarray:
-    """``[B, V]`` float32 logits, or with ``greedy`` their argmax ids ``[B]``."""
-    return logits.argmax(-1) if greedy else logits.astype(np.float32)
+        def pad(a, axis):
+            width = [(0, 0)] * a.ndim
+            width[axis] = (0, S - a.shape[axis])
+            return np.pad(a, width)
 
+        state.past = [(np.concatenate([pad(k0, 2), pad(k1, 2)]), np.concatenate([pad(v0, 2), pad(v1, 2)]))
+                      for (k0, v0), (k1, v1) in zip(state.past, new.past)]
+        state.mask = np.concatenate([pad(state.mask, 1), pad(new.mask, 1)])
+        state.next_pos = np.concatenate([state.next_pos, new.next_pos])
+        return state
 
-@dataclass
-class _GenState:
-    past: list  # per layer (K, V) [B, Hkv, S, D]
-    mask: np.ndarray  # [B, S]
-    next_pos: np.ndarray  # [B]
+    @staticmethod
+    def pick(logits, samplers):
+        return pick_numpy(logits, samplers)
 
 
 def bundle_for(model, dtype: str | None = None, out_dir=None) -> Path:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .requests import Row, prompt_len
+from .backend import Stepper
+from .plan import BatchPlan
+from .requests import prompt_len
+from .sampling import pick_torch
 
 
 class TorchModelMixin:
@@ -39,18 +42,12 @@ class TorchModelMixin:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
         return torch.from_numpy(prompt.embeddings).to(self.device, self.dtype)
 
-    @staticmethod
-    def _to_host(logits: torch.Tensor, greedy: bool) -> np.ndarray:
-        """Next-token logits ``[B, V]`` as float32 on the host, or with ``greedy`` their argmax
-        ids ``[B]`` (first maximum, as numpy's): then only B integers leave the device."""
-        return (logits.argmax(-1) if greedy else logits.float()).cpu().numpy()
-
     def _embed_ids(self, ids) -> torch.Tensor:
         """``[L, E]``: the model's own input-embedding module (so Gemma's scaling applies)."""
         return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.device))
 
 
-class ReferenceBackend(TorchModelMixin):
+class ReferenceBackend(TorchModelMixin, Stepper):
     name = "reference"
 
     def __init__(self, lm):
@@ -71,7 +68,6 @@ class ReferenceBackend(TorchModelMixin):
 
     load_cache = save_cache
 
-    @torch.inference_mode()
     def _forward(self, seqs: list[torch.Tensor]) -> torch.Tensor:
         """Right-padded batch of ``[S_b, E]`` sequences -> logits ``[B, S_max, V]`` (all positions)."""
         s_max = max(s.shape[0] for s in seqs)
@@ -87,32 +83,45 @@ class ReferenceBackend(TorchModelMixin):
     def _sequence(self, prompt, ids) -> torch.Tensor:
         return torch.cat([self._prompt_tensor(prompt), self._embed_ids(ids)])
 
-    def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
-        logits = self._forward([self._sequence(r.prompt, r.ids) for r in rows])
-        out = []
-        for b, r in enumerate(rows):
-            # positions in [prompt, ids] whose logits predict ids[target_start:]
-            pos = torch.arange(r.target_start, len(r.ids), device=self.device) + r.num_virtual - 1
-            lp = logits[b, pos].float().log_softmax(-1)
-            tgt = torch.as_tensor(r.ids[r.target_start:], device=self.device)
-            out.append(lp.gather(-1, tgt[:, None])[:, 0].cpu().numpy())
-        return out
+    @torch.inference_mode()
+    def score(self, plan: BatchPlan) -> list:
+        logits = self._forward([self._sequence(r.prompt, r.ids) for r in plan.rows])
+        dev = self.device
+        # the whole sequence is recomputed, so column c of the request sits at position P + c
+        # and a first token is predicted at P - 1 (the last virtual token)
+        rows = torch.as_tensor(np.concatenate([plan.target_rows, plan.first_rows]), device=dev)
+        at = torch.as_tensor(np.concatenate([plan.prefix_lens[plan.target_rows] + plan.target_cols,
+                                             plan.prefix_lens[plan.first_rows] - 1]), device=dev)
+        ids = torch.as_tensor(np.concatenate([plan.target_ids, plan.first_ids]), device=dev)
+        sel = logits[rows, at].float()  # [T + F, V]
+        lp = sel.log_softmax(-1).gather(-1, ids[:, None])[:, 0].double().cpu().numpy()
+        top = (sel.argmax(-1) == ids).cpu().numpy()
+        T = len(plan.target_rows)
+        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:])
 
-    # generation: state is the list of (prompt, ids so far)
-    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
-        state = [(r.prompt, list(r.ids)) for r in rows]
-        return state, self._next(state, greedy)
+    # generation: the state is the list of [prompt, ids so far], recomputed every step
+    @torch.inference_mode()
+    def prefill(self, plan: BatchPlan, capacity):
+        state = [[r.prompt, list(r.ids)] for r in plan.rows]
+        return state, self._next(state)
 
-    def step(self, state, next_ids: np.ndarray, greedy: bool = False):
-        for (_, ids), t in zip(state, next_ids):
-            ids.append(int(t))
-        return self._next(state, greedy)
+    @torch.inference_mode()
+    def decode(self, state, next_ids: np.ndarray):
+        for row, t in zip(state, next_ids):
+            row[1].append(int(t))
+        return self._next(state)
 
     def select(self, state, keep: list[int]):
         return [state[i] for i in keep]
 
-    def _next(self, state, greedy: bool) -> np.ndarray:
+    def join(self, state, new):
+        return (state or []) + new
+
+    def pick(self, logits, samplers):
+        return pick_torch(logits, samplers)
+
+    def _next(self, state) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` of every row (the whole sequence recomputed)."""
         logits = self._forward([self._sequence(p, ids) for p, ids in state])
         last = torch.tensor([prompt_len(p) + len(ids) - 1 for p, ids in state], device=self.device)
-        return self._to_host(logits[torch.arange(len(state), device=self.device), last], greedy)
-
+        return logits[torch.arange(len(state), device=self.device), last]

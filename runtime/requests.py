@@ -34,7 +34,8 @@ class GenerateParams:
     max_new_tokens: tokens to generate at most (>= 1).
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
     top_k / top_p: optional sampling filters (top_k >= 1, 0 < top_p <= 1).
-    seed: seeds each row's own generator, so a row samples the same tokens alone or in a batch.
+    seed: seeds the row's own generator, so a seeded row samples the same tokens alone, in any
+        batch and any arrival order; None (default) draws a fresh seed per row.
     stop: strings that end a row; the text is cut before the first one.
     stop_at_eos: end a row at the model's end-of-sequence token.
     """
@@ -43,34 +44,46 @@ class GenerateParams:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    seed: int = 0
+    seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        def integer(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+        def number(v):
+            return (integer(v) or isinstance(v, (float, np.floating))) and np.isfinite(v)
+
+        if not integer(self.max_new_tokens) or self.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise RequestError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not s for s in self.stop):
-            raise RequestError("stop strings must be non-empty")
+        if not number(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not integer(self.top_k) or self.top_k < 1):
+            raise RequestError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and (not number(self.top_p) or not 0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        if not isinstance(self.stop_at_eos, (bool, np.bool_)):
+            raise RequestError(f"stop_at_eos must be a bool, got {self.stop_at_eos!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(x, str) or not x for x in stop):
+            raise RequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
 
 
 @dataclass
 class ScoreResult:
-    """logprob: summed log-probability of the scored tokens; token_logprobs: one per token."""
+    """logprob: summed log-probability of the scored tokens; token_logprobs: one per token;
+    tokens: the scored ids; is_greedy: whether greedy decoding would produce exactly them (every
+    scored token is the argmax of its position's distribution, from the same forward)."""
 
     logprob: float = float("nan")
     token_logprobs: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     error: str | None = None
+    is_greedy: bool | None = None  # every scored token is the argmax at its position
 
 
 @dataclass
@@ -85,12 +98,15 @@ class ClassifyResult:
 
 @dataclass
 class GenerateResult:
-    """text: decoded new text (cut before a stop string); finish_reason: stop | eos | length."""
+    """text: decoded new text (cut before a stop string); token_ids: the new ids (a stop
+    string's tokens included, EOS excluded); token_logprobs: each new id's log-probability
+    under the model; finish_reason: stop | eos | length | cancelled | error."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     error: str | None = None
+    token_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -189,32 +205,49 @@ class Tokenizer:
 
 
 def to_ids(value, tokenizer: Tokenizer, special: bool, what: str, vocab_size: int) -> list[int]:
-    """Token ids of ``value`` (text, or a list of ids checked against the vocabulary)."""
+    """Token ids of ``value``: text (valid Unicode) or a list of ints, checked against the
+    vocabulary in both cases. Nothing is coerced: floats, booleans, digit strings and bytes are
+    refused, not converted."""
     if isinstance(value, str):
-        return tokenizer.encode(value, special)
-    try:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"{what} is not valid Unicode text ({e.reason} at index "
+                               f"{e.start}); expected a string of Unicode characters") from None
+        ids = tokenizer.encode(value, special)
+    elif isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        bad = [i for i in value if isinstance(i, (bool, np.bool_))
+               or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise RequestError(f"{what} token ids must be integers, got {type(bad[0]).__name__} "
+                               f"{bad[0]!r}")
         ids = [int(i) for i in value]
-    except (TypeError, ValueError):
+    else:
         raise RequestError(f"{what} must be a string or a list of token ids, "
-                           f"got {type(value).__name__}") from None
+                           f"got {type(value).__name__}")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise RequestError(f"{what} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        raise RequestError(f"{what} has token ids outside the model's vocabulary [0, {vocab_size}): "
+                           f"{bad[:5]}")
     return ids
 
 
 def as_request(r) -> ScoreRequest:
-    if isinstance(r, ScoreRequest):
-        return r
+    """A ScoreRequest from a dict or ScoreRequest, its prompt name checked (str or None)."""
     if isinstance(r, dict):
         unknown = set(r) - {"prompt", "context", "continuation"}
         if unknown:
-            raise RequestError(f"unknown request fields {sorted(unknown)}; expected prompt, "
-                               "context, continuation")
+            raise RequestError(f"unknown request fields {sorted(map(str, unknown))}; expected "
+                               "prompt, context, continuation")
         if "context" not in r:
             raise RequestError("request has no 'context'; expected {prompt, context, continuation}")
-        return ScoreRequest(r.get("prompt"), r["context"], r.get("continuation"))
-    raise RequestError(f"a request must be a dict or ScoreRequest, got {type(r).__name__}")
+        r = ScoreRequest(r.get("prompt"), r["context"], r.get("continuation"))
+    elif not isinstance(r, ScoreRequest):
+        raise RequestError(f"a request must be a dict or ScoreRequest, got {type(r).__name__}")
+    if r.prompt is not None and not isinstance(r.prompt, str):
+        raise RequestError(f"prompt must be a prompt name (a string) or None, got "
+                           f"{type(r.prompt).__name__}")
+    return r
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ next token needs it.
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,7 +22,9 @@ from .cache import PrefixCache, PrefixEntry
 from .graphs import CudaGraphs, bucket
 from .models import ModelSpec
 from .reference import TorchModelMixin
-from .requests import Row
+from .backend import Stepper
+from .plan import BatchPlan
+from .sampling import pick_torch
 
 ATTN_NAME = "softprompt_prefix"
 _registered = False
@@ -103,14 +104,30 @@ def register_attention() -> None:
 
 @dataclass
 class _GenState:
-    batch: PrefixBatch
-    next_pos: torch.Tensor  # [B] position id of each row's next token
-    slots: list  # batch row of each still-generating request, in the caller's order
-    active: torch.Tensor  # [B] int32: 1 for rows still generating, 0 for idle/padding rows
-    closed: bool = False  # superseded by a newer generation (CUDA graphs: one at a time)
+    """The decode state: per-row own K/V in a pool of slots, rows joining and leaving.
+
+    own_k / own_v: per layer ``[Bp, Hkv, cap, D]`` (under CUDA graphs: persistent buffers that
+    the captured decode steps write in place). slots: the pool slot of each generating row, in
+    the engine's order; other slots are idle (zero lengths). prompts: ``[Bp]`` each slot's
+    SoftPrompt (or None). kv_lens / next_pos / active: ``[Bp]`` own keys, next position, 1 for a
+    generating slot. batch: the PrefixBatch the decode steps read, rebuilt on join/select.
+    """
+
+    own_k: list
+    own_v: list
+    slots: list
+    prompts: list
+    kv_lens: torch.Tensor
+    next_pos: torch.Tensor
+    active: torch.Tensor
+    batch: PrefixBatch | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.own_k, *self.own_v))
 
 
-class TorchBackend(TorchModelMixin):
+class TorchBackend(TorchModelMixin, Stepper):
     name = "torch"
 
     def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None,
@@ -151,7 +168,6 @@ class TorchBackend(TorchModelMixin):
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
         self.decode_buffer_bytes = decode_buffer_bytes
-        self._generation = None  # weak reference to the live generation state (graphs)
         self.tokens_computed = 0
         self.batches = 0
 
@@ -183,7 +199,19 @@ class TorchBackend(TorchModelMixin):
 
     def stats(self) -> dict:
         graphs = self.graphs.stats() if self.graphs is not None else {}
-        return {**self.cache.stats(), "tokens_computed": self.tokens_computed,
+        size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        seen, stacks = set(), 0
+        for ks, vs, lens, _ in self._stacks.values():
+            stacks += size(ks) + size(vs)
+            seen.update(id(t) for t in (*ks, *vs))
+        state = self._state
+        decode = state.nbytes if state is not None else 0
+        graph_bufs = 0
+        if self.graphs is not None:  # static and persistent buffers not counted above
+            seen.update(id(t) for t in ((*state.own_k, *state.own_v) if state else ()))
+            graph_bufs = size(t for t in self.graphs.buffers.values() if id(t) not in seen)
+        return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
+                "graph_buffer_bytes": graph_bufs, "tokens_computed": self.tokens_computed,
                 "batches": self.batches, **graphs}
 
     def save_cache(self, path) -> int:
@@ -224,46 +252,42 @@ class TorchBackend(TorchModelMixin):
             self._stacks.popitem(last=False)
         return self._stacks[key]
 
-    def _own_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
-        """Per layer ``[rows, Hkv, capacity, D]`` decode K/V buffers. Under graphs they are the
-        persistent buffers of that shape, which the captured decode steps write in place."""
+    def _own_buffers(self, rows: int, capacity: int, name: str = "own") -> tuple[list, list]:
+        """Per layer ``[rows, Hkv, capacity, D]`` K/V buffers. Under graphs they are persistent
+        buffers of that shape (``name``: "own" for the decode pool, "new" for a prefill), which
+        captured forwards write in place."""
         shape = (rows, self.num_kv_heads, capacity, self.head_dim)
         if self.graphs is None:
             return tuple([torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)] for _ in range(2))
-        return tuple([self.graphs.persistent((name, i), shape, self.dtype, self.device)
-                      for i in range(self.num_layers)] for name in ("own_k", "own_v"))
+        return tuple([self.graphs.persistent((f"{name}_{kv}", i), shape, self.dtype, self.device)
+                      for i in range(self.num_layers)] for kv in ("k", "v"))
 
-    def _batch(self, rows: list[Row], capacity: int = 0):
-        """Assemble a PrefixBatch, the request embeddings ``[B, L_max, E]``, positions
-        ``[B, L_max]`` and ``{digest: PrefixEntry}`` of the batch's prompts. With buckets, B and
-        L_max are padded (rows past len(rows) are idle: zero lengths, prompt slot 0)."""
-        distinct = list({r.prompt.digest: r.prompt for r in rows if r.prompt is not None}.values())
-        index = {p.digest: n for n, p in enumerate(distinct)}
-        no_prompt = any(r.prompt is None for r in rows)
-        ks, vs, lens, entries = self._stack(distinct, no_prompt)
-        if no_prompt:  # P = 0 rows point at the empty slot after the prompts
-            index[None] = len(distinct)
-        B, l_max = len(rows), max(len(r.ids) for r in rows)
-        Bp, Lp = self._pad(B), self._pad(l_max)
+    def _batch(self, plan: BatchPlan, capacity: int = 0):
+        """A PrefixBatch for the plan's rows, their embeddings ``[B, L_max, E]`` and positions
+        ``[B, L_max]``, and ``{slot: PrefixEntry}``. With buckets, B and L_max are padded (rows
+        past plan.B are idle: zero lengths, prompt slot 0). ``capacity``: give each row an own
+        K/V buffer of that many tokens (a prefill), written by the forward."""
+        ks, vs, lens, entries = self._stack(plan.prompts, plan.empty_slot)
+        B, L = plan.B, plan.L_max
+        Bp, Lp = self._pad(B), self._pad(L)
         ids = torch.zeros(Bp, Lp, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r.ids)] = torch.tensor(r.ids)
-        emb = self.embed(ids.to(self.device))  # [B, L_max, E]; padding embeds token 0, unread
-
-        pad = [0] * (Bp - B)  # padding rows: no tokens, prompt slot 0
-        meta = torch.tensor([[r.num_virtual for r in rows] + pad, [len(r.ids) for r in rows] + pad,
-                             [index[r.prompt.digest if r.prompt else None] for r in rows] + pad],
-                            dtype=torch.int32).to(self.device)  # [3, Bp], one copy
-        pos = meta[0, :, None].long() + torch.arange(Lp, device=self.device)  # row b starts at its P
-        pos.clamp_(max=self.max_positions - 1)  # padding positions only: they are never read
-        seq_lens, prompt_idx = meta[1], meta[2]
-        own_k, own_v = self._own_buffers(Bp, self._pad(capacity)) if capacity else (None, None)
+        ids[:B, :L] = torch.from_numpy(plan.ids)
+        pos = torch.zeros(Bp, Lp, dtype=torch.long)
+        pos[:B, :L] = torch.from_numpy(plan.positions)
+        pos[:B, L:] = pos[:B, L - 1: L]  # padding columns repeat the last real position
+        meta = torch.zeros(2, Bp, dtype=torch.int32)  # [q_lens; prompt_idx], padding rows 0
+        meta[0, :B] = torch.from_numpy(plan.q_lens)
+        meta[1, :B] = torch.from_numpy(plan.prompt_idx)
+        meta, emb_ids, pos = (t.to(self.device) for t in (meta, ids, pos))  # one copy each
+        emb = self.embed(emb_ids)  # [Bp, Lp, E]; padding embeds token 0, never read
+        seq_lens, prompt_idx = meta[0], meta[1]
+        own_k, own_v = self._own_buffers(Bp, self._pad(capacity), "new") if capacity else (None, None)
         batch = PrefixBatch(ks, vs, lens, prompt_idx, seq_lens, seq_lens.clone(), own_k, own_v,
                             triton=self.triton)
-        self.tokens_computed += int(sum(len(r.ids) for r in rows))
+        self.tokens_computed += plan.tokens
         self.batches += 1
-        return batch, emb, pos, dict(zip(index, entries))
+        return batch, emb, pos, entries
 
     def _run(self, b: PrefixBatch, emb: torch.Tensor, pos: torch.Tensor, project: bool = False):
         """The model over ``emb [B, L, E]`` at ``pos [B, L]`` with batch ``b``: the last hidden
@@ -291,111 +315,141 @@ class TorchBackend(TorchModelMixin):
 
     # ------------------------------------------------------------------------------ score
     @torch.inference_mode()
-    def logprobs(self, rows: list[Row]) -> list[np.ndarray]:
-        batch, emb, pos, entries = self._batch(rows)
+    def score(self, plan: BatchPlan) -> list:
+        batch, emb, pos, entries = self._batch(plan)
         hidden = self._run(batch, emb, pos)  # [B, L_max, E]
         # Only the positions that predict a target go through the vocabulary projection.
-        sel_b, sel_t, tgt = [], [], []
-        for b, r in enumerate(rows):
-            sel_b += [b] * len(r.own_targets)
-            sel_t += [j - 1 for j in r.own_targets]
-            tgt += [r.ids[j] for j in r.own_targets]
-        sel = torch.tensor([sel_b, sel_t, tgt], dtype=torch.long).to(self.device)  # [3, T], one copy
-        lp = self.lm_head(hidden[sel[0], sel[1]]).float().log_softmax(-1)  # [T, V]
-        lp = lp.gather(-1, sel[2][:, None])[:, 0]  # [T]
+        sel = torch.from_numpy(np.stack([plan.target_rows, plan.target_cols, plan.target_ids]))
+        sel = sel.to(self.device)  # [3, T], one copy
+        logits = self.lm_head(hidden[sel[0], sel[1]]).float()  # [T, V]
+        lp = logits.log_softmax(-1).gather(-1, sel[2][:, None])[:, 0]  # [T]
+        top = logits.argmax(-1) == sel[2]
         # A row scored from its first token takes it from its prompt's cached first-token
         # log-probs (predicted by the last virtual token): gathered for all such rows at once.
-        firsts = [r for r in rows if r.target_start == 0]
-        if firsts:
-            digests = list({r.prompt.digest: None for r in firsts})
-            table = torch.stack([entries[d].first_logprobs for d in digests])  # [Np, V]
-            at = torch.tensor([[digests.index(r.prompt.digest) for r in firsts],
-                               [r.ids[0] for r in firsts]], dtype=torch.long).to(self.device)
-            lp = torch.cat([lp, table[at[0], at[1]].float()])  # [T + F]
-        lp = lp.cpu().numpy()  # the call's one device-to-host copy
-        out, at, f = [], 0, len(tgt)
-        for r in rows:
-            n = len(r.own_targets)
-            vals = lp[at: at + n]
-            at += n
-            if r.target_start == 0:
-                vals = np.concatenate([lp[f: f + 1], vals])
-                f += 1
-            out.append(vals)
-        return out
+        if len(plan.first_rows):
+            table = torch.stack([e.first_logprobs for e in entries])  # [Np, V]
+            at = torch.from_numpy(np.stack([plan.prompt_idx[plan.first_rows].astype(np.int64),
+                                            plan.first_ids])).to(self.device)
+            first = table[at[0]].float()  # [F, V]
+            lp = torch.cat([lp, first.gather(-1, at[1][:, None])[:, 0]])
+            top = torch.cat([top, first.argmax(-1) == at[1]])
+        out = torch.stack([lp.double(), top.double()]).cpu().numpy()  # the one device-to-host copy
+        T = len(plan.target_rows)
+        lp, top = out[0], out[1].astype(bool)
+        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:])
 
     # ------------------------------------------------------------------------- generation
     @torch.inference_mode()
-    def start(self, rows: list[Row], max_new_tokens: int, greedy: bool = False):
-        if self.graphs is not None:  # its decode buffers are shared: close the previous generation
-            previous = self._generation() if self._generation is not None else None
-            if previous is not None:
-                previous.closed = True
-        l_max = max(len(r.ids) for r in rows)
-        batch, emb, pos, _ = self._batch(rows, capacity=l_max + max_new_tokens)
+    def prefill(self, plan: BatchPlan, capacity):
+        batch, emb, pos, _ = self._batch(plan, capacity=max(capacity))
         hidden = self._run(batch, emb, pos)
-        B = len(rows)
-        real = torch.arange(B, device=self.device)
-        logits = self.lm_head(hidden[real, batch.kv_lens[:B].long() - 1])  # [B, V]
-        Bp = batch.prompt_idx.shape[0]
-        next_pos = torch.zeros(Bp, dtype=torch.long, device=self.device)
-        next_pos[:B] = torch.tensor([r.num_virtual + len(r.ids) for r in rows], device=self.device)
-        active = (torch.arange(Bp, device=self.device) < B).to(torch.int32)
-        state = _GenState(batch, next_pos, list(range(B)), active)
-        if self.graphs is not None:
-            self._generation = weakref.ref(state)
-            # no other generation is live: older decode buffer sets may go (the newest stays)
-            self.graphs.trim_persistent(self.decode_buffer_bytes)
-        return state, self._to_host(logits, greedy)
+        B = plan.B
+        last = torch.from_numpy(np.stack([np.arange(B), plan.last_cols])).to(self.device)
+        logits = self.lm_head(hidden[last[0], last[1]])  # [B, V]
+        nxt = torch.from_numpy(plan.prefix_lens + plan.past_lens + plan.q_lens).to(self.device)
+        new = _GenState(batch.own_k, batch.own_v, list(range(B)), [r.prompt for r in plan.rows],
+                        batch.kv_lens[:B].clone(), nxt, torch.ones(B, dtype=torch.int32, device=self.device))
+        return new, logits
+
+    def _slot_batch(self, state: _GenState) -> None:
+        """Rebuild the decode PrefixBatch after rows joined or left: the prefix stack of the
+        generating rows' prompts and each slot's index into it (idle slots: 0)."""
+        live = [state.prompts[s] for s in state.slots]
+        distinct = list({p.digest: p for p in live if p is not None}.values())
+        index = {p.digest: n for n, p in enumerate(distinct)}
+        no_prompt = any(p is None for p in live)
+        ks, vs, lens, _ = self._stack(distinct, no_prompt)
+        idx = [0] * len(state.prompts)
+        for s in state.slots:
+            p = state.prompts[s]
+            idx[s] = index[p.digest] if p is not None else len(distinct)
+        prompt_idx = torch.tensor(idx, dtype=torch.int32).to(self.device)
+        state.kv_lens = state.kv_lens * state.active
+        state.batch = PrefixBatch(ks, vs, lens, prompt_idx, state.kv_lens, state.active,
+                                  state.own_k, state.own_v, decoding=True, triton=self.triton)
 
     @torch.inference_mode()
-    def step(self, state: _GenState, next_ids: np.ndarray, greedy: bool = False):
-        """One token for each generating row (``next_ids`` in the caller's order): ``[n, V]``
-        logits, or with ``greedy`` their argmax ids ``[n]``."""
-        _check_open(state)
+    def decode(self, state: _GenState, next_ids: np.ndarray):
+        """One token for each generating row (``next_ids`` in the engine's order): ``[n, V]``."""
         b = state.batch
-        b.decoding = True
-        b.kv_lens = b.kv_lens + state.active  # idle rows stay put (and write nowhere: -1)
+        state.kv_lens = b.kv_lens = b.kv_lens + state.active  # idle slots stay at 0 (write nowhere)
         b.q_lens = state.active
         ids = torch.zeros(len(state.active), dtype=torch.long)
         ids[state.slots] = torch.as_tensor(next_ids, dtype=torch.long)
-        emb = self._embed_ids(ids)[:, None]  # [B, 1, E]
-        logits = self._run(b, emb, state.next_pos[:, None], project=True)  # [B, V]
+        emb = self._embed_ids(ids)[:, None]  # [Bp, 1, E]
+        logits = self._run(b, emb, state.next_pos[:, None], project=True)  # [Bp, V]
         state.next_pos = state.next_pos + state.active
         self.tokens_computed += len(next_ids)
-        slots = torch.tensor(state.slots, device=self.device)
-        return self._to_host(logits[slots], greedy)
+        return logits[torch.tensor(state.slots, device=self.device)]
 
+    @torch.inference_mode()
     def select(self, state: _GenState, keep: list[int]) -> _GenState:
-        """Keep only the rows at positions ``keep`` of the caller's order. Rows are compacted
-        into a smaller batch when it is smaller (with buckets: a smaller bucket); otherwise the
-        dropped rows are made idle in place."""
-        _check_open(state)
-        b, slots = state.batch, [state.slots[k] for k in keep]
-        n, dev = self._pad(len(slots)), self.device
-        if n == len(state.active):  # same batch size: idle the dropped rows, copy nothing
-            state.active = torch.zeros_like(state.active)
-            state.active[torch.tensor(slots, device=dev)] = 1
-            b.kv_lens = b.kv_lens * state.active
-            state.slots = slots
-            return state
-        idx = torch.tensor(slots + [slots[0]] * (n - len(slots)), device=dev)  # padding: idled copies
-        state.active = (torch.arange(n, device=dev) < len(slots)).to(torch.int32)
-        b.prompt_idx, b.kv_lens = b.prompt_idx[idx], b.kv_lens[idx] * state.active
-        b.q_lens = state.active
-        cap = b.own_k[0].shape[2]
-        own_k, own_v = self._own_buffers(n, cap)
-        for dst, src in ((own_k, b.own_k), (own_v, b.own_v)):
-            for layer in range(self.num_layers):
-                dst[layer].copy_(src[layer][idx])  # src[idx] is a gathered copy: safe in place
-        b.own_k, b.own_v = own_k, own_v
-        state.next_pos = state.next_pos[idx]
-        state.slots = list(range(len(slots)))
+        """Keep the rows at positions ``keep`` of the engine's order: the others' slots go idle
+        in place (nothing is copied). When the rows left fit a smaller bucket the pool is
+        compacted into it."""
+        slots = [state.slots[k] for k in keep]
+        Bp = len(state.active)
+        active = torch.zeros(Bp, dtype=torch.int32)
+        active[slots] = 1
+        state.active, state.slots = active.to(self.device), slots
+        if self._pad(len(slots)) < Bp:
+            return self._repool(state, None, self._pad(len(slots)), state.own_k[0].shape[2])
+        self._slot_batch(state)
         return state
 
+    @torch.inference_mode()
+    def join(self, state: _GenState | None, new: _GenState) -> _GenState:
+        """Move the new rows' K/V into free slots of the pool (copying only them); a pool with
+        too few slots or too little capacity is reallocated one bucket larger."""
+        cap_new = new.own_k[0].shape[2]
+        if state is None:
+            return self._repool(None, new, self._pad(len(new.slots)), cap_new)
+        cap = state.own_k[0].shape[2]
+        free = [s for s in range(len(state.active)) if s not in set(state.slots)]
+        if len(free) < len(new.slots) or cap < cap_new:
+            return self._repool(state, new, self._pad(len(state.slots) + len(new.slots)),
+                                max(cap, cap_new))
+        dst = torch.tensor(free[: len(new.slots)], device=self.device)
+        src = torch.tensor(new.slots, device=self.device)
+        for pool, rows in ((state.own_k, new.own_k), (state.own_v, new.own_v)):
+            for layer in range(self.num_layers):
+                pool[layer][dst] = rows[layer][src, :, :cap]
+        for d, sl in zip(dst.tolist(), new.slots):
+            state.prompts[d] = new.prompts[sl]
+        state.kv_lens = state.kv_lens.index_copy(0, dst, new.kv_lens[src].to(state.kv_lens.dtype))
+        state.next_pos = state.next_pos.index_copy(0, dst, new.next_pos[src].to(state.next_pos.dtype))
+        state.active = state.active.index_fill(0, dst, 1)
+        state.slots = state.slots + dst.tolist()
+        self._slot_batch(state)
+        return state
 
-def _check_open(state: _GenState) -> None:
-    if state.closed:
-        raise RuntimeError("this generation was closed by a newer one: under CUDA graphs a "
-                           "TorchBackend runs one generation at a time (Runtime.generate "
-                           "serialises them)")
+    def _repool(self, state: _GenState | None, new: _GenState | None, rows: int, cap: int) -> _GenState:
+        """A pool of ``rows`` slots x ``cap`` tokens holding the generating rows of ``state``
+        then those of ``new``, in order (slots 0..n-1)."""
+        parts = [(st, st.slots) for st in (state, new) if st is not None]
+        own_k, own_v = self._own_buffers(rows, cap, "own")
+        n, kv, nxt, prompts = 0, [], [], []
+        for st, sl in parts:
+            src = torch.tensor(sl, device=self.device)
+            width = min(cap, st.own_k[0].shape[2])
+            for pool, old in ((own_k, st.own_k), (own_v, st.own_v)):
+                for layer in range(self.num_layers):
+                    pool[layer][n: n + len(sl)].zero_()
+                    pool[layer][n: n + len(sl), :, :width] = old[layer][src, :, :width]
+            kv.append(st.kv_lens[src])
+            nxt.append(st.next_pos[src])
+            prompts += [st.prompts[s] for s in sl]
+            n += len(sl)
+        pad = rows - n
+        dev = self.device
+        kv_lens = torch.cat(kv + [torch.zeros(pad, dtype=torch.int32, device=dev)]).to(torch.int32)
+        next_pos = torch.cat(nxt + [torch.zeros(pad, dtype=torch.long, device=dev)]).long()
+        active = (torch.arange(rows, device=dev) < n).to(torch.int32)
+        out = _GenState(own_k, own_v, list(range(n)), prompts + [None] * pad, kv_lens, next_pos, active)
+        self._slot_batch(out)
+        if self.graphs is not None:  # the pool was touched last: trimming always keeps it
+            self.graphs.trim_persistent(self.decode_buffer_bytes)
+        return out
+
+    def pick(self, logits, samplers):
+        return pick_torch(logits, samplers)
