@@ -1,4 +1,4 @@
-"""``softprompt <verb>``: info, demo, score, generate, export, bench."""
+"""``softprompt <verb>``: info, demo, score, generate, serve, export, bench."""
 
 from __future__ import annotations
 
@@ -190,6 +190,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The HTTP API (softprompt/server): loads the model in the background (GET /ready turns
+    200 once it is loaded and warmed up), serves until SIGTERM, then drains and exits 0."""
+    import os
+
+    try:
+        from softprompt.server import create_app, prompt_dir_sources, serve
+    except ImportError as e:
+        raise SystemExit(f"softprompt serve needs the [serve] extra ({e.name} is missing): "
+                         "pip install 'softprompt-runtime[serve]'") from None
+    for spec in args.prompt:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
+    dir_prompts = prompt_dir_sources(args.prompt_dir) if args.prompt_dir else []
+    api_keys = args.api_key or [k for k in os.environ.get("SOFTPROMPT_API_KEY", "").split(",") if k]
+    admin_key = args.admin_key or os.environ.get("SOFTPROMPT_ADMIN_KEY")
+
+    def load():
+        rt = _runtime(args)
+        for name, source in dir_prompts:
+            rt.add_prompt(name, source)
+        return rt
+
+    app = create_app(loader=load, api_keys=api_keys, admin_keys=[admin_key] if admin_key else [],
+                     max_queue=args.max_queue, request_timeout=args.request_timeout,
+                     max_body_bytes=args.max_body_bytes,
+                     served_model_name=args.served_model_name, warmup=not args.no_warmup)
+    return serve(app, args.host, args.port, log_level=args.log_level,
+                 access_log=args.access_log, graceful_timeout=args.request_timeout + 5)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -219,6 +251,34 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="HTTP API: OpenAI completions, score, classify, metrics")
+    _add_model_args(p)
+    p.add_argument("--prompt-dir", default=None, metavar="DIR",
+                   help="register every PEFT adapter subdirectory and .safetensors/.npy file "
+                        "in DIR, named after it")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="bearer key required on /v1/* (repeatable; default: the comma-separated "
+                        "$SOFTPROMPT_API_KEY; none: no key needed)")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="key that may also add and remove prompts (default: "
+                        "$SOFTPROMPT_ADMIN_KEY; with keys set, only this key may)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="accepted requests in flight at most; more get 429 (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds per request; a completion past it is cancelled (default: "
+                        "%(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N",
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's id in /v1/models (default: the model's name)")
+    p.add_argument("--no-warmup", action="store_true", help="skip Runtime.warmup() at start")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
 
     from softprompt.bench import driver
     from softprompt.export import cli as export_cli

@@ -1,0 +1,18 @@
+"""``softprompt serve``: an HTTP API over one Runtime (FastAPI + uvicorn, the ``[serve]`` extra).
+
+OpenAI's completions dialect with every soft prompt listed as a model
+(``POST /v1/completions``, ``GET /v1/models``), the native batch calls (``POST /v1/score``,
+``POST /v1/classify``), prompt management with the admin key (``POST /v1/prompts``,
+``DELETE /v1/prompts/{name}``), ``GET /health``, ``GET /ready`` and Prometheus ``GET /metrics``.
+
+    from softprompt import Runtime
+    from softprompt.server import create_app, serve
+    serve(create_app(Runtime.load("default")), "127.0.0.1", 8000)
+
+Files: ``app.py`` (routes, errors, back-pressure, running under uvicorn), ``protocol.py``
+(request and response bodies), ``metrics.py`` (every metric, named once).
+"""
+
+from .app import APIError, create_app, prompt_dir_sources, serve
+
+__all__ = ["create_app", "serve", "prompt_dir_sources", "APIError"]

@@ -1,0 +1,176 @@
+"""Request and response bodies (pydantic): OpenAI's legacy completions dialect plus the
+native score / classify calls. Unknown fields are refused (400 naming the field), as OpenAI
+does, so a misspelt parameter never passes silently."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Text = Union[str, list[int]]  # text, or token ids
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Body):
+    """``POST /v1/completions``. ``model`` is a soft prompt's name, or the base model's name for
+    no prompt. ``top_k`` and ``ignore_eos`` are vLLM's extensions; ``n``, ``best_of``,
+    penalties, ``logit_bias`` and ``suffix`` are accepted only at their neutral values."""
+
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False
+    n: int = 1
+    best_of: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    suffix: Optional[str] = None
+    user: Optional[str] = None
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        """(field, message) for the first field set to a value this server cannot honour."""
+        neutral = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        for name, value in neutral.items():
+            got = getattr(self, name)
+            if got is not None and got != value:
+                return name, f"{name}={got} is not supported; expected {value}"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported; expected none"
+        if self.suffix:
+            return "suffix", "suffix is not supported; expected none"
+        return None
+
+
+class Logprobs(BaseModel):
+    """OpenAI's legacy logprobs object. ``top_logprobs`` is null: the engine returns the
+    log-prob of each chosen token, not the top-k alternatives."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: Optional[list[dict[str, float]]] = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    """A soft prompt (or the base model, ``num_virtual_tokens`` 0) as an OpenAI model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "softprompt"
+    num_virtual_tokens: int
+    base_model: str
+    root: str
+    parent: Optional[str] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ScoreItem(_Body):
+    """One ``Runtime.score`` request: ``prompt`` None scores under the base model alone."""
+
+    prompt: Optional[str] = None
+    context: Text
+    continuation: Optional[Text] = None
+
+
+class ScoreBody(_Body):
+    requests: list[ScoreItem] = Field(min_length=1)
+
+
+class ScoreItemResult(BaseModel):
+    index: int
+    logprob: Optional[float] = None
+    token_logprobs: Optional[list[float]] = None
+    tokens: Optional[list[int]] = None
+    is_greedy: Optional[bool] = None
+    error: Optional[str] = None
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ScoreItemResult]
+    usage: Usage
+
+
+class ClassifyBody(_Body):
+    """``Runtime.classify(prompt, contexts, labels)``."""
+
+    prompt: Optional[str] = None
+    contexts: Union[str, list[Text]]
+    labels: list[str]
+
+
+class ClassifyItemResult(BaseModel):
+    index: int
+    label: Optional[str] = None
+    probs: Optional[dict[str, float]] = None
+    logprobs: Optional[dict[str, float]] = None
+    error: Optional[str] = None
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClassifyItemResult]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object: every non-2xx answer of the server has this shape."""
+
+    error: ErrorInfo
