@@ -397,7 +397,10 @@ def _place(lm: LoadedModel, dtype: "torch.dtype", device) -> LoadedModel:
         raise ModelError(f"the passed-in model {lm.source!r} is {p.dtype} on {p.device} and "
                          f"cannot be moved to {dtype} on {want}: {why}; pass device= and dtype= "
                          "that match it, or let Runtime.load load the model")
-    lm.model.to(device=want, dtype=dtype)
+    lm.model.to(device=want)
+    with torch.no_grad():  # parameters only: buffers such as RoPE's inv_freq stay float32,
+        for param in lm.model.parameters():  # as from_pretrained(dtype=...) leaves them
+            param.data = param.data.to(dtype)
     return lm
 
 
