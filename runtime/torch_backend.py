@@ -295,19 +295,21 @@ class TorchBackend(TorchModelMixin, Stepper):
         Through a CUDA graph when enabled: then the result is the graph's static output, valid
         until the next call."""
         decoding, triton = b.decoding, b.triton
+        # own K/V buffers go in under the names they were made with (persistent buffers are
+        # keyed by name): "own" for the decode pool, "new" for a prefill's rows
+        own = ("own_k", "own_v") if decoding else ("new_k", "new_v")
 
-        def forward(emb, pos, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
-                    own_k, own_v):
+        def forward(emb, pos, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens, **kv):
             batch = PrefixBatch(prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
-                                own_k, own_v, decoding, triton)
+                                kv.get(own[0]), kv.get(own[1]), decoding, triton)
             out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=False,
                                         softprompt_batch=batch)
             hidden = out.last_hidden_state
             return self.lm_head(hidden[:, 0]) if project else hidden
 
-        inputs = dict(emb=emb, pos=pos, prefix_k=b.prefix_k, prefix_v=b.prefix_v,
-                      prefix_lens=b.prefix_lens, prompt_idx=b.prompt_idx, kv_lens=b.kv_lens,
-                      q_lens=b.q_lens, own_k=b.own_k, own_v=b.own_v)
+        inputs = {"emb": emb, "pos": pos, "prefix_k": b.prefix_k, "prefix_v": b.prefix_v,
+                  "prefix_lens": b.prefix_lens, "prompt_idx": b.prompt_idx, "kv_lens": b.kv_lens,
+                  "q_lens": b.q_lens, own[0]: b.own_k, own[1]: b.own_v}
         if self.graphs is None:
             return forward(**inputs)
         return self.graphs.run(forward, inputs, reuse=("prefix_k", "prefix_v"),
@@ -341,7 +343,7 @@ class TorchBackend(TorchModelMixin, Stepper):
     # ------------------------------------------------------------------------- generation
     @torch.inference_mode()
     def prefill(self, plan: BatchPlan, capacity):
-        batch, emb, pos, _ = self._batch(plan, capacity=max(capacity))
+        batch, emb, pos, _ = self._batch(plan, capacity=max(max(capacity), plan.L_max))
         hidden = self._run(batch, emb, pos)
         B = plan.B
         last = torch.from_numpy(np.stack([np.arange(B), plan.last_cols])).to(self.device)

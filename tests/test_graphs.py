@@ -43,13 +43,13 @@ def test_static_buffers_copy_reuse_and_persist():
 
 
 def test_decode_buffers_are_kept_per_bucket_and_trimmed(tiny_dirs):
-    """Under graphs the decode K/V buffers persist per (rows, capacity) bucket for reuse; beyond
-    decode_buffer_bytes the least recently used sets go (with their graphs), never the live
-    generation's; a newer generation closes the previous one, whose next step then fails
-    loudly instead of sharing buffers."""
+    """Under graphs the decode pool's K/V buffers persist per (rows, capacity) bucket for reuse;
+    beyond decode_buffer_bytes the least recently used sets go (with their graphs), never the
+    live pool's; rows joining a full pool move it to a larger bucket."""
     import numpy as np
 
     from softprompt.runtime.api import Runtime
+    from softprompt.runtime.plan import BatchPlan
     from softprompt.runtime.prompts import SoftPrompt
     from softprompt.runtime.requests import ScoreRequest
 
@@ -63,18 +63,18 @@ def test_decode_buffers_are_kept_per_bucket_and_trimmed(tiny_dirs):
     def own_shapes():
         return {k[1] for k in be.graphs.buffers if k[0][0] == "own_k"}
 
-    first, _ = be.start(rows, max_new_tokens=10)  # capacity 13 -> 16
+    new, _ = be.prefill(BatchPlan.build(rows, score=False), [13] * 3)  # capacity 13 -> 16
+    state = be.join(None, new)
     assert own_shapes() == {(4, be.num_kv_heads, 16, be.head_dim)}
-    be.step(first, np.array([1, 2, 3]))
-    be.select(first, [0])  # 1 row: a new 1-row set; the 4-row set is kept while in budget
+    be.decode(state, np.array([1, 2, 3]))
+    state = be.select(state, [0])  # 1 row: compacted into a 1-row set; the 4-row set is kept
     assert len(own_shapes()) == 2
 
-    be.decode_buffer_bytes = 0  # over budget: the next start keeps only its own set
-    second, _ = be.start(rows[:2], max_new_tokens=100)  # 2 rows, capacity 103 -> 128
-    assert own_shapes() == {(2, be.num_kv_heads, 128, be.head_dim)}
-    with pytest.raises(RuntimeError, match="closed by a newer one"):
-        be.step(first, np.array([4]))
-    assert be.step(second, np.array([4, 5])).shape == (2, be.vocab_size)
+    be.decode_buffer_bytes = 0  # over budget: the next pool keeps only its own set
+    new, _ = be.prefill(BatchPlan.build(rows[:2], score=False), [103] * 2)  # capacity -> 128
+    state = be.join(state, new)  # 1 + 2 rows in a 1-row pool: a 4 x 128 pool
+    assert own_shapes() == {(4, be.num_kv_heads, 128, be.head_dim)}
+    assert be.decode(state, np.array([4, 5, 6])).shape == (3, be.vocab_size)
 
 
 def test_drop_persistent_frees_buffers_and_their_graphs():
@@ -269,6 +269,7 @@ def test_graphed_forwards_never_read_device_values(tiny_dirs, family):
     import numpy as np
 
     from softprompt.runtime.api import Runtime
+    from softprompt.runtime.plan import BatchPlan
     from softprompt.runtime.prompts import SoftPrompt
     from softprompt.runtime.requests import ScoreRequest
 
@@ -289,15 +290,19 @@ def test_graphed_forwards_never_read_device_values(tiny_dirs, family):
         return out
 
     be._run = checked
-    be.logprobs(rows)
-    state, _ = be.start(rows, max_new_tokens=4)
-    be.step(state, np.full(len(rows), 5))
+    be.score(BatchPlan.build(rows))
+    new, _ = be.prefill(BatchPlan.build(rows, score=False), [12] * len(rows))
+    state = be.join(None, new)
+    be.decode(state, np.full(len(rows), 5))
     state = be.select(state, [0, 2, 3, 4])  # 5 -> 4 rows: compacted into the 4-row bucket
-    be.step(state, np.full(4, 6))
+    be.decode(state, np.full(4, 6))
     state = be.select(state, [0, 1, 3])  # 4 -> 3 rows: the dropped row idles in place
-    be.step(state, np.full(3, 7))
-    state = be.select(state, [0, 2])  # 3 -> 2 rows: compacted into the 2-row bucket
-    be.step(state, np.full(2, 8))
+    be.decode(state, np.full(3, 7))
+    new, _ = be.prefill(BatchPlan.build(rows[:1], score=False), [12])
+    state = be.join(state, new)  # a row joins the idle slot
+    be.decode(state, np.full(4, 8))
+    state = be.select(state, [0, 2])  # 4 -> 2 rows: compacted into the 2-row bucket
+    be.decode(state, np.full(2, 9))
     assert seen == []
 
     from transformers.masking_utils import find_packed_sequence_indices

@@ -250,18 +250,22 @@ def test_greedy_generation_equals_reference(rts, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "onnx"])
-def test_greedy_start_and_step_return_the_logits_argmax(rts, backend):
-    """With greedy=True a backend hands back only the argmax ids of the logits it would return."""
-    from softprompt.runtime.requests import ScoreRequest
+def test_greedy_pick_is_the_logits_argmax(rts, backend):
+    """A greedy row's token is the argmax of the logits its backend computed, and its log-prob
+    is that logit's log-softmax (only B ids and B log-probs leave the backend)."""
+    from softprompt.runtime.plan import BatchPlan
+    from softprompt.runtime.requests import ScoreRequest, log_softmax
+    from softprompt.runtime.sampling import Sampler
 
     rt = rts("llama", backend)
     rows = rt._prepare([ScoreRequest("p20", [5, 6, 7]), ScoreRequest(None, [9, 8]),
                         ScoreRequest("p100", [4] * 6)], "raise")[0]
-    s_logits, logits = rt.backend.start(rows, 2)  # [B, V]
-    s_ids, ids = rt.backend.start(rows, 2, greedy=True)  # [B]
-    assert logits.shape == (3, rt.backend.vocab_size) and ids.tolist() == logits.argmax(-1).tolist()
-    logits = rt.backend.step(s_logits, ids)
-    assert rt.backend.step(s_ids, ids, greedy=True).tolist() == logits.argmax(-1).tolist()
+    _, logits = rt.backend.prefill(BatchPlan.build(rows, score=False), [8] * 3)
+    logits = np.asarray(logits.float() if hasattr(logits, "float") else logits, np.float64)
+    ids, lps = rt.backend.pick(logits.astype(np.float32) if backend == "onnx" else
+                               torch.from_numpy(logits), [Sampler() for _ in rows])
+    assert ids.tolist() == logits.argmax(-1).tolist()
+    np.testing.assert_allclose(lps, log_softmax(logits)[np.arange(3), ids], atol=1e-5)
 
 
 def test_generation_stops_per_row(rts):
@@ -284,43 +288,7 @@ def test_seeded_sampling_is_batch_invariant(rts):
     assert rt.generate("p1", [[5, 6]], **{**kw, "seed": 8})[0].token_ids != alone.token_ids
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_scores_are_served_between_generation_steps(rts, backend):
-    """A long generation does not hold the runtime for its whole length: while it is paused
-    between two decode steps, a score call on another thread completes, and both results equal
-    what they are alone."""
-    rt = rts("llama", backend)
-    req = {"prompt": "p20", "context": [5, 6, 7], "continuation": [8, 9]}
-    kw = dict(max_new_tokens=12, stop_at_eos=False)
-    want_gen = rt.generate("p100", [[4, 4, 4]], **kw)[0].token_ids
-    want_score = rt.score([req])[0].logprob
-    paused, scored, results = threading.Event(), threading.Event(), {}
-    decode, calls = rt.tokenizer.decode, []
-
-    def slow_decode(ids):  # called once per generated token, between the backend's steps
-        calls.append(1)
-        if len(calls) == 5:
-            paused.set()
-            results["blocked"] = not scored.wait(timeout=30)
-        return decode(ids)
-
-    rt.tokenizer.decode = slow_decode
-    try:
-        gen = threading.Thread(target=lambda: results.setdefault(
-            "gen", rt.generate("p100", [[4, 4, 4]], **kw)[0].token_ids))
-        gen.start()
-        assert paused.wait(timeout=30)
-        results["score"] = rt.score([req])[0].logprob
-        scored.set()
-        gen.join(timeout=60)
-    finally:
-        del rt.tokenizer.decode
-    assert results["blocked"] is False  # the score ran while the generation was paused
-    assert results["gen"] == want_gen
-    np.testing.assert_allclose(results["score"], want_score, **SCORE["float32"])
-
-
-def test_micro_batcher_many_threads(rts):
+def test_submit_many_threads(rts):
     """16 threads x 50 requests through submit(): every result equals its single-request reference."""
     ref, rt = rts("llama", "reference"), rts("llama", "torch")
     rng = np.random.default_rng(3)
@@ -347,20 +315,18 @@ def test_micro_batcher_many_threads(rts):
     for (t, k), res in got.items():
         w = want[(t * 50 + k) % len(pool)]
         np.testing.assert_allclose(res.token_logprobs, w.token_logprobs, **SCORE["float32"])
-    assert rt.stats()["batcher_largest_batch"] > 1  # requests really were gathered
+    assert rt.stats()["engine_steps"] < 800  # requests really shared steps
 
 
-def test_micro_batcher_bad_request_fails_only_its_future(tiny_dirs):
+def test_submit_bad_request_fails_only_its_future(tiny_dirs):
     rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
     rt.add_prompt("p", SoftPrompt.random(3, E, seed=1))
-    b = rt.batcher(max_batch=8, max_wait_ms=50)
-    good = [b.submit({"prompt": "p", "context": [5, 6], "continuation": [7]}) for _ in range(3)]
-    bad = b.submit({"prompt": "nope", "context": [5, 6]})
+    good = [rt.submit({"prompt": "p", "context": [5, 6], "continuation": [7]}) for _ in range(3)]
+    bad = rt.submit({"prompt": "nope", "context": [5, 6]})
     assert all(np.isfinite(f.result(timeout=30).logprob) for f in good)
     with pytest.raises(RequestError, match="unknown prompt 'nope'"):
         bad.result(timeout=30)
     rt.close()
-    assert b.closed
 
 
 def test_async_submit(rts):
@@ -377,20 +343,28 @@ def test_async_submit(rts):
 
 
 def test_close_without_drain_cancels(tiny_dirs):
+    """Work accepted but not yet run is cancelled by close(drain=False): score futures are
+    cancelled, generations end with finish_reason 'cancelled'; nothing is left waiting."""
     rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
     rt.add_prompt("p", SoftPrompt.random(3, E, seed=1))
-    b = rt.batcher(max_batch=1, max_wait_ms=0)
-    with rt._lock:  # hold the backend so the queue cannot empty
-        futs = [b.submit({"prompt": "p", "context": [5, 6]}) for _ in range(20)]
-        closer = threading.Thread(target=b.close, kwargs={"drain": False})
-        closer.start()
-        while not b._closing.is_set():
-            pass
-    closer.join()
-    assert any(f.cancelled() for f in futs)
-    assert all(f.cancelled() or f.result().logprob < 0 for f in futs)
+    hold, held = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=rt.engine.call,
+                               args=(lambda: (held.set(), hold.wait(30)),))
+    blocker.start()
+    assert held.wait(30)  # the engine thread is busy: nothing queued can run
+    futs = [rt.submit({"prompt": "p", "context": [5, 6]}) for _ in range(20)]
+    stream = rt.stream("p", [5, 6], max_new_tokens=4)
+    closer = threading.Thread(target=rt.close, kwargs={"drain": False})
+    closer.start()
+    while not rt.engine.closed:
+        pass
+    hold.set()
+    closer.join(30)
+    blocker.join(30)
+    assert all(f.cancelled() for f in futs)
+    assert [c.finish_reason for c in stream][-1] == "cancelled"
     with pytest.raises(RuntimeError, match="closed"):
-        b.submit({"prompt": "p", "context": [5]})
+        rt.submit({"prompt": "p", "context": [5]})
 
 
 @pytest.mark.parametrize("request_, message", [
@@ -398,9 +372,15 @@ def test_close_without_drain_cancels(tiny_dirs):
     ({"prompt": "p1", "context": []}, "request 0: empty context: expected at least one token"),
     ({"prompt": "p1", "context": [5], "continuation": []}, "empty continuation"),
     ({"prompt": "p100", "context": [5] * 420}, r"input too long: 100 virtual \+ 420 request tokens = 520 positions, the model has 512"),
-    ({"prompt": "p1", "context": [5, 400]}, r"context has token ids outside \[0, 96\): \[400\]"),
+    ({"prompt": "p1", "context": [5, 400]}, r"context has token ids outside the model's vocabulary \[0, 96\): \[400\]"),
     ({"prompt": "p1", "context": 3.5}, "context must be a string or a list of token ids, got float"),
     ({"prompt": "p1", "text": "x"}, "unknown request fields"),
+    ({"prompt": "p1", "context": [5.7, 6.2]}, "context token ids must be integers, got float 5.7"),
+    ({"prompt": "p1", "context": [True, 6]}, "context token ids must be integers, got bool True"),
+    ({"prompt": "p1", "context": ["5"]}, "context token ids must be integers, got str '5'"),
+    ({"prompt": "p1", "context": b"abc"}, "context must be a string or a list of token ids, got bytes"),
+    ({"prompt": "p1", "context": "a\ud800b"}, "context is not valid Unicode text"),
+    ({"prompt": ["p1"], "context": [5]}, "prompt must be a prompt name"),
     ({"prompt": None, "context": [5]}, "nothing to score"),
 ])
 def test_bad_requests_one_line_errors(rts, request_, message):
