@@ -34,6 +34,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="dynamic int8 weight quantization for CPU (fp32 only; changes "
                         "log-probs slightly, see bench/EXPORT_RESULTS.md)")
+    p.add_argument("--weights", choices=("float", "int4"), default="float",
+                   help="int4: linear layers as 4-bit MatMulNBits blocks of 32 (fp32 graph), "
+                        "exact for GGUF Q4_0/Q4_1 models such as the default one, else "
+                        "round-to-nearest; bundle.json records the score drift")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check at the end (not recommended)")
     p.add_argument("--quiet", dest="progress", action="store_false",
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = export(args.model, args.out_dir, dtype=args.dtype, opset=args.opset,
                      optimize=args.optimize, quantize=args.quantize, validate=args.validate,
-                     progress=args.progress)
+                     progress=args.progress, weights=args.weights)
     except (ModelError, ExportValidationError, FileExistsError, ValueError) as e:
         print(f"softprompt export: error: {e}", file=sys.stderr)
         return 1

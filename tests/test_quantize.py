@@ -1,0 +1,205 @@
+"""4-bit weight bundles (export/quantize.py): GGUF blocks carried over exactly, round-to-nearest
+otherwise, and the export path that writes and checks them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from softprompt.export import quantize as q
+from softprompt.export.bundle import load_bundle
+
+K, N = 96, 40  # 3 blocks of 32 along K; N not a multiple of anything
+
+
+def _gguf_raw(weight: np.ndarray, kind: str) -> np.ndarray:
+    """llama.cpp's own quantizer (gguf.quants): raw blocks [N, K/32 * bytes per block]."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(weight, getattr(GGMLQuantizationType, kind))
+
+
+def _weight(seed=0, n=N, k=K):
+    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_block_conversion_is_exact(kind):
+    """Blocks read from GGUF dequantise bit for bit as gguf does, and the MatMulNBits
+    representation written for them holds the same numbers: Q4_0 with the default zero
+    point 8; Q4_1 with zero point 0 (d * q) plus its minimum."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = _gguf_raw(_weight(), kind)
+    want = dequantize(raw, getattr(GGMLQuantizationType, kind))  # [N, K] float32
+    blocks = q.from_gguf_blocks(raw, kind)
+    np.testing.assert_array_equal(blocks.dequantize(), want)
+    packed = q.pack_codes(blocks.codes)
+    assert packed.shape == (N, K // 32, 16) and packed.dtype == np.uint8
+    if kind == "Q4_0":
+        np.testing.assert_array_equal(q.matmulnbits_dequantize(packed, blocks.scales, None), want)
+    else:
+        zero = np.zeros((N, 2), np.uint8)  # ceil(3 blocks / 2) bytes per row
+        dq = q.matmulnbits_dequantize(packed, blocks.scales, zero)  # d * q, exact
+        got = (dq.reshape(N, -1, 32) + blocks.mins[..., None]).reshape(N, K)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_from_gguf_blocks_refuses_other_types():
+    with pytest.raises(ValueError, match=r"'Q8_0' is not 4-bit; expected one of"):
+        q.from_gguf_blocks(np.zeros((2, 34), np.uint8), "Q8_0")
+
+
+def _matmul_graph(path, weights: list[np.ndarray], vocab: int):
+    """x [B, S, K] -> x @ W0^T -> ... -> logits [B, S, vocab] (the last weight is [vocab, K]),
+    weights as float32 initializers [K, N] in an external data file, as the exporter saves."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from softprompt.export.bundle import WEIGHTS_FILE
+
+    nodes, inits, x = [], [], "inputs_embeds"
+    for i, w in enumerate(weights):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
+        y = "logits" if i == len(weights) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y], name=f"mm{i}"))
+        x = y
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "inputs_embeds", TensorProto.FLOAT, ["batch", "seq", weights[0].shape[1]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])],
+        inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=True, location=WEIGHTS_FILE,
+              size_threshold=0)
+    return path
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"inputs_embeds": x})[0]
+
+
+def test_gguf_q4_1_carried_over_exactly(tmp_path):
+    """A graph whose weights are a GGUF file's Q4_1 tensors dequantised (one with its rows
+    reordered, as transformers does to llama's q/k) gets exactly those blocks: on the identity
+    the 4-bit graph returns the float graph's weights bit for bit. A weight absent from the
+    file is rounded to nearest; the vocabulary projection stays float32."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize
+
+    raws = [_gguf_raw(_weight(0, 64, K), "Q4_1"), _gguf_raw(_weight(1, K, 64), "Q4_1")]
+    writer = GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for i, raw in enumerate(raws):
+        writer.add_tensor(f"blk.0.w{i}.weight", raw, raw_dtype=GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dq = [dequantize(r, GGMLQuantizationType.Q4_1) for r in raws]
+    perm = np.random.default_rng(2).permutation(64)
+    rtn = _weight(3, 64, K)
+    vocab = _weight(4, 50, 64)
+    weights = [dq[0][perm], dq[1], rtn, vocab]  # [64, K], [K, 64], [64, K], [50, 64]
+    model = _matmul_graph(tmp_path / "model.onnx", weights, vocab=50)
+    x = np.random.default_rng(5).standard_normal((2, 3, K)).astype(np.float32)
+    want = _run(model, x)
+
+    report = q.quantize_int4(model, gguf=tmp_path / "m.gguf")
+    assert (report["exact"], report["rtn"], report["kept_float"]) == (2, 1, ["mm3"])
+    got = _run(model, x)
+    # the function now computed: the GGUF weights as they were, the third weight rounded to
+    # nearest (llama.cpp Q4_1), the vocabulary projection float32
+    expect = x.astype(np.float64)
+    for w in (weights[0], weights[1], q.rtn_blocks(rtn).dequantize(), vocab):
+        expect = expect @ w.T.astype(np.float64)
+    np.testing.assert_allclose(got, expect, rtol=0, atol=1e-5 * np.abs(expect).max())
+    assert np.abs(got - want).max() > 1e-3 * np.abs(want).max()  # the rounding did happen
+
+    # the two carried-over weights on their own: identity in, float weights out, bit for bit
+    import onnx
+
+    graph = onnx.load(str(model))
+    for i, w in enumerate(weights[:2]):
+        single = tmp_path / f"single{i}"
+        single.mkdir()
+        _matmul_graph(single / "model.onnx", [w], vocab=w.shape[0])
+        q.quantize_int4(single / "model.onnx", gguf=tmp_path / "m.gguf", keep_float=())
+        eye = np.eye(w.shape[1], dtype=np.float32)[None]  # [1, K, K]
+        np.testing.assert_array_equal(_run(single / "model.onnx", eye)[0], w.T)
+    assert any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+
+
+def test_rtn_error_is_bounded(tmp_path):
+    """Round-to-nearest: every weight within half a step d / 2 of the float, plus the fp16
+    rounding of d and m (relative 2^-11 each: |dm| + 15 |dd|)."""
+    w = _weight(7)
+    blocks = q.rtn_blocks(w)
+    d = np.repeat(blocks.scales, 32, axis=1)
+    m = np.repeat(blocks.mins, 32, axis=1)
+    err = np.abs(blocks.dequantize() - w)
+    assert np.all(err <= d / 2 + 2.0**-11 * (np.abs(m) + 15 * d) + 1e-7)
+    assert err.max() > d.min() / 4  # it is a 4-bit rounding, not a copy
+
+
+def test_export_int4_tiny_bundle(tiny_dirs, tiny_bundles, tmp_path):
+    """``export(weights="int4")`` on a float model: round-to-nearest MatMulNBits, checked
+    against PyTorch (sanity bound) and its score drift recorded; the bundle serves scores
+    through the Runtime close to the float32 bundle's."""
+    from softprompt import Runtime
+    from softprompt.export import export
+
+    out = export(tiny_dirs["llama"], tmp_path / "int4", weights="int4", progress=False)
+    m = json.loads((out / "bundle.json").read_text())
+    assert m["quantization"] == "int4" and m["weights"]["rtn"] == 14
+    assert m["weights"]["exact"] == 0 and len(m["weights"]["kept_float"]) == 1
+    scores = m["validation"]["scores"]
+    assert m["validation"]["passed"] and scores["tokens"] == 8 * 31
+    assert 0 < scores["mean_abs_dlogprob"] <= scores["max_abs_dlogprob"] < 4.0
+    graph_ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx"),
+                                                            load_external_data=False).graph.node}
+    assert "MatMulNBits" in graph_ops
+    bundle = load_bundle(out)
+    float_bundle = tiny_bundles["llama"]
+    req = q.drift_requests(bundle, batch=2, prompt_len=3, length=6, seed=1)
+    drift = q.score_drift(q.request_logprobs(bundle, req),
+                          q.request_logprobs(load_bundle(float_bundle), req))
+    assert drift["mean_abs_dlogprob"] < 1.0
+    rt = Runtime.load(str(out), backend="onnx")
+    r = rt.score([{"prompt": None, "context": [3, 4, 5], "continuation": [6]}])[0]
+    assert r.error is None and np.isfinite(r.logprob)
+
+
+def test_export_int4_refuses_fp16(tiny_dirs, tmp_path):
+    from softprompt.export import export
+
+    with pytest.raises(ValueError, match=r"weights='int4' is not supported with dtype='fp16'"):
+        export(tiny_dirs["llama"], tmp_path / "x", dtype="fp16", weights="int4", progress=False)
+
+
+def test_bundle_for_picks_int4_only_within_tolerance(tiny_dirs, tmp_path, monkeypatch):
+    """bundle_for: weights="int4" derives the 4-bit sibling from the float32 bundle once; the
+    default pick serves it only when its recorded score drift is within the tolerance (the
+    tiny random model's round-to-nearest drift is not), and create=False exports nothing."""
+    from softprompt.runtime.onnx_backend import bundle_for
+
+    monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path / "home"))
+    model = tiny_dirs["llama"]
+    assert bundle_for(model, create=False) is None
+    int4 = bundle_for(model, weights="int4")
+    fp32 = bundle_for(model, dtype="float32")
+    assert int4.name == fp32.name + "-int4" and int4.parent == fp32.parent
+    m = json.loads((int4 / "bundle.json").read_text())
+    assert m["quantization"] == "int4" and m["fingerprint"] == \
+        json.loads((fp32 / "bundle.json").read_text())["fingerprint"]
+    assert m["validation"]["scores"]["within_tolerance"] is False  # random weights, RTN
+    assert bundle_for(model) == fp32 and bundle_for(model, create=False) == fp32
+    m["validation"]["scores"]["within_tolerance"] = True  # as an exact GGUF carry-over records
+    (int4 / "bundle.json").write_text(json.dumps(m))
+    assert bundle_for(model) == int4 and bundle_for(model, create=False) == int4
+    assert bundle_for(model, dtype="float32") == fp32  # asking for float32 gets float32
