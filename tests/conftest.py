@@ -31,3 +31,11 @@ def tiny_bundles(tiny_dirs, tmp_path_factory):
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_dir(request, tiny_dirs):
     return tiny_dirs[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tiny_dirs, tmp_path_factory):
+    """The tiny Llama exported to an ONNX bundle once per session (batch-job and Ray tests)."""
+    from softprompt.export import export
+
+    return export(tiny_dirs["llama"], tmp_path_factory.mktemp("bundle") / "llama", progress=False)
