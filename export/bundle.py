@@ -177,7 +177,7 @@ def _check_manifest(path: Path, m: dict) -> None:
     if m["num_heads"] % m["num_kv_heads"]:
         raise BundleError(f"{path}: num_heads {m['num_heads']} is not a multiple of "
                           f"num_kv_heads {m['num_kv_heads']}")
-    if m["dtype"] not in NP_DTYPES:
+    if not isinstance(m["dtype"], str) or m["dtype"] not in NP_DTYPES:
         raise BundleError(f"{path}: dtype {m['dtype']!r} is not one of {sorted(NP_DTYPES)}")
     for k in ("input_names", "output_names"):
         if not isinstance(m[k], list) or not all(isinstance(n, str) for n in m[k]):

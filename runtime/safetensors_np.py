@@ -170,7 +170,8 @@ def save_file(tensors: dict[str, np.ndarray], path: str | Path,
     """
     header, chunks, offset = {}, [], 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name])
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d 1-d
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} cannot be saved")
         b = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -30,27 +30,25 @@ def _runtime(args):
     rt = Runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                       max_batch=args.max_batch)
     for spec in args.prompt:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or not source:
-            raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
-        rt.add_prompt(name, source)
+        rt.add_prompt(*_prompt_spec(spec))
     return rt
 
 
+def _prompt_spec(spec: str) -> tuple[str, str]:
+    name, sep, source = spec.partition("=")
+    if not sep or not name or not source:
+        raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
+    return name, source
+
+
 def _read_jsonl(path: str):
-    """Yield (line number, parsed dict or an error string)."""
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    """Yield (line number, request dict or an error string), blank lines skipped."""
+    from softprompt.scoring import _read_jsonl as rows
+
+    f = sys.stdin.buffer if path == "-" else open(path, "rb")
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                yield n, obj
-            except ValueError as e:
-                yield n, f"line {n}: not a JSON object ({e})"
+        for n, obj, _ in rows(f, (0, 0)):
+            yield n, obj if isinstance(obj, dict) else f"line {n}: {obj}"
 
 
 def _write(out, obj) -> None:
@@ -58,25 +56,32 @@ def _write(out, obj) -> None:
 
 
 def cmd_score(args) -> int:
-    """JSONL {prompt, context, continuation} in, JSONL {logprob, token_logprobs, tokens} out.
-    A bad line gets {"line": n, "error": ...}; the other lines are still scored."""
-    rt = _runtime(args)
-    lines = list(_read_jsonl(args.input))
-    good = [(n, obj) for n, obj in lines if isinstance(obj, dict)]
-    results = dict(zip((n for n, _ in good), rt.score([o for _, o in good], errors="return",
-                                                                 progress=args.output != "-")))
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    with out:
-        for n, obj in lines:
-            if not isinstance(obj, dict):
-                _write(out, {"line": n, "error": obj})
-                continue
-            r = results[n]
-            if r.error:
-                _write(out, {"line": n, "error": r.error})
-            else:
-                _write(out, {"line": n, "logprob": r.logprob, "token_logprobs": r.token_logprobs,
-                             "tokens": r.tokens})
+    """Rows {prompt, context, continuation} in (JSONL, CSV or Parquet), score records out, chunk
+    by chunk with a checkpoint beside the output (softprompt/scoring.py). A bad row gets
+    {"line": n, "error": ...}; the others are still scored."""
+    from softprompt import scoring
+
+    opts = dict(chunk_rows=args.chunk_rows, resume=args.resume, overwrite=args.overwrite,
+                input_format=args.input_format, output_format=args.output_format,
+                progress=not args.no_progress)
+    try:
+        if args.ray:
+            from softprompt import ray as sp_ray
+
+            prompts = dict(_prompt_spec(s) for s in args.prompt)
+            summary = sp_ray.score_file(args.input, args.output, args.model, prompts,
+                                        address=None if args.ray == "local" else args.ray,
+                                        backend=args.backend, num_actors=args.ray_actors,
+                                        num_gpus_per_actor=args.ray_gpus_per_actor,
+                                        batch_size=args.ray_batch_size,
+                                        runtime_kwargs=dict(max_batch=args.max_batch), **opts)
+        else:
+            summary = scoring.score_file(_runtime(args), args.input, args.output, **opts)
+    except scoring.JobError as e:
+        raise SystemExit(f"softprompt score: {e}") from None
+    if not args.no_progress:
+        print(f"softprompt score: {summary['rows']} rows ({summary['errors']} errors) in "
+              f"{summary['seconds']:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -234,10 +239,33 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch", "reference"])
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("score", help="score JSONL requests {prompt, context, continuation}")
+    p = sub.add_parser("score", help="score rows {prompt, context, continuation} (JSONL, CSV, "
+                       "Parquet), streaming and resumable, locally or on Ray")
     _add_model_args(p)
-    p.add_argument("--input", "-i", default="-", help="JSONL file (default: stdin)")
-    p.add_argument("--output", "-o", default="-", help="JSONL file (default: stdout)")
+    p.add_argument("--input", "-i", default="-", help="JSONL, CSV or Parquet file, by extension "
+                   "(default: JSONL on stdin)")
+    p.add_argument("--output", "-o", default="-", help="JSONL, CSV or Parquet file, by extension "
+                   "(default: JSONL on stdout, without checkpoint)")
+    p.add_argument("--input-format", choices=["jsonl", "csv", "parquet"], default=None,
+                   help="override the input's extension")
+    p.add_argument("--output-format", choices=["jsonl", "csv", "parquet"], default=None,
+                   help="override the output's extension")
+    p.add_argument("--chunk-rows", type=int, default=1000, help="rows per chunk: per score call, "
+                   "output write and checkpoint (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue after the last complete "
+                   "chunk of an interrupted run of the same job (starts if there is none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output and its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="score each chunk on a Ray cluster (ADDRESS, e.g. ray://head:10001 or "
+                        "auto; without one a local Ray)")
+    p.add_argument("--ray-actors", type=int, default=2, help="actors, each holding one runtime "
+                   "(default: %(default)s)")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=0,
+                   help="GPUs per actor (default: %(default)s)")
+    p.add_argument("--ray-batch-size", type=int, default=256,
+                   help="rows per actor call (default: %(default)s)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("generate", help="generate continuations under a soft prompt")
