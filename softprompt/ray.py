@@ -1,0 +1,194 @@
+"""Score on a Ray cluster: Ray Data ``map_batches`` over a pool of actors, one Runtime each.
+
+    import ray, softprompt.ray
+    ds = ray.data.read_parquet("s3://bucket/rows/")          # rows {prompt, context, continuation}
+    out = softprompt.ray.score_dataset(ds, "bundle/", {"sentiment": "/shared/prompts/sentiment"},
+                                       num_actors=8, num_gpus_per_actor=0)
+    out.write_parquet("s3://bucket/scored/")                 # the same rows + logprob, error
+
+The model is resolved once, on the driver: a model that is not a bundle is exported there
+(backend ``onnx``) and every actor loads the same bundle directory, so actors never export.
+Each actor loads its Runtime and prompts once, in ``__init__``, and scores the batches it is
+given. The bundle and prompt paths must be readable from every node (a shared filesystem, or
+the same path on each machine). Ray is imported lazily: ``pip install "softprompt-runtime[ray]"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+from softprompt.scoring import REQUEST_FIELDS, JobError, check_request, score_chunk, score_file as _score_file
+
+FAIL_ONCE_ENV = "SOFTPROMPT_RAY_FAIL_ONCE"
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ImportError('softprompt.ray needs Ray Data: pip install "softprompt-runtime[ray]"') from None
+    return ray
+
+
+def resolve_model(model, backend: str = "auto", num_gpus_per_actor: float = 0) -> tuple[str, str]:
+    """(model path the actors load, backend), exporting a non-bundle model once here for onnx.
+
+    ``auto`` is torch when actors get GPUs and the model is not a bundle, else onnx."""
+    is_bundle = (Path(str(model)) / "bundle.json").is_file()
+    if backend == "auto":
+        backend = "torch" if num_gpus_per_actor and not is_bundle else "onnx"
+    if backend == "onnx" and not is_bundle:
+        from softprompt.runtime.onnx_backend import bundle_for
+
+        model = bundle_for(model)
+    p = Path(str(model))
+    return (str(p.resolve()) if p.exists() else str(model)), backend
+
+
+class RuntimeScorer:
+    """The callable class Ray Data runs in each actor: one Runtime, loaded in ``__init__``.
+
+    ``__call__`` takes a pyarrow batch with columns prompt (optional), context, continuation
+    (optional) and returns it with ``logprob`` (float64, null on error) and ``error`` (string)
+    added, plus ``token_logprobs`` and ``tokens`` with ``details``. Other columns pass through.
+    """
+
+    def __init__(self, model: str, backend: str, prompts: Mapping[str, object],
+                 runtime_kwargs: Mapping | None = None, details: bool = False):
+        from softprompt.runtime.api import Runtime
+
+        self.rt = Runtime.load(model, backend=backend, **dict(runtime_kwargs or {}))
+        for name, source in prompts.items():
+            self.rt.add_prompt(name, source)
+        self.details = details
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        _fail_once()
+        cols = [c for c in REQUEST_FIELDS if c in batch.column_names]
+        results = score_chunk(self.rt, [check_request(r) for r in batch.select(cols).to_pylist()])
+        new = {"logprob": pa.array([None if r.error else r.logprob for r in results], pa.float64()),
+               "error": pa.array([r.error for r in results], pa.string())}
+        if self.details:
+            new["token_logprobs"] = pa.array([None if r.error else r.token_logprobs for r in results],
+                                             pa.list_(pa.float64()))
+            new["tokens"] = pa.array([None if r.error else r.tokens for r in results],
+                                     pa.list_(pa.int64()))
+        batch = batch.drop_columns([c for c in new if c in batch.column_names])
+        for name, col in new.items():
+            batch = batch.append_column(name, col)
+        return batch
+
+
+def _fail_once() -> None:
+    """Fault injection for tests: with $SOFTPROMPT_RAY_FAIL_ONCE set to a path, the first actor
+    call that creates that file kills its own process (as a crashed node would)."""
+    marker = os.environ.get(FAIL_ONCE_ENV)
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+
+def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "auto",
+                  batch_size: int | None = 256, num_actors=2, num_gpus_per_actor: float = 0,
+                  details: bool = False, runtime_kwargs: Mapping | None = None,
+                  max_restarts: int = 4, max_task_retries: int = 4, **ray_remote_args):
+    """Rows ``{prompt, context, continuation}`` of ``ds`` -> the same rows + ``logprob``, ``error``.
+
+    Args:
+        ds: a ``ray.data.Dataset``; context is text or a list of token ids, prompt a registered
+            name or null, continuation text, ids or null. Other columns are kept.
+        model: a bundle directory, or any model ``Runtime.load`` takes (exported here, once, for
+            backend onnx). Its path must be readable on every node.
+        prompts: ``{name: adapter dir / .safetensors / .npy / array}`` loaded in every actor.
+        backend: ``onnx``, ``torch``, ``reference`` or ``auto`` (torch with GPUs, else onnx).
+        batch_size: rows per actor call (None: one call per block).
+        num_actors: pool size, or a ``ray.data.ActorPoolStrategy`` (e.g. autoscaling bounds).
+        num_gpus_per_actor: GPUs each actor reserves (torch backend on CUDA; ORT's CUDA
+            provider through ``runtime_kwargs={"providers": [...]}``).
+        details: also return ``token_logprobs`` and ``tokens``.
+        runtime_kwargs: extra ``Runtime.load`` arguments (max_batch, dtype, ...).
+        max_restarts / max_task_retries: an actor that dies is restarted and its batch retried,
+            so no row is lost or repeated.
+        ray_remote_args: passed to ``map_batches`` (num_cpus, memory, runtime_env, ...).
+    Returns the lazy mapped ``ray.data.Dataset`` (row order follows Ray's ``preserve_order``).
+    """
+    ray = _ray()
+    model, backend = resolve_model(model, backend, num_gpus_per_actor)
+    if isinstance(num_actors, int):
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1 or an ActorPoolStrategy, got {num_actors}")
+        compute = ray.data.ActorPoolStrategy(size=num_actors)
+    else:
+        compute = num_actors
+    return ds.map_batches(
+        RuntimeScorer, batch_format="pyarrow", batch_size=batch_size, compute=compute,
+        fn_constructor_kwargs=dict(model=model, backend=backend, prompts=dict(prompts),
+                                   runtime_kwargs=dict(runtime_kwargs or {}), details=details),
+        num_gpus=num_gpus_per_actor or None, max_restarts=max_restarts,
+        max_task_retries=max_task_retries, **ray_remote_args)
+
+
+def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
+               address: str | None = None, backend: str = "auto", num_actors: int = 2,
+               num_gpus_per_actor: float = 0, batch_size: int = 256,
+               runtime_kwargs: Mapping | None = None, **job) -> dict:
+    """``softprompt score --ray``: the streaming, resumable job of softprompt.scoring with each
+    chunk scored by :func:`score_dataset`. The driver reads and writes the files (so the input
+    need not be on the cluster) and keeps one chunk in memory; each chunk is cut into blocks of
+    ``batch_size`` rows, one actor call each, so a resumed chunk is batched as it was first."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address)
+    from softprompt.runtime.prompts import SoftPrompt
+    from softprompt.runtime.requests import RequestError, ScoreResult, as_request
+
+    model, backend = resolve_model(model, backend, num_gpus_per_actor)
+    fingerprint = None
+    if (Path(model) / "bundle.json").is_file():
+        import json
+
+        fingerprint = json.loads((Path(model) / "bundle.json").read_text()).get("fingerprint")
+    identity = {"engine": "ray", "model": model, "backend": backend, "fingerprint": fingerprint,
+                "prompts": {n: SoftPrompt.load(s).digest for n, s in sorted(prompts.items())},
+                "batch_size": batch_size, "runtime_kwargs": dict(runtime_kwargs or {})}
+
+    def scorer(requests):
+        items = []
+        results: list = [None] * len(requests)
+        for i, r in enumerate(requests):
+            if isinstance(r, str):
+                results[i] = ScoreResult(error=r)
+                continue
+            try:
+                as_request(r)  # unknown fields fail here, as they would in Runtime.score
+            except RequestError as e:
+                results[i] = ScoreResult(error=str(e))
+                continue
+            items.append({"i": i, **{k: r.get(k) for k in REQUEST_FIELDS}})
+        if items:
+            ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
+            out = score_dataset(ds, model, prompts, backend=backend, batch_size=None,
+                                num_actors=min(num_actors, math.ceil(len(items) / batch_size)),
+                                num_gpus_per_actor=num_gpus_per_actor, details=True,
+                                runtime_kwargs=runtime_kwargs)
+            for row in out.take_all():
+                if results[row["i"]] is not None:
+                    raise JobError(f"Ray returned row {row['i']} of a chunk twice")
+                results[row["i"]] = (ScoreResult(error=row["error"]) if row["error"] else
+                                     ScoreResult(row["logprob"], list(row["token_logprobs"]),
+                                                 [int(t) for t in row["tokens"]]))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise JobError(f"Ray lost {len(missing)} rows of a chunk (first: {missing[0]})")
+        return results
+
+    return _score_file(None, input, output, scorer=scorer, identity=identity, **job)
