@@ -134,7 +134,7 @@ def load_file(path: str | Path, names=None, copy: bool = True
 
     names: load only these tensors (default all). copy: ``True`` copies each tensor out of
     the memory map (safe if the file later changes); ``False`` returns read-only views into
-    it (bfloat16 is always copied, to float32).
+    it (bfloat16 is always copied, to float32), valid while the file is not truncated.
     """
     with open(path, "rb") as f:
         h = read_header(f)
@@ -144,6 +144,8 @@ def load_file(path: str | Path, names=None, copy: bool = True
             raise SafetensorsError(f"no tensor named {missing[0]!r} (found {sorted(h.tensors)[:5]})")
         data = h.file_size - h.data_start
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if data else None
+        if mm is not None and len(mm) != h.file_size:
+            raise SafetensorsError(f"file changed size while being read ({h.file_size} -> {len(mm)})")
     out = {}
     for name in names:
         t = h.tensors[name]
