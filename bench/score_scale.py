@@ -1,0 +1,108 @@
+"""Rows/s of the batch-scoring job: one process (softprompt.scoring) against Ray Data with 1 and 2
+actors (softprompt.ray.score_dataset), the same rows, measured side by side in one run.
+
+    python -m softprompt.bench.score_scale --rows 2000 --P 20 --L 16
+
+Model: the default model's ONNX bundle if it was exported ($SOFTPROMPT_HOME/bundles/*/bundle.json
+of SmolLM2), else the tiny random Llama of tests/tiny.py, exported to a temporary directory.
+Rows: L random token ids as context + 1 id as continuation under one random soft prompt of P
+virtual tokens (seed 0). Ray times include starting the actor pool (each actor loads the bundle
+once), because a job pays it; the one-process time excludes loading the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _default_bundle() -> Path | None:
+    from softprompt.runtime.models import softprompt_home
+
+    for m in sorted((softprompt_home() / "bundles").glob("*/bundle.json")):
+        meta = json.loads(m.read_text())
+        name = str(meta.get("model_name") or meta.get("source"))
+        if meta.get("dtype") in ("fp32", "float32") and not meta.get("weights") and \
+                (name == "default" or "SmolLM2" in name):
+            return m.parent
+    return None
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--P", type=int, default=20)
+    ap.add_argument("--L", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64, help="rows per forward / per actor call")
+    ap.add_argument("--actors", default="1,2")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    import softprompt.ray as sp_ray
+    from softprompt.runtime.api import Runtime
+    from softprompt.scoring import score_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="score_scale-"))
+    bundle = _default_bundle()
+    if bundle is None:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny import make_tiny_model
+
+        from softprompt.export import export
+
+        bundle = Path(export(make_tiny_model("llama", tmp / "tiny"), tmp / "bundle", progress=False))
+        model_desc = "tiny random Llama (tests/tiny.py), fp32 bundle"
+    else:
+        model_desc = f"default model SmolLM2-135M-Instruct, fp32 bundle {bundle.name}"
+    rt = Runtime.load(bundle, backend="onnx", max_batch=args.batch)
+    rng = np.random.default_rng(0)
+    np.save(tmp / "p.npy", rng.standard_normal((args.P, rt.backend.hidden_size)).astype(np.float32))
+    rt.add_prompt("p", tmp / "p.npy")
+    V = rt.backend.vocab_size
+    rows = [{"prompt": "p", "context": rng.integers(3, V, args.L).tolist(),
+             "continuation": [int(rng.integers(3, V))]} for _ in range(args.rows)]
+    with open(tmp / "in.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+    results = []
+    t = time.perf_counter()
+    score_file(rt, str(tmp / "in.jsonl"), str(tmp / "out.jsonl"), chunk_rows=1000)
+    results.append(("one process (softprompt score)", time.perf_counter() - t))
+    rt.close()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for n in [int(a) for a in args.actors.split(",")]:
+        ds = ray.data.from_items(rows, override_num_blocks=max(n, args.rows // 500))
+        t = time.perf_counter()
+        out = sp_ray.score_dataset(ds, bundle, {"p": str(tmp / "p.npy")}, num_actors=n,
+                                   batch_size=args.batch, runtime_kwargs={"max_batch": args.batch})
+        got = out.take_all()
+        assert len(got) == args.rows and not any(r["error"] for r in got)
+        results.append((f"Ray Data, {n} actor{'s' * (n > 1)}", time.perf_counter() - t))
+    ray.shutdown()
+    print(f"device: {cpu_name()}, model: {model_desc}, float32, rows {args.rows}, P={args.P}, "
+          f"L={args.L}+1, batch {args.batch}")
+    print("| engine | wall s | rows/s |\n|---|---|---|")
+    for name, s in results:
+        print(f"| {name} | {s:.1f} | {args.rows / s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
