@@ -54,13 +54,15 @@ class Server:
                                      env=env, cwd=ROOT)
         self.client = httpx.Client(base_url=self.url, timeout=60,
                                    headers={"Authorization": f"Bearer {KEY}"})
+
+    def wait_ready(self) -> "Server":
         try:
             for _ in range(240):  # up to ~120 s: importing torch and transformers
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
                 try:
                     if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                        return
+                        return self
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
@@ -103,10 +105,25 @@ def files(tiny_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(files):
-    s = Server(files["model"], files["p5"], files["root"] / "main.log", "--max-body-bytes", "200000")
-    yield s
-    s.stop()
+def servers(files):
+    """Three servers started at once (their start-up, mostly imports, overlaps): the main one,
+    one with --max-queue 1 and a short --request-timeout, one to receive SIGTERM."""
+    args = {"main": ("--max-body-bytes", "200000"),
+            "queue": ("--max-queue", "1", "--request-timeout", "1.0"),
+            "sigterm": ()}
+    started = {}
+    try:
+        for name, extra in args.items():
+            started[name] = Server(files["model"], files["p5"], files["root"] / f"{name}.log", *extra)
+        yield {name: s.wait_ready() for name, s in started.items()}
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["main"]
 
 
 @pytest.fixture(scope="module")
@@ -335,32 +352,28 @@ def test_disconnect_mid_stream_frees_the_row(server):
 
 
 # --------------------------------------------------------------- servers of their own
-def test_full_queue_gets_429_and_timeout_frees_the_row(files):
-    s = Server(files["model"], files["p5"], files["root"] / "queue.log", "--max-queue", "1",
-               "--request-timeout", "1.5")
-    try:
-        body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": 480, "ignore_eos": True,
-                "stream": True}
-        with s.client.stream("POST", "/v1/completions", json=body) as held:
-            lines = held.iter_lines()
-            assert next(lines).startswith("data: ")  # accepted and generating
-            busy = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
-            _assert_error(busy, 429, code="queue_full")
-            assert busy.headers["Retry-After"] == "1"
-            events = [ln for ln in lines if ln.startswith("data: ")]
-        # the held stream ran into --request-timeout: an error event, then [DONE]
-        assert events[-1] == "data: [DONE]"
-        assert json.loads(events[-2][6:])["error"]["code"] == "timeout"
-        ok = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
-        assert ok.status_code == 200 and s.metrics()["softprompt:num_requests_running"] == 0
-        slow = _post(s, "/v1/completions", dict(body, stream=False))
-        _assert_error(slow, 504, code="timeout")
-    finally:
-        s.stop()
+def test_full_queue_gets_429_and_timeout_frees_the_row(servers):
+    s = servers["queue"]
+    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": 480, "ignore_eos": True,
+            "stream": True}
+    with s.client.stream("POST", "/v1/completions", json=body) as held:
+        lines = held.iter_lines()
+        assert next(lines).startswith("data: ")  # accepted and generating
+        busy = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
+        _assert_error(busy, 429, code="queue_full")
+        assert busy.headers["Retry-After"] == "1"
+        events = [ln for ln in lines if ln.startswith("data: ")]
+    # the held stream ran into --request-timeout: an error event, then [DONE]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == "timeout"
+    ok = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
+    assert ok.status_code == 200 and s.metrics()["softprompt:num_requests_running"] == 0
+    slow = _post(s, "/v1/completions", dict(body, stream=False))
+    _assert_error(slow, 504, code="timeout")
 
 
-def test_sigterm_under_load_finishes_every_accepted_request(files):
-    s = Server(files["model"], files["p5"], files["root"] / "sigterm.log")
+def test_sigterm_under_load_finishes_every_accepted_request(servers):
+    s = servers["sigterm"]
     n, new = 12, 60
     results: list = [None] * n
 
@@ -376,21 +389,18 @@ def test_sigterm_under_load_finishes_every_accepted_request(files):
             assert events[-1] == "data: [DONE]"
             results[i] = len(events) - 1
 
-    try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for _ in range(200):  # until every request is accepted
-            if s.metrics()["softprompt:http_requests_in_flight"] == n:
-                break
-            time.sleep(0.02)
-        assert s.metrics()["softprompt:http_requests_in_flight"] == n
-        s.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(60)
-        assert s.proc.wait(60) == 0, s.output()
-        assert results == [new] * n  # every accepted request got its whole answer
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(s.url + "/health", timeout=2)
-    finally:
-        s.stop()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(200):  # until every request is accepted
+        if s.metrics()["softprompt:http_requests_in_flight"] == n:
+            break
+        time.sleep(0.02)
+    assert s.metrics()["softprompt:http_requests_in_flight"] == n
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(60) == 0, s.output()
+    assert results == [new] * n  # every accepted request got its whole answer
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health", timeout=2)

@@ -546,7 +546,7 @@ class _Completion:
 
     def _stream(self, ids: list[int]):
         self.st.metrics.queue.labels("completions", self.label).observe(time.perf_counter() - self.t0)
-        return _token_stream(self.rt, self.prompt, ids, self.params)
+        return self.rt.stream_async(self.prompt, ids, **self.params)
 
     async def complete(self, index: int, text: str, ids: list[int]) -> CompletionChoice:
         self.prompt_tokens += len(ids)
@@ -558,6 +558,7 @@ class _Completion:
             it = self._stream(ids)
             try:
                 async for chunk in it:
+                    _check(chunk)
                     self._metrics(len(chunk.token_ids))
                     out += chunk.text
                     gen_ids += chunk.token_ids
@@ -618,6 +619,9 @@ class _Completion:
             yield self._event(head[0], head[1], None if first else "length")
         chunk = first
         while chunk is not None:
+            if chunk.finish_reason in ("error", "cancelled"):
+                yield f"data: {_engine_error(chunk).model_dump_json()}\n\n"
+                break
             self._metrics(len(chunk.token_ids))
             lp = None
             if self.body.logprobs is not None:
@@ -648,21 +652,22 @@ class _Completion:
             await _aclose(self.it)
 
 
-def _token_stream(rt, prompt, ids, params):
-    """The engine's async token stream (``Runtime.stream_async``); before the engine has
-    one, a single chunk from ``Runtime.generate`` in the threadpool."""
-    if hasattr(rt, "stream_async"):
-        return rt.stream_async(prompt, ids, **params)
-    return _generate_once(rt, prompt, ids, params)
+def _engine_error(chunk) -> ErrorResponse:
+    """The error object for a generation the engine ended with an error or cancelled (the
+    runtime is closing without draining)."""
+    if chunk.finish_reason == "cancelled":
+        return ErrorResponse(error=ErrorInfo(message="generation cancelled: the server is "
+                                             "shutting down", type="service_unavailable",
+                                             code="cancelled"))
+    return ErrorResponse(error=ErrorInfo(message=f"generation failed: {chunk.error}",
+                                         type="server_error", code="engine_error"))
 
 
-async def _generate_once(rt, prompt, ids, params):
-    from types import SimpleNamespace
-
-    res = (await run_in_threadpool(rt.generate, prompt, [ids], errors="raise", **params))[0]
-    yield SimpleNamespace(text=res.text, token_ids=list(res.token_ids),
-                          token_logprobs=list(getattr(res, "token_logprobs", None) or []),
-                          finish_reason=res.finish_reason)
+def _check(chunk) -> None:
+    if chunk.finish_reason in ("error", "cancelled"):
+        e = _engine_error(chunk).error
+        raise APIError(503 if chunk.finish_reason == "cancelled" else 500, e.message, e.type,
+                       code=e.code)
 
 
 async def _aclose(it) -> None:
