@@ -440,12 +440,15 @@ def test_cache_round_trip_keeps_every_value_and_order(tmp_path):
             assert g.flags.writeable  # copied out of the read-only memory map
 
 
-def test_runtime_refuses_tampered_cache_and_serves_unchanged(tiny_dirs, tmp_path):
-    """End to end (torch backend, tiny Llama): prompt A's prefix relabelled as prompt B's is
-    refused, and B still scores exactly as before."""
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_runtime_refuses_tampered_cache_and_serves_unchanged(tiny_dirs, tiny_bundles, tmp_path,
+                                                             backend):
+    """End to end (tiny Llama; torch tensors or numpy arrays in the cache): prompt A's prefix
+    relabelled as prompt B's is refused, and B still scores exactly as before."""
     from softprompt.runtime.api import Runtime
 
-    rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    model = str((tiny_bundles if backend == "onnx" else tiny_dirs)["llama"])
+    rt = Runtime.load(model, backend=backend)
     E = rt.backend.hidden_size
     a, b = SoftPrompt.random(3, E, seed=1), SoftPrompt.random(3, E, seed=2)
     rt.add_prompt("a", a)
@@ -457,7 +460,7 @@ def test_runtime_refuses_tampered_cache_and_serves_unchanged(tiny_dirs, tmp_path
     header, _ = split(path)
     i = [k for k in ("entry0", "entry1") if json.loads(header["__metadata__"][k])["digest"] == a.digest][0]
     rewrite(path, edit_record(int(i[-1]), digest=b.digest))
-    fresh = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    fresh = Runtime.load(model, backend=backend)
     with pytest.raises(CacheError, match="sha256 of its record and tensors differs"):
         fresh.load_cache(path)
     fresh.add_prompt("b", b)
