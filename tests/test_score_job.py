@@ -106,7 +106,7 @@ def test_chunks_equal_runtime_score_and_bad_rows_get_errors(job):
     for expected in ("not valid JSON", "expected a JSON object", "prompt must be a string",
                      "context must be a string or a list of integer token ids",
                      "continuation must be", "unknown prompt 'nope'", "unknown request fields",
-                     "outside [0, 96)"):
+                     "[0, 96): [100000]"):
         assert expected in msgs, expected
     ck = json.loads((d / "out.jsonl.ckpt.json").read_text())
     assert ck["stage"] == "done" and ck["rows_done"] == len(lines)
