@@ -1,4 +1,4 @@
-"""``softprompt <verb>``: info, demo, score, generate, serve, export, bench."""
+"""``softprompt <verb>``: info, demo, score, generate, serve, export, bench, eval."""
 
 from __future__ import annotations
 
@@ -227,6 +227,50 @@ def cmd_serve(args) -> int:
                  access_log=args.access_log, graceful_timeout=args.request_timeout + 5)
 
 
+def cmd_eval(args) -> int:
+    """EleutherAI lm-evaluation-harness tasks on MODEL under the soft prompt --prompt."""
+    try:
+        from softprompt.lm_eval import evaluate
+    except ImportError as e:
+        raise SystemExit(f"softprompt eval needs the [eval] extra ({e.name} is missing): "
+                         "pip install 'softprompt-runtime[eval]'") from None
+    from lm_eval.utils import make_table
+
+    model_args = {k: v for k, v in dict(backend=args.backend, device=args.device, dtype=args.dtype,
+                                        max_length=args.max_length,
+                                        batch_size=args.batch_size).items() if v is not None}
+    results = evaluate(args.model, args.prompt, [t for t in args.tasks.split(",") if t],
+                       include_path=args.include_path, num_fewshot=args.num_fewshot,
+                       limit=args.limit, **model_args)
+    print(make_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in results.items() if k != "samples"}, f, indent=1,
+                      default=str)
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks under a soft prompt")
+    p.add_argument("model", nargs="?", default="default",
+                   help="'default', a Hugging Face directory or hub id, a .gguf file, or an "
+                        "exported bundle directory (default: %(default)s)")
+    p.add_argument("--prompt", default=None, help="the soft prompt: a PEFT adapter directory "
+                   "or hub id, .safetensors or .npy (default: none, the bare model)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="a directory of extra task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
+    p.add_argument("--backend", default=None, choices=["auto", "onnx", "torch", "reference"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-length", type=int, default=None,
+                   help="request tokens per forward and rolling-window length")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 64)")
+    p.add_argument("--output", "-o", default=None, help="write lm-eval's results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -313,6 +357,7 @@ def main(argv=None) -> int:
 
     export_cli.add_parser(sub)
     driver.add_parser(sub)
+    _add_eval_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args) or 0

@@ -132,6 +132,40 @@ def test_unknown_model_args_are_refused(tiny_dirs):
         SoftPromptLM(model=str(tiny_dirs["llama"]), pretrained="x")
 
 
+def test_eval_verb_runs_a_local_task(tiny_dirs, tmp_path):
+    from softprompt.cli import main
+    from softprompt.runtime.api import Runtime
+
+    docs = [{"text": "the movie was good", "label": "positive"},
+            {"text": "i hate that phone", "label": "negative"},
+            {"text": "the service was very bad", "label": "negative"},
+            {"text": "you love this film", "label": "positive"}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "docs.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{text}}}} :"
+doc_to_choice: ['positive', 'negative']
+doc_to_target: "{{{{['positive', 'negative'].index(label)}}}}"
+metric_list:
+  - metric: acc
+""")
+    adapter = SoftPrompt.random(4, HIDDEN, seed=5, std=0.5).save_peft(tmp_path / "adapter")
+    assert main(["eval", str(tiny_dirs["llama"]), "--prompt", str(adapter), "--tasks", "tiny_mc",
+                 "--include-path", str(tmp_path), "--backend", "torch",
+                 "-o", str(tmp_path / "out.json")]) == 0
+    acc = json.loads((tmp_path / "out.json").read_text())["results"]["tiny_mc"]["acc,none"]
+    rt = Runtime.load(tiny_dirs["llama"], backend="torch")
+    rt.add_prompt("p", adapter)
+    picked = [r.label for r in rt.classify("p", [d["text"] + " :" for d in docs],
+                                           [" positive", " negative"])]
+    assert acc == sum(p.strip() == d["label"] for p, d in zip(picked, docs)) / len(docs)
+
+
 # ----------------------------------------------------------------- the default model, end to end
 def _write_tasks(root: Path) -> Path:
     """A multiple-choice task over the demo's held-out sentiment set and a rolling
