@@ -433,13 +433,15 @@ def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, man
     function, so it is held to the float32 check itself (VALIDATION_ATOL, elementwise);
     round-to-nearest weights change the function, so the check is INT8_LOGPROB_ATOL's sanity
     bound on log-probs. Either way the score drift against the float32 graph on the same
-    requests is recorded (``validation.scores``; ``quantize.INT4_SCORE_ATOL``).
+    requests is recorded (``validation.scores``; ``quantize.INT4_SCORE_ATOL``), and so is the
+    time of one scoring batch through each graph on this machine (``weights.request_ms``).
     """
     from . import quantize as q
 
     bundle = load_bundle(root)
     requests = q.drift_requests(bundle)
     want = q.request_logprobs(bundle, requests)
+    float_ms = q.request_ms(bundle)
     del bundle
     report = q.quantize_int4(root / MODEL_FILE, gguf=q.gguf_file(loaded.source))
     files = {f.name: file_entry(f, weights=f.name == WEIGHTS_FILE) for f in sorted(root.iterdir())
@@ -455,9 +457,23 @@ def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, man
                                    **({} if exact else {"logprob_atol": INT8_LOGPROB_ATOL}))
     bundle = load_bundle(root)
     scores = q.score_drift(q.request_logprobs(bundle, requests), want)
+    report["request_ms"] = {"float32": float_ms, "int4": q.request_ms(bundle), "B": 8, "L": 32,
+                            "P": 20, "device": _cpu_name()}  # one scoring batch, best of 5
     del bundle
     manifest["validation"] = {**figures, "scores": scores, "float_graph": float_figures}
     return manifest, error
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _replace_graph(path: Path, new: Path) -> None:

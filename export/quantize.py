@@ -323,6 +323,32 @@ def request_logprobs(bundle, requests: dict) -> np.ndarray:
     return np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
 
+def request_ms(bundle, batch: int = 8, length: int = 32, prompt_len: int = 20,
+               repeats: int = 5) -> float:
+    """Fastest of ``repeats`` timed runs (ms) of the request use: ``batch`` rows of ``length``
+    tokens on a cached ``prompt_len``-token prefix, logits at one position per row (batch
+    scoring). Used to record whether a 4-bit graph is faster than its float32 graph here."""
+    import time
+
+    b, e = batch, bundle.hidden_size
+    rng = np.random.default_rng(0)
+    past = [tuple(np.repeat(x, b, 0) for x in kv) for kv in bundle.run(
+        rng.standard_normal((1, prompt_len, e)).astype(np.float32) * 0.05,
+        np.ones((1, prompt_len), np.int64), np.arange(prompt_len)[None],
+        bundle.empty_past(1), np.array([[prompt_len - 1]]))[1]]  # per layer [B, Hkv, P, D]
+    args = (bundle.embeddings[rng.integers(0, bundle.vocab_size, (b, length))],
+            np.ones((b, prompt_len + length), np.int64),
+            np.tile(np.arange(prompt_len, prompt_len + length), (b, 1)), past,
+            np.full((b, 1), length - 1))
+    bundle.run(*args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        bundle.run(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(min(times), 1)
+
+
 def score_drift(got: np.ndarray, want: np.ndarray) -> dict:
     """Figures of |log-prob change| between two ``request_logprobs`` results."""
     d = np.abs(np.asarray(got, np.float64) - want)
@@ -381,3 +407,58 @@ def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# ------------------------------------------------------------------------------ comparison
+def compare(float_bundle, int4_bundle, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Side by side, one process: |log-prob change| of ``int4_bundle`` against
+    ``float_bundle`` on the demo held-out sets (every label's continuation log-prob of every
+    example under the shipped trained prompt, through ``Runtime.score``; accuracy of both) and
+    on random requests (``drift_requests`` with each seed); plus both bundles' sizes."""
+    from ..runtime.api import Runtime
+    from ..runtime.demo import PROMPTS_DIR, TASKS, load_examples
+    from .bundle import load_bundle
+
+    out: dict = {"demo": {}, "random": {}}
+    rts = [Runtime.load(str(p), backend="onnx") for p in (float_bundle, int4_bundle)]
+    for name, task in TASKS.items():
+        examples = load_examples(name, "test")
+        reqs = [{"prompt": name, "context": task.format(ex["text"]), "continuation": label}
+                for ex in examples for label in task.labels]
+        scores, accs = [], []
+        for rt in rts:
+            rt.add_prompt(name, PROMPTS_DIR / name)
+            lp = np.array([r.logprob for r in rt.score(reqs)]).reshape(len(examples), -1)
+            gold = np.array([task.label_index(ex["label"]) for ex in examples])
+            scores.append(lp)
+            accs.append(float((lp.argmax(1) == gold).mean()))
+        d = np.abs(scores[1] - scores[0])
+        out["demo"][name] = {"examples": len(examples), "scores": int(d.size),
+                             "mean_abs_dlogprob": float(f"{d.mean():.3g}"),
+                             "max_abs_dlogprob": float(f"{d.max():.3g}"),
+                             "accuracy_float32": accs[0], "accuracy_int4": accs[1]}
+    bundles = [load_bundle(p) for p in (float_bundle, int4_bundle)]
+    for seed in seeds:
+        req = drift_requests(bundles[0], seed=seed)
+        out["random"][f"seed {seed}"] = score_drift(request_logprobs(bundles[1], req),
+                                                    request_logprobs(bundles[0], req))
+    out["MiB"] = {str(p): round(sum(f.stat().st_size for f in Path(p).iterdir()) / 2**20, 1)
+                  for p in (float_bundle, int4_bundle)}
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m softprompt.export.quantize FLOAT_BUNDLE INT4_BUNDLE``: print ``compare``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m softprompt.export.quantize",
+                                description=compare.__doc__.split("\n\n")[0])
+    p.add_argument("float_bundle")
+    p.add_argument("int4_bundle")
+    args = p.parse_args(argv)
+    print(json.dumps(compare(args.float_bundle, args.int4_bundle), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

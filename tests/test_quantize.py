@@ -184,8 +184,9 @@ def test_export_int4_refuses_fp16(tiny_dirs, tmp_path):
 
 def test_bundle_for_picks_int4_only_within_tolerance(tiny_dirs, tmp_path, monkeypatch):
     """bundle_for: weights="int4" derives the 4-bit sibling from the float32 bundle once; the
-    default pick serves it only when its recorded score drift is within the tolerance (the
-    tiny random model's round-to-nearest drift is not), and create=False exports nothing."""
+    default pick serves it only when it recorded a score drift within the tolerance (the tiny
+    random model's round-to-nearest drift is not) and a faster scoring batch than float32;
+    create=False exports nothing."""
     from softprompt.runtime.onnx_backend import bundle_for
 
     monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path / "home"))
@@ -199,7 +200,12 @@ def test_bundle_for_picks_int4_only_within_tolerance(tiny_dirs, tmp_path, monkey
         json.loads((fp32 / "bundle.json").read_text())["fingerprint"]
     assert m["validation"]["scores"]["within_tolerance"] is False  # random weights, RTN
     assert bundle_for(model) == fp32 and bundle_for(model, create=False) == fp32
+    assert set(m["weights"]["request_ms"]) >= {"float32", "int4", "device"}
     m["validation"]["scores"]["within_tolerance"] = True  # as an exact GGUF carry-over records
+    m["weights"]["request_ms"].update(float32=2.0, int4=3.0)  # ... but slower: still float32
+    (int4 / "bundle.json").write_text(json.dumps(m))
+    assert bundle_for(model) == fp32
+    m["weights"]["request_ms"].update(float32=3.0, int4=2.0)  # within tolerance and faster
     (int4 / "bundle.json").write_text(json.dumps(m))
     assert bundle_for(model) == int4 and bundle_for(model, create=False) == int4
     assert bundle_for(model, dtype="float32") == fp32  # asking for float32 gets float32
