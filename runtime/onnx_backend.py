@@ -194,23 +194,65 @@ class OnnxBackend(Stepper):
         return pick_numpy(logits, samplers)
 
 
-def bundle_for(model, dtype: str | None = None, out_dir=None) -> Path:
+def bundle_for(model, dtype: str | None = None, out_dir=None, weights: str | None = None,
+               create: bool = True) -> Path | None:
     """The bundle directory for a (non-bundle) model, exporting it once if needed.
 
     Bundles are kept under ``$SOFTPROMPT_HOME/bundles/<fingerprint>-<dtype>``, so a model is
-    exported once per content and dtype and reused by every later ``Runtime.load``.
+    exported once per content and dtype and reused by every later ``Runtime.load``; its 4-bit
+    bundle is the sibling ``<fingerprint>-fp32-int4``, derived once from the float32 one
+    (``softprompt.export.quantize.int4_bundle``).
+
+    Args:
+        weights: ``"float"``, ``"int4"`` (written once if missing), or None: the pick. With
+            neither ``dtype`` nor ``out_dir`` given (the CPU default), an existing 4-bit
+            bundle is served when its ``bundle.json`` records both a score drift within the
+            tolerance against the float32 bundle (``validation.scores.within_tolerance``: mean
+            |delta log-prob| <= ``INT4_SCORE_ATOL``) and a faster scoring batch than the
+            float32 graph on the machine that wrote it (``weights.request_ms``); else the
+            float32 bundle. The pick never writes a 4-bit bundle itself.
+        create: False: export nothing, return the bundle that would be used or None.
     """
+    import json
     import sys
 
-    from softprompt.export import export
+    from softprompt.export import export, quantize
 
     from .models import load_model, softprompt_home
 
+    if weights not in (None, "float", "int4"):
+        raise ValueError(f"weights={weights!r}; expected None, 'float' or 'int4'")
+    pick = weights is None and dtype is None and out_dir is None
     dtype = {"float32": "fp32", "float16": "fp16", None: "fp32"}.get(dtype, dtype)
+    if weights == "int4" and dtype != "fp32":
+        raise ValueError(f"4-bit bundles are float32 graphs; got dtype={dtype!r}")
     lm = load_model(model)
-    path = Path(out_dir) if out_dir else softprompt_home() / "bundles" / f"{lm.fingerprint[:16]}-{dtype}"
-    if (path / "bundle.json").is_file():
-        return path
-    print(f"softprompt: exporting {lm.source} to {path} (one time, a few minutes) ...",
-          file=sys.stderr, flush=True)
-    return Path(export(lm, path, dtype=dtype))
+    exists = lambda p: (p / "bundle.json").is_file()  # noqa: E731
+    say = lambda what: print(f"softprompt: {what} (one time, a few minutes) ...",  # noqa: E731
+                             file=sys.stderr, flush=True)
+    if out_dir:  # an explicit directory: that bundle, exported once as asked
+        path = Path(out_dir)
+        if not exists(path) and create:
+            say(f"exporting {lm.source} to {path}")
+            export(lm, path, dtype=dtype, weights=weights or "float")
+        return path if exists(path) else None
+    path = softprompt_home() / "bundles" / f"{lm.fingerprint[:16]}-{dtype}"
+    int4 = path.with_name(path.name + "-int4")
+
+    def better(p: Path) -> bool:  # recorded: within the score tolerance, and faster
+        m = json.loads((p / "bundle.json").read_text())
+        scores = (m.get("validation") or {}).get("scores") or {}
+        ms = (m.get("weights") or {}).get("request_ms") or {}
+        return bool(scores.get("within_tolerance")) and ms.get("int4", 1e30) < ms.get("float32", 0)
+
+    if weights == "int4" or (pick and exists(int4) and better(int4)):
+        if not exists(int4) and create:
+            if not exists(path):
+                say(f"exporting {lm.source} to {path}")
+                export(lm, path, dtype=dtype)
+            quantize.int4_bundle(path, int4, model=lm)
+        return int4 if exists(int4) else None
+    if not exists(path) and create:
+        say(f"exporting {lm.source} to {path}")
+        export(lm, path, dtype=dtype)
+    return path if exists(path) else None

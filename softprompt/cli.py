@@ -131,6 +131,19 @@ def cmd_info(args) -> int:
     d = models.default_model_dir(convert=False)
     print(f"default model   {models.DEFAULT_MODEL_NAME}: "
           f"{'converted at ' + str(d) if d.exists() else 'not converted yet (first use converts it)'}")
+    if d.exists():  # the bundle Runtime.load("default") serves on CPU: the fastest within tolerance
+        from softprompt.runtime.onnx_backend import bundle_for
+
+        b = bundle_for("default", create=False)
+        m = json.loads((b / "bundle.json").read_text()) if b else {}
+        s = (m.get("validation") or {}).get("scores") or {}
+        ms = (m.get("weights") or {}).get("request_ms") or {}
+        what = (f"int4 weights, mean |dlogprob| {s.get('mean_abs_dlogprob')} vs float32 "
+                f"(tolerance {s.get('atol')}), scoring batch {ms.get('int4')} ms vs "
+                f"{ms.get('float32')} ms float32" if m.get("quantization") == "int4"
+                else f"{m.get('dtype')}; a 4-bit bundle is served only when within the score "
+                     "tolerance and faster")
+        print(f"default bundle  {f'{b} ({what})' if b else 'not exported yet (first CPU use exports it)'}")
     if args.model and args.model != "default":
         from pathlib import Path
 
@@ -138,7 +151,7 @@ def cmd_info(args) -> int:
         if (p / "bundle.json").is_file():
             m = json.loads((p / "bundle.json").read_text())
             keys = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "hidden_size", "vocab_size", "dtype", "opset", "fingerprint")
+                    "hidden_size", "vocab_size", "dtype", "quantization", "opset", "fingerprint")
             print("bundle", p, {k: m.get(k) for k in keys})
         else:
             lm = models.load_model(args.model)
