@@ -61,8 +61,9 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
     """Export a causal LM to an ONNX bundle directory a torch-free server can run.
 
     Args:
-        model: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face model directory, a
-            ``.gguf`` file, or a ``LoadedModel``. Supported families: llama, gpt2, qwen2, gemma.
+        model: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face model directory or hub
+            id, a ``.gguf`` file, or a ``LoadedModel``. Supported families: llama, gpt2,
+            qwen2, gemma.
         out_dir: the bundle directory to write. The bundle is written aside and moved there
             only once validation has passed, replacing a bundle already there; a failed export
             leaves nothing behind (and an old bundle untouched). An existing non-empty

@@ -6,10 +6,11 @@
 
 An id is ``owner/name``, optionally followed by ``/file.gguf`` and by ``@revision`` (branch,
 tag or commit); legacy one-word names (``gpt2``) are spelled with their owner
-(``openai-community/gpt2``), so a missing local directory is never mistaken for a hub id. Everything else is
-``huggingface_hub``'s: its cache (``HF_HOME`` / ``HF_HUB_CACHE``), ``HF_HUB_OFFLINE``, and the
-token from ``HF_TOKEN`` or ``hf auth login``. The environment is read at call time, so
-``os.environ["HF_HUB_OFFLINE"] = "1"`` set after ``huggingface_hub`` was imported still holds.
+(``openai-community/gpt2``), so a missing local directory is never mistaken for a hub id.
+Everything else is ``huggingface_hub``'s: its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
+``HF_HUB_OFFLINE``, and the token from ``HF_TOKEN`` or ``hf auth login``. The environment is
+read at call time, so ``os.environ["HF_HUB_OFFLINE"] = "1"`` set after ``huggingface_hub`` was
+imported still holds.
 A local path always wins over a hub id of the same spelling (callers check it first).
 
 Only the files the runtime reads are fetched: configs, safetensors weights and tokenizer

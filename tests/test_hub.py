@@ -19,6 +19,7 @@ import torch
 from softprompt.runtime import hub, models
 from softprompt.runtime.api import Runtime
 from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
+from softprompt.runtime.requests import Tokenizer
 from tiny import HIDDEN
 
 COMMIT = {"main": "a" * 40, "v2": "b" * 40}
@@ -108,7 +109,8 @@ def test_missing_model_id_offline_is_one_line_naming_how_to_fetch(cache):
 
 def test_hub_repo_that_is_not_a_model(cache, adapter_dir):
     add_to_cache(cache, "someone/an-adapter", adapter_dir)
-    with pytest.raises(models.ModelError, match="hub model 'someone/an-adapter' has no config.json"):
+    with pytest.raises(models.ModelError,
+                       match="hub model 'someone/an-adapter' has no config.json"):
         models.load_model("someone/an-adapter")
 
 
@@ -159,6 +161,8 @@ def test_cli_and_exporter_take_hub_ids(cache, tiny_dirs, adapter_dir, tmp_path):
     out = export("someone/tiny-llama", tmp_path / "bundle", progress=False)
     bundle = load_bundle(out)
     assert bundle.manifest["source"] == "someone/tiny-llama"
+    tok = Tokenizer.for_bundle(bundle)  # BOS/EOS as the tokenizer declares them, torch-free
+    assert (tok.bos_token_id, tok.eos_token_id, tok.prefix_token_id) == (1, 2, 1)
     assert bundle.fingerprint == models.load_model(tiny_dirs["llama"]).fingerprint
     assert torch.equal(torch.from_numpy(bundle.embeddings[:3].copy()),
                        models.load_model(tiny_dirs["llama"]).model.get_input_embeddings()
