@@ -167,3 +167,15 @@ def test_cli_and_exporter_take_hub_ids(cache, tiny_dirs, adapter_dir, tmp_path):
     assert torch.equal(torch.from_numpy(bundle.embeddings[:3].copy()),
                        models.load_model(tiny_dirs["llama"]).model.get_input_embeddings()
                        .weight[:3])
+
+
+def test_single_gguf_file_of_a_repository(cache, tmp_path):
+    files = tmp_path / "gguf_repo"
+    files.mkdir()
+    (files / "model.Q4_K_M.gguf").write_bytes(b"GGUF stand-in")  # resolved, not converted here
+    add_to_cache(cache, "someone/models-gguf", files)
+    path = hub.resolve("someone/models-gguf/model.Q4_K_M.gguf", error=models.ModelError)
+    assert path.name == "model.Q4_K_M.gguf" and path.read_bytes() == b"GGUF stand-in"
+    with pytest.raises(models.ModelError, match=r"fetch it first with `hf download "
+                                                r"someone/models-gguf other.gguf`"):
+        models.load_model("someone/models-gguf/other.gguf")
