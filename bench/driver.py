@@ -647,7 +647,7 @@ def plot(results: list[Result], env: dict, out: Path) -> list[Path]:
     name = env["model"]["name"]
     name = "SmolLM2-135M-Instruct" if name == "default" else Path(name).name
     title = f"{name} · {env['dtype']} · {env['device_name']} · batch scoring, 1 scored token/row"
-    if len(title) > 110:
+    if len(title) > 55 * len(combos):  # one line per panel width
         title = title.replace(" · batch scoring", "\nbatch scoring")
     paths = []
     for what, ylabel in (("throughput", "sequences / s"), ("speedup", "speedup over PEFT")):
