@@ -204,6 +204,10 @@ def bundle_for(model, dtype: str | None = None, out_dir=None, weights: str | Non
     (``softprompt.export.quantize.int4_bundle``).
 
     Args:
+        model: what ``load_model`` takes (``"default"``, a model directory, a ``.gguf``, ...).
+        dtype: ``"fp32"``/``"float32"`` or ``"fp16"``/``"float16"``; None: float32, and the
+            4-bit bundle may be picked (below).
+        out_dir: an explicit bundle directory (exported there once, with ``weights``).
         weights: ``"float"``, ``"int4"`` (written once if missing), or None: the pick. With
             neither ``dtype`` nor ``out_dir`` given (the CPU default), an existing 4-bit
             bundle is served when its ``bundle.json`` records both a score drift within the
