@@ -7,10 +7,11 @@ tasks under its soft prompt (``POST /v1/score`` with one item, or ``Runtime.scor
 from C threads), or with ``--generate-every K`` every K-th request is a greedy completion of
 ``--max-tokens`` tokens (``POST /v1/completions`` / ``Runtime.generate``). Both paths run on
 the same model and backend; the server is a subprocess on 127.0.0.1, the in-process Runtime
-lives in this process, and only one of them works at a time. Every HTTP answer is checked
+lives in this process, and only one of them works at a time; the paths alternate over
+``--rounds`` so that drift in the machine's load falls on both. Every HTTP answer is checked
 against the in-process answer of the same request (log-probs within 1e-3, identical text).
 
-    python -m softprompt.bench.serve_load --concurrency 1,8,32 --requests 256 --out bench/out/serve_load
+    python -m softprompt.bench.serve_load --concurrency 1,8,32 --requests 192 --rounds 3 --out bench/out/serve_load
 
 Writes results.json, results.md and serve-load.png into --out and prints the table.
 """
@@ -138,10 +139,12 @@ def stop_server(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-def summary(path: str, c: int, wall: float, lat: list[float]) -> dict:
+def summary(path: str, c: int, walls: list[float], lat: list[float], n: int) -> dict:
+    """Median throughput over the rounds; latency percentiles over every request of them."""
     ms = np.array(lat) * 1000
-    return {"path": path, "concurrency": c, "requests": len(lat), "seconds": wall,
-            "throughput_rps": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)),
+    rps = [n / w for w in walls]
+    return {"path": path, "concurrency": c, "requests_per_round": n, "rounds_rps": rps,
+            "throughput_rps": float(np.median(rps)), "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
@@ -180,6 +183,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax2.plot(cs, [r["p99_ms"] for r in rs], style, alpha=0.5, label=f"{name} p99")
     for ax, ylabel in ((ax1, "requests / s"), (ax2, "latency (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["concurrency"] for r in rows}),
+                      [str(c) for c in sorted({r["concurrency"] for r in rows})])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -195,7 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--backend", default="auto")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, default=256, help="measured requests per run")
+    p.add_argument("--requests", type=int, default=192, help="measured requests per run")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs per path and concurrency, alternating the paths' order")
     p.add_argument("--generate-every", type=int, default=0,
                    help="every K-th request is a completion (0: scores only)")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -220,19 +227,24 @@ def main(argv=None) -> int:
         rt.warmup()
         jobs = workload(args.requests, args.generate_every, args.max_tokens)
         rows = []
+        paths = {"in-process": in_process_call(rt), "http": http_call(port)}
         for c in conc:
-            warm = jobs[: 2 * c]
-            for name, call in (("in-process", in_process_call(rt)), ("http", http_call(port))):
-                run_closed_loop(warm, c, call)
-                wall, lat, res = run_closed_loop(jobs, c, call)
-                rows.append(summary(name, c, wall, lat))
-                if name == "in-process":
-                    reference = res
-                else:
-                    check_same(jobs, reference, res)
-                r = rows[-1]
-                print(f"C={c:3d} {name:10s} {r['throughput_rps']:7.1f} req/s  p50 "
-                      f"{r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms", flush=True)
+            walls, lats, answers = {k: [] for k in paths}, {k: [] for k in paths}, {}
+            for name, call in paths.items():
+                run_closed_loop(jobs[: 2 * c], c, call)  # warm-up, not measured
+            for r in range(args.rounds):  # alternate which path goes first: drift cancels
+                for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                    wall, lat, res = run_closed_loop(jobs, c, paths[name])
+                    walls[name].append(wall)
+                    lats[name] += lat
+                    answers.setdefault(name, res)
+                    print(f"C={c:3d} round {r} {name:10s} {len(jobs) / wall:7.1f} req/s", flush=True)
+            check_same(jobs, answers["in-process"], answers["http"])
+            for name in paths:
+                rows.append(summary(name, c, walls[name], lats[name], len(jobs)))
+                x = rows[-1]
+                print(f"C={c:3d} {name:10s} median {x['throughput_rps']:7.1f} req/s  p50 "
+                      f"{x['p50_ms']:7.1f} ms  p99 {x['p99_ms']:7.1f} ms", flush=True)
         backend, model = rt.backend.name, rt.model_name
         manifest = getattr(getattr(rt.backend, "bundle", None), "manifest", {}) or {}
         weights = manifest.get("quantization") or manifest.get("dtype") or "float32"
@@ -250,7 +262,9 @@ def main(argv=None) -> int:
     env["weights"] = weights
     md = (f"{env['device']} ({env['cpu_count']} cores), {model}, {backend} backend ({weights} "
           f"weights); one request = one (context, label) pair of the demo tasks (P=20, "
-          f"~20-40 tokens); {mix}; {args.requests} measured requests per run; closed loop.\n\n"
+          f"~20-40 tokens); {mix}; closed loop; {args.rounds} rounds of {args.requests} requests "
+          f"per path and concurrency, paths alternating; throughput: median of the rounds, "
+          f"latency: over all their requests.\n\n"
           + table(rows) + f"\n\nCommand: `{cmd}`\n")
     (out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     (out / "results.md").write_text(md)

@@ -94,14 +94,39 @@ class Server:
                 self.proc.wait(10)
 
 
+LONG = 6000  # tokens a "long" generation asks for: seconds even on a fast CPU
+
+
+def _long_tiny_llama(path: Path) -> Path:
+    """tests/tiny.py's Llama with 8192 positions, so one request can outlast a timeout or a
+    probe by a wide margin whatever the machine's speed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    cfg = tiny_config("llama")
+    cfg.max_position_embeddings = 8192
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def files(tiny_dirs, tmp_path_factory):
+def files(tmp_path_factory):
     from softprompt import SoftPrompt
 
     root = tmp_path_factory.mktemp("server")
     SoftPrompt.random(5, 64, seed=1, std=0.5).save_peft(root / "p5")
     SoftPrompt.random(3, 64, seed=2, std=0.5).save_peft(root / "p3")
-    return {"model": tiny_dirs["llama"], "p5": root / "p5", "p3": root / "p3", "root": root}
+    return {"model": _long_tiny_llama(root / "llama"), "p5": root / "p5", "p3": root / "p3",
+            "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +134,7 @@ def servers(files):
     """Three servers started at once (their start-up, mostly imports, overlaps): the main one,
     one with --max-queue 1 and a short --request-timeout, one to receive SIGTERM."""
     args = {"main": ("--max-body-bytes", "200000"),
-            "queue": ("--max-queue", "1", "--request-timeout", "1.0"),
+            "queue": ("--max-queue", "1", "--request-timeout", "0.5"),
             "sigterm": ()}
     started = {}
     try:
@@ -334,7 +359,7 @@ def test_metrics_count_tokens_and_latency(server):
 
 def test_disconnect_mid_stream_frees_the_row(server):
     before = server.metrics()["softprompt:engine_generated_tokens_total"]
-    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": 480, "ignore_eos": True, "stream": True}
+    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.url, timeout=30, headers=server.client.headers) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -346,7 +371,7 @@ def test_disconnect_mid_stream_frees_the_row(server):
             break
         time.sleep(0.05)
     assert m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0
-    assert m["softprompt:engine_generated_tokens_total"] - before < 480
+    assert m["softprompt:engine_generated_tokens_total"] - before < LONG
     ok = _post(server, "/v1/completions", {"model": "p5", "prompt": "hi", "max_tokens": 1})
     assert ok.status_code == 200
 
@@ -354,7 +379,7 @@ def test_disconnect_mid_stream_frees_the_row(server):
 # --------------------------------------------------------------- servers of their own
 def test_full_queue_gets_429_and_timeout_frees_the_row(servers):
     s = servers["queue"]
-    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": 480, "ignore_eos": True,
+    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": LONG, "ignore_eos": True,
             "stream": True}
     with s.client.stream("POST", "/v1/completions", json=body) as held:
         lines = held.iter_lines()
@@ -374,7 +399,7 @@ def test_full_queue_gets_429_and_timeout_frees_the_row(servers):
 
 def test_sigterm_under_load_finishes_every_accepted_request(servers):
     s = servers["sigterm"]
-    n, new = 12, 60
+    n, new = 12, 400  # long enough that all 12 are in flight together
     results: list = [None] * n
 
     def client(i):

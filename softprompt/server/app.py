@@ -405,18 +405,21 @@ def create_app(runtime=None, *, loader: Callable[[], object] | None = None,
     # ---------------------------------------------------------------------- score, classify
     @app.post("/v1/score", dependencies=[Depends(require_key)])
     async def score(body: ScoreBody, request: Request) -> ScoreResponse:
-        """``Runtime.score`` over the items; a bad item gets its own ``error``."""
+        """``Runtime.score`` over the items (its asyncio form: no worker thread); a bad item
+        gets its own ``error``."""
         rt = st.runtime()
         t0 = time.perf_counter()
         names = {r.prompt for r in body.requests}
-        label = str(names.pop() or st.base_id) if len(names) == 1 else "mixed"
+        label = "mixed" if len(names) > 1 else (names.pop() or st.base_id)
+        if label not in rt.prompts and label not in ("mixed", st.base_id):
+            label = "unknown"  # metric labels stay bounded by the registered prompts
         items = [r.model_dump() for r in body.requests]
         n_tokens = sum(_count(rt, r.context, True) + _count(rt, r.continuation, False)
                        for r in body.requests)
         st.admit()
         try:
-            res = await st.guarded(request, st.in_thread("score", label, t0, rt.score, items,
-                                                         errors="return"))
+            st.metrics.queue.labels("score", label).observe(time.perf_counter() - t0)
+            res = await st.guarded(request, rt.score_async(items, errors="return"))
         finally:
             st.release()
         st.metrics.latency.labels("score", label).observe(time.perf_counter() - t0)
