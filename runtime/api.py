@@ -29,6 +29,7 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
+from .cache import CacheError
 from .engine import Engine, EngineClosed, Sequence as GenSequence, StreamChunk
 from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, SoftPrompt, SoftPromptError
 from .requests import (ClassifyResult, GenerateParams, GenerateResult, RequestError, Row,
@@ -78,6 +79,8 @@ class Runtime:
 
         Args:
             model: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face model directory, a
+                hub id (``owner/name`` or ``owner/name@revision``, resolved through
+                ``huggingface_hub`` and its cache; a local path of that name wins), a
                 ``.gguf`` file, an exported bundle directory (``bundle.json``; onnx only), or
                 a ``LoadedModel``.
             backend: ``"onnx"`` (ONNX Runtime over an exported bundle; a model that is not a
@@ -116,7 +119,7 @@ class Runtime:
         if is_bundle:
             raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "
                              "(the torch backends need the Hugging Face model)")
-        from .models import display_name, eos_token_ids, load_model
+        from .models import display_name, load_model
 
         if device is None:
             device = "cuda" if _cuda_available() else "cpu"
@@ -158,7 +161,10 @@ class Runtime:
                                   f"tokens but the model has only {self.backend.max_positions} positions")
         sp.check_base_model(self.backend.fingerprint, self.model_name, strict=self.strict)
         with self._registry:
-            self.engine.call(lambda: self.backend.prepare(sp))  # raises: nothing changed
+            try:  # the new prefix first: if it fails, nothing has changed
+                self.engine.call(lambda: self.backend.prepare(sp))
+            except CacheError as e:
+                raise SoftPromptError(f"soft prompt {name!r}: {e}") from None
             old = self.prompts.get(name)
             self.prompts[name] = sp
             if old is not None:
@@ -435,8 +441,10 @@ class Runtime:
         from a running event loop."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)),
-                             lambda chunk: loop.call_soon_threadsafe(q.put_nowait, chunk))
+        def sink(chunk):  # raises once the loop is closed: the engine then frees the row
+            loop.call_soon_threadsafe(q.put_nowait, chunk)
+
+        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)), sink)
         return AsyncStream(seq, q, self)
 
     # --------------------------------------------------------------------------- services

@@ -81,6 +81,7 @@ class Sequence:
         self.cancelled = False
         self.next_input: int | None = None  # the token this row decodes next step
         self.arrived = time.monotonic()
+        self.arrived_step = self.first_token_step = 0  # engine step counts (set by the engine)
         self.first_token_at: float | None = None
         self.admitted_at: float | None = None
 
@@ -97,9 +98,15 @@ class Sequence:
         """Free this row at the next step (its sink gets a ``cancelled`` chunk)."""
         self.cancelled = True
 
+    def _emit(self, chunk: StreamChunk) -> None:
+        try:
+            self.sink(chunk)
+        except Exception:  # noqa: BLE001 - a consumer that went away (closed event loop, ...)
+            self.cancelled = True  # harms only its own row: it is freed at the next step
+
     def _finish(self, reason: str, text: str = "", ids=(), lps=(), error: str | None = None):
         self.finish_reason, self.error = reason, error
-        self.sink(StreamChunk(text, list(ids), list(lps), reason, error))
+        self._emit(StreamChunk(text, list(ids), list(lps), reason, error))
         if self.on_done is not None:
             self.on_done(self)
 
@@ -119,7 +126,7 @@ class Sequence:
             self._finish("length", delta + self.detok.flush(), [token], [logprob])
         else:
             self.next_input = token
-            self.sink(StreamChunk(delta, [token], [logprob]))
+            self._emit(StreamChunk(delta, [token], [logprob]))
 
 
 @dataclass
@@ -175,6 +182,7 @@ class Engine:
         return fut
 
     def submit_generation(self, seq: Sequence) -> None:
+        seq.arrived_step = self.steps
         self._enqueue(seq)
 
     def call(self, fn: Callable):
@@ -220,12 +228,14 @@ class Engine:
                         self._cv.wait()
                     if self._closing and not self._drain:
                         self._cancel_all()
-                    calls = list(self._calls)
-                    self._calls.clear()
-                    if self._closing and not (self._waiting or self._state_rows or calls):
+                    if self._closing and not (self._waiting or self._state_rows or self._calls):
                         return
                     plan, admitted = self._plan()
-                for fn, fut in calls:
+                while True:  # control calls, taken one at a time (never lost if one raises)
+                    with self._cv:
+                        if not self._calls:
+                            break
+                        fn, fut = self._calls.popleft()
                     _run_call(fn, fut)
                 if plan is not None:
                     self._run(plan, admitted)
@@ -329,6 +339,8 @@ class Engine:
                 work.future.set_result([work.results[i] for i in range(len(work.rows))])
         for s, t, lp in zip(self._state_rows, out.next_ids.tolist(), out.next_logprobs.tolist()):
             self.tokens_generated += 1
+            if s.first_token_at is None:
+                s.first_token_step = self.steps
             s.accept(t, lp)
 
     def _cancel_all(self) -> None:

@@ -52,8 +52,10 @@ class OnnxBackend(Stepper):
         self.fingerprint = b.fingerprint
         self.dtype_name = b.manifest["dtype"]
         self.model_name = display_name(b.manifest.get("model_name") or b.manifest.get("source"))
-        self.tokenizer = Tokenizer(b.tokenizer, b.eos_token_ids)
-        self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
+        self.tokenizer = Tokenizer.for_bundle(b)
+        self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name, geometry=dict(
+            num_layers=b.num_layers, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
+            vocab_size=b.vocab_size))
         empty = [k[0] for k, _ in b.empty_past(1)]  # N x [Hkv, 0, D]
         self._empty = PrefixEntry(empty, empty, np.zeros(0, np.float32))  # P = 0 rows
         self._last_past = (None, None)  # (row prompt digests, per-layer past) of the last batch
@@ -76,6 +78,9 @@ class OnnxBackend(Stepper):
 
     def prepare(self, prompt) -> None:
         self.entry(prompt)
+        last = self._last_past[1]  # the kept past must still fit beside the grown cache
+        if last and self.cache.bytes + sum(k.nbytes + v.nbytes for k, v in last) > self.cache.max_bytes:
+            self._last_past = (None, None)
 
     def forget(self, prompt) -> None:
         self.cache.invalidate(prompt.digest)
@@ -119,7 +124,9 @@ class OnnxBackend(Stepper):
                     k[i, :, : e.num_tokens] = e.keys[layer]
                     v[i, :, : e.num_tokens] = e.values[layer]
                 past.append((k, v))
-            self._last_past = (key, past)
+            size = sum(k.nbytes + v.nbytes for k, v in past)  # kept only within the budget
+            self._last_past = (key, past) if self.cache.bytes + size <= self.cache.max_bytes \
+                else (None, None)
         mask = np.zeros((B, p_max + L), np.int64)
         for i, e in enumerate(rows):
             mask[i, : e.num_tokens] = 1

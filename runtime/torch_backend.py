@@ -12,6 +12,7 @@ next token needs it.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ class PrefixBatch:
     own_v: list | None = None
     decoding: bool = False
     triton: bool = False  # Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or references
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _kernels(triton: bool):
@@ -165,7 +170,9 @@ class TorchBackend(TorchModelMixin, Stepper):
         spec = ModelSpec.from_model(self.model)
         self.num_layers, self.num_kv_heads, self.head_dim = (spec.num_layers, spec.num_kv_heads,
                                                              spec.head_dim)
-        self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name)
+        self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name, geometry=dict(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            vocab_size=self.vocab_size))
         self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # planned prefix stacks, reused
         self.decode_buffer_bytes = decode_buffer_bytes
         self.tokens_computed = 0
@@ -192,6 +199,7 @@ class TorchBackend(TorchModelMixin, Stepper):
 
     def prepare(self, prompt) -> None:
         self.entry(prompt)
+        self._trim_stacks()  # the kept stacks must still fit beside the grown cache
 
     def forget(self, prompt) -> None:
         self.cache.invalidate(prompt.digest)
@@ -199,17 +207,18 @@ class TorchBackend(TorchModelMixin, Stepper):
 
     def stats(self) -> dict:
         graphs = self.graphs.stats() if self.graphs is not None else {}
-        size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        seen, stacks = set(), 0
-        for ks, vs, lens, _ in self._stacks.values():
-            stacks += size(ks) + size(vs)
-            seen.update(id(t) for t in (*ks, *vs))
+        stacks = [t for ks, vs, _, _ in self._stacks.values() for t in (*ks, *vs)]
         state = self._state
-        decode = state.nbytes if state is not None else 0
+        decode = []
+        if state is not None:  # its own K/V, and its prefix stack when no longer kept above
+            decode = [*state.own_k, *state.own_v]
+            if state.batch is not None and all(t is not state.batch.prefix_k[0] for t in stacks):
+                decode += [*state.batch.prefix_k, *state.batch.prefix_v]
+        seen = {id(t) for t in (*stacks, *decode)}
         graph_bufs = 0
         if self.graphs is not None:  # static and persistent buffers not counted above
-            seen.update(id(t) for t in ((*state.own_k, *state.own_v) if state else ()))
-            graph_bufs = size(t for t in self.graphs.buffers.values() if id(t) not in seen)
+            graph_bufs = _nbytes(t for t in self.graphs.buffers.values() if id(t) not in seen)
+        stacks, decode = _nbytes(stacks), _nbytes(decode)
         return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
                 "graph_buffer_bytes": graph_bufs, "tokens_computed": self.tokens_computed,
                 "batches": self.batches, **graphs}
@@ -226,13 +235,15 @@ class TorchBackend(TorchModelMixin, Stepper):
         """Per layer ``[Np, Hkv, P_max, D]`` for the batch's distinct prompts, plus one empty slot
         (length 0) for rows without a prompt when ``empty_slot``; Np and P_max padded to buckets
         when ``self.buckets``. Planned once per set of prompts and reused while their cache
-        entries live. Returns (keys, values, lengths ``[Np]`` int32, entries)."""
+        entries live. Kept stacks count against the prefix-cache budget (``_trim_stacks``) and
+        hold their entries only weakly, so an evicted prefix is really freed.
+        Returns (keys, values, lengths ``[Np]`` int32, entries)."""
         key = (tuple(p.digest for p in prompts), empty_slot)
         entries = [self.entry(p) for p in prompts]  # counts hits, recomputes evicted prefixes
         hit = self._stacks.get(key)
-        if hit is not None and all(e is h for e, h in zip(entries, hit[3])):
+        if hit is not None and all(e is h() for e, h in zip(entries, hit[3])):
             self._stacks.move_to_end(key)
-            return hit
+            return (*hit[:3], entries)
         n = self._pad(len(entries) + empty_slot)
         p_max = self._pad(max([1] + [e.num_tokens for e in entries]))
         lens = torch.zeros(n, dtype=torch.int32)
@@ -247,10 +258,20 @@ class TorchBackend(TorchModelMixin, Stepper):
                 v[i, :, : e.num_tokens] = e.values[layer]
             ks.append(k)
             vs.append(v)
-        self._stacks[key] = (ks, vs, lens.to(self.device), entries)
-        while len(self._stacks) > 4:
+        lens = lens.to(self.device)
+        self._stacks[key] = (ks, vs, lens, [weakref.ref(e) for e in entries])
+        self._trim_stacks()
+        return ks, vs, lens, entries
+
+    def _stack_bytes(self) -> int:
+        return sum(_nbytes(ks) + _nbytes(vs) for ks, vs, _, _ in self._stacks.values())
+
+    def _trim_stacks(self) -> None:
+        """Keep at most 4 planned stacks, and only while cache + stacks fit the cache budget
+        (the newest goes too when it does not fit: it then serves its own batch only)."""
+        while self._stacks and (len(self._stacks) > 4 or
+                                self.cache.bytes + self._stack_bytes() > self.cache.max_bytes):
             self._stacks.popitem(last=False)
-        return self._stacks[key]
 
     def _own_buffers(self, rows: int, capacity: int, name: str = "own") -> tuple[list, list]:
         """Per layer ``[rows, Hkv, capacity, D]`` K/V buffers. Under graphs they are persistent

@@ -1,0 +1,229 @@
+"""The engine: continuous batching under random arrival schedules, streaming, cancellation,
+close, and incremental detokenising. Every result is compared with the same request run alone."""
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from softprompt.runtime.api import Runtime
+from softprompt.runtime.prompts import SoftPrompt
+from softprompt.runtime.sampling import Detokenizer
+from tolerances import SCORE
+
+E = 64
+
+
+def _runtime(tiny_dirs, tiny_bundles, family, backend, **kw):
+    model = tiny_bundles[family] if backend == "onnx" else tiny_dirs[family]
+    rt = Runtime.load(str(model), backend=backend, **kw)
+    for P, seed in ((3, 1), (17, 2), (40, 3)):
+        rt.add_prompt(f"p{P}", SoftPrompt.random(P, E, seed=seed))
+    return rt
+
+
+def _workload(seed, n=18):
+    """Mixed requests: scores, greedy and seeded-sampled generations, streams, over 4 prompts
+    (None included) and lengths 1..23."""
+    rng = random.Random(seed)
+    work = []
+    for i in range(n):
+        prompt = rng.choice(["p3", "p17", "p40", None])
+        ctx = [rng.randrange(4, 96) for _ in range(rng.randint(2, 23))]
+        kind = ["score", "greedy", "sampled", "stream"][i % 4]
+        if kind == "score":
+            work.append((kind, {"prompt": prompt, "context": ctx,
+                                "continuation": [rng.randrange(4, 96) for _ in range(rng.randint(1, 4))]}))
+        else:
+            kw = dict(max_new_tokens=rng.randint(1, 12), stop_at_eos=False)
+            if kind == "sampled":
+                kw.update(temperature=0.8, top_p=0.9, top_k=40, seed=rng.randrange(1000))
+            work.append((kind, (prompt, ctx, kw)))
+    return work
+
+
+def _run_one(rt, kind, req):
+    if kind == "score":
+        return rt.score([req])[0].token_logprobs
+    prompt, ctx, kw = req
+    if kind == "stream":
+        return [t for c in rt.stream(prompt, ctx, **kw) for t in c.token_ids]
+    return rt.generate(prompt, [ctx], **kw)[0].token_ids
+
+
+@pytest.mark.parametrize("family, backend", [("llama", "reference"), ("llama", "torch"),
+                                             ("gpt2", "torch"), ("qwen2", "onnx"), ("llama", "onnx")])
+def test_random_arrivals_equal_each_request_alone(tiny_dirs, tiny_bundles, family, backend):
+    """Requests arriving at random moments from 6 threads (joining and leaving running
+    generations, scores interleaved, mixed prompts) each get exactly their result alone:
+    scores within the tolerance table, greedy and seeded tokens identical."""
+    rt = _runtime(tiny_dirs, tiny_bundles, family, backend, max_batch=8, max_batch_tokens=96)
+    work = _workload(seed=hash((family, backend)) % 1000)
+    alone = [_run_one(rt, kind, req) for kind, req in work]
+    got, errors = {}, []
+
+    def caller(t):
+        rng = random.Random(t)
+        try:
+            for i in range(t, len(work), 6):
+                time.sleep(rng.random() * 0.02)
+                got[i] = _run_one(rt, *work[i])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors and len(got) == len(work)
+    for i, (kind, _) in enumerate(work):
+        if kind == "score":
+            np.testing.assert_allclose(got[i], alone[i], **SCORE["float32"])
+        else:
+            assert got[i] == alone[i], (i, kind)
+    assert rt.stats()["engine_running"] == 0
+    rt.close()
+
+
+def test_a_new_generation_gets_its_first_token_within_two_steps(tiny_dirs, tiny_bundles):
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx")
+    streams = [rt.stream("p17", [5, 6, i + 7], max_new_tokens=40, stop_at_eos=False) for i in range(8)]
+    for s in streams:
+        next(s)  # all 8 are decoding
+    late = rt.stream("p3", [9, 9], max_new_tokens=30, stop_at_eos=False)
+    next(late)
+    # submitted during step k (counted when it ends), admitted by step k + 1 at the latest
+    assert 1 <= late.seq.first_token_step - late.seq.arrived_step <= 2
+    assert rt.stats()["engine_running"] == 9
+    for s in streams + [late]:
+        s.close()
+    rt.close()
+
+
+def test_scores_are_not_starved_by_generations(tiny_dirs, tiny_bundles):
+    """A score that arrives while long generations run completes while they are still running."""
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx", max_batch=4)
+    streams = [rt.stream("p40", [5, i + 6], max_new_tokens=200, stop_at_eos=False) for i in range(4)]
+    for s in streams:
+        next(s)
+    res = rt.score([{"prompt": "p3", "context": [5, 6, 7], "continuation": [8]}])[0]
+    assert np.isfinite(res.logprob)
+    assert rt.stats()["engine_running"] == 4  # the generations were still going
+    for s in streams:
+        s.close()
+    rt.close()
+
+
+def test_closing_a_stream_frees_its_row_and_spares_the_others(tiny_dirs, tiny_bundles):
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "torch")
+    kw = dict(max_new_tokens=10, stop_at_eos=False)
+    want = rt.generate("p17", [[5, 6]], **kw)[0].token_ids
+    doomed = rt.stream("p3", [7, 7], max_new_tokens=100, stop_at_eos=False)
+    next(doomed)
+    other = rt.stream("p17", [5, 6], **kw)
+    first = next(other)
+    doomed.close()
+    rest = [t for c in other for t in c.token_ids]
+    assert first.token_ids + rest == want
+    deadline = time.monotonic() + 30
+    while rt.stats()["engine_running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.stats()["engine_running"] == 0
+    rt.close()
+
+
+def test_async_stream_and_cancellation(tiny_dirs, tiny_bundles):
+    import asyncio
+
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx")
+    want = rt.generate("p17", [[5, 6]], max_new_tokens=6, stop_at_eos=False)[0]
+
+    async def main():
+        chunks = [c async for c in rt.stream_async("p17", [5, 6], max_new_tokens=6, stop_at_eos=False)]
+
+        async def forever():
+            async for _ in rt.stream_async("p3", [5], max_new_tokens=400, stop_at_eos=False):
+                pass
+
+        task = asyncio.create_task(forever())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert "".join(c.text for c in chunks) == want.text and chunks[-1].finish_reason == "length"
+    deadline = time.monotonic() + 30
+    while rt.stats()["engine_running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.stats()["engine_running"] == 0  # the cancelled task's row was freed
+    rt.close()
+
+
+def test_unseeded_rows_differ_and_seeded_rows_repeat(tiny_dirs, tiny_bundles):
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx")
+    kw = dict(max_new_tokens=8, temperature=1.5, stop_at_eos=False)
+    free = rt.generate("p3", [[5, 6]] * 4, **kw)
+    assert len({tuple(r.token_ids) for r in free}) > 1
+    seeded = rt.generate("p3", [[5, 6]] * 3, seed=11, **kw)
+    assert len({tuple(r.token_ids) for r in seeded}) == 1
+    rt.close()
+
+
+def test_submit_close_race_resolves_every_future(tiny_dirs, tiny_bundles):
+    """submit() racing close(): every accepted future ends (result or cancellation) within a
+    bounded wait, and a rejected submission raises at once; many rounds."""
+    for round_ in range(40):
+        rt = Runtime.load(str(tiny_bundles["llama"]), backend="onnx")
+        rt.add_prompt("p", SoftPrompt.random(3, E, seed=1))
+        accepted, barrier = [], threading.Barrier(3)
+
+        def submitter():
+            barrier.wait()
+            for _ in range(30):
+                try:
+                    accepted.append(rt.submit({"prompt": "p", "context": [5, 6]}))
+                except RuntimeError:
+                    return
+
+        subs = [threading.Thread(target=submitter) for _ in range(2)]
+        for th in subs:
+            th.start()
+        barrier.wait()
+        rt.close(drain=round_ % 2 == 0)
+        for th in subs:
+            th.join(30)
+        for f in accepted:
+            assert f.cancelled() or f.result(timeout=30).logprob < 0
+
+
+@pytest.mark.parametrize("stop", [(), ("lo w",), ("o", "xyz"), ("d!",)])
+def test_detokenizer_deltas_equal_the_full_decode(stop):
+    """Deltas concatenate to the whole decode cut before the first stop string, also when a stop
+    string spans tokens or a token ends with the start of one."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from softprompt.runtime.requests import Tokenizer as Tok
+
+    words = ["he", "llo", " wo", "rld", "!"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="!"))
+    tok.decoder = decoders.Fuse()
+    t = Tok(tok)
+    ids = list(range(len(words)))
+    d = Detokenizer(t, stop)
+    deltas = []
+    for i in ids:
+        deltas.append(d.add(i))
+        if d.stopped:
+            break
+    deltas.append(d.flush())
+    full = t.decode(ids)
+    cuts = [full.find(s) for s in stop if s in full]
+    want = full[: min(cuts)] if cuts else full
+    assert "".join(deltas) == want == d.text
+    assert d.stopped == bool(cuts)
