@@ -72,7 +72,12 @@ class SoftPrompt:
         if emb.dtype.kind != "f":
             raise SoftPromptError(f"soft prompt {self.name!r}: embeddings must be floating "
                                   f"point, got {emb.dtype}")
-        self.embeddings = np.ascontiguousarray(emb, dtype=np.float32)
+        emb = np.array(emb, dtype=np.float32, order="C")  # our own copy, then frozen:
+        emb.flags.writeable = False  # the digest below stays true for the object's lifetime
+        self.embeddings = emb
+        h = hashlib.sha256(repr(tuple(emb.shape)).encode())
+        h.update(emb.tobytes())
+        self._digest = h.hexdigest()
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -84,10 +89,9 @@ class SoftPrompt:
 
     @property
     def digest(self) -> str:
-        """sha256 of the float32 bytes and shape: the prompt's content key in the prefix cache."""
-        h = hashlib.sha256(repr(tuple(self.embeddings.shape)).encode())
-        h.update(self.embeddings.tobytes())
-        return h.hexdigest()
+        """sha256 of the float32 bytes and shape: the prompt's content key in the prefix cache
+        (computed once: the embeddings are a read-only copy)."""
+        return self._digest
 
     # ----------------------------------------------------------------------------- checks
     def validate(self, hidden_size: int | None = None,

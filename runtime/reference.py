@@ -40,7 +40,7 @@ class TorchModelMixin:
         """``[P, E]`` in the model's dtype/device (P = 0 when there is no prompt)."""
         if prompt is None:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        return torch.from_numpy(prompt.embeddings).to(self.device, self.dtype)
+        return torch.tensor(prompt.embeddings, device=self.device, dtype=self.dtype)
 
     def _embed_ids(self, ids) -> torch.Tensor:
         """``[L, E]``: the model's own input-embedding module (so Gemma's scaling applies)."""

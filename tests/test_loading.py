@@ -76,7 +76,7 @@ def test_model_without_tokenizer_scores_ids_and_refuses_text(tmp_path):
     # the reference: the same model with inputs_embeds = [prompt, ids], float32
     ids = IDS["context"] + IDS["continuation"]
     with torch.no_grad():
-        emb = torch.cat([torch.from_numpy(prompt.embeddings),
+        emb = torch.cat([torch.tensor(prompt.embeddings),
                          model.get_input_embeddings()(torch.tensor(ids))])[None]
         logp = model(inputs_embeds=emb).logits[0].log_softmax(-1)
     P, C = 3, len(IDS["context"])

@@ -30,7 +30,7 @@ def test_peft_round_trip_same_logits(tmp_path, tiny_dirs, llama):
     ids = torch.tensor([[5, 9, 14, 3]])
     with torch.no_grad():
         got = peft_model(input_ids=ids).logits[0]
-        emb = torch.cat([torch.from_numpy(sp.embeddings), base.get_input_embeddings()(ids[0])])
+        emb = torch.cat([torch.tensor(sp.embeddings), base.get_input_embeddings()(ids[0])])
         want = base(inputs_embeds=emb[None]).logits[0]
     torch.testing.assert_close(got, want, **SCORE["float32"])
     back = SoftPrompt.load(tmp_path / "ad")
