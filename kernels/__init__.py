@@ -22,7 +22,7 @@ decode buffers). Importing this package never needs Triton or a GPU.
 
 from .prefix_attention import (
     CascadePlan,
-    forget_plans,
+    Plans,
     plan_cascade,
     prefix_attention,
     prefix_attention_auto,
@@ -35,7 +35,7 @@ from .prefix_attention import (
 
 __all__ = [
     "CascadePlan",
-    "forget_plans",
+    "Plans",
     "plan_cascade",
     "prefix_attention",
     "prefix_attention_auto",

@@ -41,7 +41,6 @@ references work.
 
 import math
 import os
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -145,38 +144,32 @@ def _check_lengths(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """A tensor's in-place modification counter; None for inference tensors, which keep none
-    (for those, plans are reused on identity alone: make a new tensor rather than changing one
-    in place between calls, as the torch backend does)."""
-    return None if t.is_inference() else t._version
-
-
 class _RefPlan(NamedTuple):
     """What the reference derives from the length/index tensors alone: the same for every layer
-    of one forward, so it is made once and reused (the torch backend's CPU path calls the
-    reference N times per forward with the same tensors)."""
+    of one forward, so it is made once per forward and kept in the caller's ``Plans``."""
 
     K: int  # own keys of the longest row (keys beyond it are never visible)
     own_ok: torch.Tensor  # [B, Lq, K] bool: query i of row b may see own key j
     q_ok: torch.Tensor  # [B, Lq] bool: real queries
     groups: list  # [(n, rows [b] int64, P)] each prompt present, its rows and prefix length
-    refs: tuple  # (weakref, _version) of each input tensor it was made from, and the dims
+    dims: tuple  # the dims it was made for
 
 
-_last_ref_plan: _RefPlan | None = None
+class Plans:
+    """Index plans of one forward, made on first use and reused by every layer of it.
+
+    The caller owns them and makes a new ``Plans`` per forward (the torch backend keeps one in
+    each forward's batch, so a CUDA graph capture plans from its own static inputs); nothing is
+    cached at module level. ``ref``: the reference's masks and row groups (made with a device
+    sync); ``cascade``: the cascade kernel's ``plan_cascade`` (no sync)."""
+
+    def __init__(self):
+        self.ref: _RefPlan | None = None
+        self.cascade: "CascadePlan | None" = None
 
 
-def _ref_plan_for(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> _RefPlan:
-    """The reference's masks and row groups, reused while the *same* unmodified tensors come
-    back (as they do for every layer of one forward); value checks run once per plan."""
-    global _last_ref_plan
-    tensors = (prefix_lens, prompt_idx, kv_lens, q_lens)
-    last = _last_ref_plan
-    if last is not None and last.refs[-1] == dims and all(
-            (t is None and r is None) or (r is not None and r[0]() is t and r[1] == _version(t))
-            for t, r in zip(tensors, last.refs[:-1])):
-        return last
+def _ref_plan(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> _RefPlan:
+    """The reference's masks and row groups; value checks run here, once per plan."""
     B, Lq, Lk, dev = dims.B, dims.Lq, dims.Lk, prompt_idx.device
     kv = torch.full((B,), Lk, device=dev) if kv_lens is None else kv_lens.long()
     ql = torch.full((B,), Lq, device=dev) if q_lens is None else q_lens.long()
@@ -188,9 +181,7 @@ def _ref_plan_for(dims: _Dims, prefix_lens, prompt_idx, kv_lens, q_lens) -> _Ref
     q_ok = torch.arange(Lq, device=dev) < ql[:, None]  # [B, Lq]
     groups = [(n, torch.nonzero(prompt_idx == n).squeeze(1), int(prefix_lens[n]))
               for n in torch.unique(prompt_idx).tolist()]
-    refs = tuple(None if t is None else (weakref.ref(t), _version(t)) for t in tensors) + (dims,)
-    _last_ref_plan = _RefPlan(K, own_ok, q_ok, groups, refs)
-    return _last_ref_plan
+    return _RefPlan(K, own_ok, q_ok, groups, tuple(dims))
 
 
 def prefix_attention_ref(
@@ -205,6 +196,8 @@ def prefix_attention_ref(
     q_lens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    plans: Plans | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch prefix attention; same arguments, semantics and outputs as `prefix_attention`.
 
@@ -214,7 +207,8 @@ def prefix_attention_ref(
     expanded per row. Own-key scores are a batched per-row product. Scores are masked (causal over
     own keys, kv_lens, q_lens), softmaxed in float32, and applied to the prefix and own values.
     Also checks the length values (prompt_idx in range, q_lens <= kv_lens <= Lk, ...), which
-    syncs with the device.
+    syncs with the device. plans: this forward's ``Plans``: the masks and groups are made once
+    and reused by the other layers (the same length tensors must come back).
     """
     dims = _check_inputs(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens)
     B, H, Lq, D, Hkv, Lk, N, Pmax = dims
@@ -224,7 +218,12 @@ def prefix_attention_ref(
     lse = torch.full((B, H, Lq), -math.inf, device=q.device, dtype=torch.float32)
     if B == 0 or Lq == 0:
         return (out, lse) if return_lse else out
-    K, own_ok, q_ok, groups, _ = _ref_plan_for(dims, prefix_lens, prompt_idx, kv_lens, q_lens)
+    plan = plans.ref if plans is not None else None
+    if plan is None or plan.dims != tuple(dims):
+        plan = _ref_plan(dims, prefix_lens, prompt_idx, kv_lens, q_lens)
+        if plans is not None:
+            plans.ref = plan
+    K, own_ok, q_ok, groups, _ = plan
 
     for n, rows, P in groups:
         b = rows.numel()
@@ -782,6 +781,8 @@ def prefix_attention(
     q_lens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    plans: Plans | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention of each row's new queries over its prompt's cached prefix, then its own keys.
 
@@ -796,6 +797,8 @@ def prefix_attention(
             position kv_lens - q_lens + i and sees own keys up to and including that position.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the float32 [B, H, Lq] natural-log softmax denominator.
+        plans: accepted for a signature shared with the other entry points (this kernel needs
+            no plan).
 
     Returns:
         out [B, H, Lq, D] in q.dtype (zeros for queries >= q_lens), and lse if return_lse.
@@ -842,31 +845,6 @@ def plan_cascade(prompt_idx: torch.Tensor, num_prompts: int, Lq: int, group: int
     return CascadePlan(rows, seg_start, seg_count, block_start, grid, block_m, (B, N, Lq, group, dev))
 
 
-_last_plan: tuple | None = None  # (weakref to prompt_idx, its _version, plan): one entry, reused across layers
-
-
-def _plan_for(prompt_idx: torch.Tensor, N: int, Lq: int, G: int) -> CascadePlan:
-    """plan_cascade, reused while the *same* prompt_idx tensor, unmodified, comes back (as it does
-    for every layer of one forward). Identity via a weak reference, not the data pointer, so a new
-    tensor allocated at a freed address can never pick up a stale plan."""
-    global _last_plan
-    key = (prompt_idx.shape[0], N, Lq, G, prompt_idx.device)
-    last = _last_plan
-    if last is not None and last[0]() is prompt_idx and last[1] == _version(prompt_idx) and last[2].key == key:
-        return last[2]
-    plan = plan_cascade(prompt_idx, N, Lq, G)
-    _last_plan = (weakref.ref(prompt_idx), _version(prompt_idx), plan)
-    return plan
-
-
-def forget_plans() -> None:
-    """Drop the reused cascade plan. CUDA graph capture calls this so that the plan is computed
-    inside the graph from its static prompt_idx (a plan reused from the eager warm-up would be
-    baked into the graph with the warm-up's values)."""
-    global _last_plan
-    _last_plan = None
-
-
 def prefix_attention_cascade(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -881,6 +859,7 @@ def prefix_attention_cascade(
     return_lse: bool = False,
     *,
     plan: CascadePlan | None = None,
+    plans: Plans | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `prefix_attention`, computed in two kernels (Hydragen / FlashInfer cascade):
 
@@ -889,8 +868,9 @@ def prefix_attention_cascade(
     2. own part: the prefill/decode kernel starts its online softmax from that state and runs over
        the row's own keys, which merges the two parts by log-sum-exp in its epilogue.
 
-    plan: optional `plan_cascade(prompt_idx, N, Lq, H // Hkv)` to reuse across layers; without it
-        the plan is made here, or reused if the same prompt_idx tensor was planned last.
+    plan: optional `plan_cascade(prompt_idx, N, Lq, H // Hkv)` to reuse across layers; or
+    plans: this forward's ``Plans``, where the plan is made on first use and kept for the other
+        layers; without either the plan is made here.
     """
     dims = _check_inputs(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens)
     _require_kernels(q, dims.D)
@@ -901,8 +881,13 @@ def prefix_attention_cascade(
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if return_lse else None
     if B == 0 or Lq == 0:
         return (out, lse) if return_lse else out
+    if plan is None and plans is not None and plans.cascade is not None \
+            and plans.cascade.key == (B, N, Lq, G, q.device):
+        plan = plans.cascade
     if plan is None:
-        plan = _plan_for(prompt_idx, N, Lq, G)
+        plan = plan_cascade(prompt_idx, N, Lq, G)
+        if plans is not None:
+            plans.cascade = plan
     elif plan.key != (B, N, Lq, G, q.device):
         raise ValueError(f"plan was made for (B, N, Lq, G, device)={plan.key}, "
                          f"expected {(B, N, Lq, G, q.device)}")
@@ -947,11 +932,15 @@ def prefix_attention_auto(
     q_lens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    plans: Plans | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`prefix_attention_cascade` when `use_cascade(B, N, Pmax, Lq)` holds, else `prefix_attention`."""
+    """`prefix_attention_cascade` when `use_cascade(B, N, Pmax, Lq)` holds, else `prefix_attention`
+    (plans: this forward's ``Plans``, for the cascade's plan)."""
     d = _check_inputs(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens)
     fn = prefix_attention_cascade if use_cascade(d.B, d.N, d.Pmax, d.Lq) else prefix_attention
-    return fn(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens, scale, return_lse)
+    return fn(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens, scale,
+              return_lse, plans=plans)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -53,6 +53,12 @@ class PrefixBatch:
     own_v: list | None = None
     decoding: bool = False
     triton: bool = False  # Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or references
+    plans: object = None  # kernels.Plans of this forward, made by __post_init__
+
+    def __post_init__(self):
+        from softprompt.kernels import Plans
+
+        self.plans = Plans()  # index plans made by the first layer, reused by the others
 
 
 def _nbytes(tensors) -> int:
@@ -86,7 +92,7 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
             b.own_k[i][:, :, : key.shape[2]] = key
             b.own_v[i][:, :, : value.shape[2]] = value
     out = attend(query, key, value, b.prefix_k[i], b.prefix_v[i], b.prefix_lens, b.prompt_idx,
-                 kv_lens=b.kv_lens, q_lens=b.q_lens, scale=scaling)
+                 kv_lens=b.kv_lens, q_lens=b.q_lens, scale=scaling, plans=b.plans)
     return out.transpose(1, 2), None
 
 

@@ -139,26 +139,25 @@ def test_reference_matches_naive_per_row_attention(name):
     torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
 
 
-def test_reference_plan_is_reused_per_forward_and_follows_changes():
-    """The reference plans masks and row groups once for the N layers of a forward (same length
-    tensors) and re-plans when those tensors change, in place or anew."""
+def test_reference_plan_is_made_once_per_forward_and_never_reused_across_forwards():
+    """With the caller's Plans the reference plans masks and row groups once for the N layers of
+    a forward; a new forward (new Plans) plans anew, and other lengths never reuse a plan."""
     case = CASES["prefill-g1-d16-mixed-prompts"]
     q, k, v, pk, pv, plens, idx, kv_lens, q_lens = make_inputs(case, torch.float32, device="cpu")
-    pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
-    plan = pa._last_ref_plan
-    pa.prefix_attention_ref(q * 2, k, v, pk, pv, plens, idx, kv_lens, q_lens)  # the next layer
-    assert pa._last_ref_plan is plan
-    for change in ("in place", "new tensor"):
-        if change == "in place":
-            kv_lens[1] -= 1
-            q_lens[1] -= 1
-        else:
-            idx = torch.tensor([0, 0, 2], dtype=torch.int32)
-        got = pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
-        assert pa._last_ref_plan is not plan
-        plan = pa._last_ref_plan
-        want, _ = naive_attention(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
-        torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
+    plans = pa.Plans()
+    pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens, plans=plans)
+    plan = plans.ref
+    pa.prefix_attention_ref(q * 2, k, v, pk, pv, plans=plans, prefix_lens=plens, prompt_idx=idx,
+                            kv_lens=kv_lens, q_lens=q_lens)  # the next layer
+    assert plans.ref is plan
+    kv_lens[1] -= 1
+    q_lens[1] -= 1
+    fresh = pa.Plans()  # the next forward
+    got = pa.prefix_attention_ref(q, k, v, pk, pv, plens, idx, kv_lens, q_lens, plans=fresh)
+    assert fresh.ref is not plan
+    want, _ = naive_attention(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
+    torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
+    assert not hasattr(pa, "_last_ref_plan") and not hasattr(pa, "_last_plan")  # no module state
 
 
 @pytest.mark.parametrize("name", CASES)
