@@ -310,9 +310,10 @@ def main(argv=None) -> int:
     disabled = [f"{m}: {g['graphs_disabled']}" for m, g in graph_stats.items() if g.get("graphs_disabled")]
     if disabled:
         print(f"FAILED: CUDA graphs turned themselves off: {disabled}")
-    bad_gen = [g["model"] for g in gens if not g["tokens_equal"]]
+    bad_gen = [g["model"] for g in gens if not (g["tokens_equal"] and g["join_leave_tokens_equal"])]
     if bad_gen:
-        print(f"FAILED: greedy tokens differ between graphs and eager: {bad_gen}")
+        print(f"FAILED: greedy tokens differ between graphs and eager, or rows joining and "
+              f"leaving the engine's decode steps differ from the request alone: {bad_gen}")
     return 1 if any(r["status"] != "ok" for r in rows) or disabled or bad_gen else 0
 
 
@@ -330,9 +331,27 @@ def generation(shape, rt, eager, vocab: int, smoke: bool, timed_once, B=4, P=20,
         toks = [g.token_ids for g in r.generate(f"p{P}", ids, **kw)]  # warm-up (and capture)
         ms = statistics.median(timed_once(lambda: r.generate(f"p{P}", ids, **kw)) for _ in range(3))
         out[name] = (toks, ms / new)
+    # The engine's decode steps with rows joining and leaving: streams of different lengths,
+    # each started after the running ones took a step, so rows join the graphed decode pool
+    # mid-generation and leave it at different steps. Each must equal its request run alone
+    # on the eager runtime.
+    lengths = [new // 2 + 3 * i for i in range(B)]
+    streams, got = [], [[] for _ in range(B)]
+    steps0, t0 = rt.engine.steps, time.perf_counter()
+    for i, row in enumerate(ids):
+        for k, s in enumerate(streams):
+            c = next(s, None)
+            got[k] += c.token_ids if c else []
+        streams.append(rt.stream(f"p{P}", row, max_new_tokens=lengths[i], stop_at_eos=False))
+    for k, s in enumerate(streams):
+        got[k] += [t for c in s for t in c.token_ids]
+    join_ms = (time.perf_counter() - t0) * 1e3 / max(1, rt.engine.steps - steps0)
+    alone = [eager.generate(f"p{P}", [row], max_new_tokens=n, stop_at_eos=False)[0].token_ids
+             for row, n in zip(ids, lengths)]
     return dict(model=shape, B=B, P=P, L=L, new_tokens=new, tokens_equal=out["ours"][0] == out["eager"][0],
                 ours_ms_per_token=round(out["ours"][1], 4), eager_ms_per_token=round(out["eager"][1], 4),
-                graphs_speedup=round(out["eager"][1] / out["ours"][1], 3))
+                graphs_speedup=round(out["eager"][1] / out["ours"][1], 3),
+                join_leave_tokens_equal=got == alone, join_leave_ms_per_step=round(join_ms, 4))
 
 
 def markdown(rows) -> str:

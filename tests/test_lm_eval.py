@@ -23,7 +23,7 @@ from tiny import HIDDEN  # noqa: E402
 from tolerances import SCORE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROLLING_ATOL = 1e-3  # a text's summed log-likelihood over several windows (issue: 1e-3)
+ROLLING_ATOL = 1e-3  # a text's summed log-likelihood over several windows
 WORDS = ("the movie was really good and the food was great but the service was very bad . "
          "i love this film , you hate that phone ! it is not a good game , the team liked it . ")
 
