@@ -292,7 +292,9 @@ def main(argv=None) -> int:
     for g in gens:
         print(f"\ngeneration {g['model']} B={g['B']} P={g['P']} L={g['L']} new={g['new_tokens']}: "
               f"ours {g['ours_ms_per_token']:.2f} ms/token, eager {g['eager_ms_per_token']:.2f} "
-              f"ms/token ({g['graphs_speedup']:.2f}x), tokens equal: {g['tokens_equal']}")
+              f"ms/token ({g['graphs_speedup']:.2f}x), tokens equal: {g['tokens_equal']}; "
+              f"rows joining and leaving: {g['join_leave_ms_per_step']:.2f} ms/step, equal to alone: "
+              f"{g['join_leave_tokens_equal']}")
     print(f"\ngraphs: {graph_stats}")
     if skipped:
         print(f"\nskipped: {'; '.join(skipped)}")
