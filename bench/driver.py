@@ -68,6 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
+from softprompt import cpu_model  # noqa: F401 - also imported from here by other bench scripts
+
 LESTER_P = (0, 1, 5, 20, 100, 150)  # prompt lengths studied by Lester et al. (2021)
 ALL_BACKENDS = ("peft", "reference", "copied", "torch", "onnx", "onnx-int4")
 BASELINE = "peft"  # every speedup column is over this backend
@@ -566,16 +568,6 @@ def environment(device: str, dtype: str) -> dict:
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def command_line(args) -> str:

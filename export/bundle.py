@@ -46,6 +46,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from softprompt.runtime.files import read_json_object
+
 from .errors import BundleError
 
 FORMAT_VERSION = 1
@@ -209,15 +211,7 @@ def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: file missing; {root} is not an exported bundle")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{path}: {path.stat().st_size} bytes, above the "
-                          f"{MAX_MANIFEST_BYTES}-byte limit for a manifest")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: holds a JSON {type(manifest).__name__}, expected an object")
+    manifest = read_json_object(path, MAX_MANIFEST_BYTES, BundleError, "a manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise BundleError(f"{path}: format_version {version!r} is not supported (expected "

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import cpu_model
 from ..runtime.models import (LoadedModel, ModelError, check_architecture, eos_token_ids,
                               load_model)
 from .bundle import (EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, WEIGHTS_FILE,
@@ -459,22 +460,10 @@ def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, man
     bundle = load_bundle(root)
     scores = q.score_drift(q.request_logprobs(bundle, requests), want)
     report["request_ms"] = {"float32": float_ms, "int4": q.request_ms(bundle), "B": 8, "L": 32,
-                            "P": 20, "device": _cpu_name()}  # one scoring batch, best of 5
+                            "P": 20, "device": cpu_model()}  # one scoring batch, best of 5
     del bundle
     manifest["validation"] = {**figures, "scores": scores, "float_graph": float_figures}
     return manifest, error
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _replace_graph(path: Path, new: Path) -> None:

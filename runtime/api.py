@@ -74,7 +74,8 @@ class Runtime:
              dtype: str | None = None, max_batch_tokens: int = 4096, max_batch: int = 64,
              prefix_cache_bytes: int = 1 << 30, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS,
              strict: bool = False, providers: Sequence[str] | None = None,
-             bundle_dir: str | Path | None = None, cuda_graphs: bool | None = None) -> "Runtime":
+             bundle_dir: str | Path | None = None, cuda_graphs: bool | None = None,
+             revision: str | None = None) -> "Runtime":
         """Load a model and a backend.
 
         Args:
@@ -100,7 +101,12 @@ class Runtime:
                 ``$SOFTPROMPT_HOME/bundles``).
             cuda_graphs: torch backend: replay forwards and decode steps as CUDA graphs, one
                 per padded shape (default: on CUDA; see runtime/graphs.py).
+            revision: for a hub id, the branch, tag or commit (same as ``owner/name@revision``).
         """
+        if revision is not None:
+            if not isinstance(model, str) or "@" in model:
+                raise ValueError(f"revision= applies to a hub id without '@revision', got {model!r}")
+            model = f"{model}@{revision}"
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         is_bundle = isinstance(model, (str, Path)) and (Path(model) / "bundle.json").is_file()
@@ -545,12 +551,33 @@ class Runtime:
         return self.engine.call(lambda: self.backend.load_cache(path))
 
 
-class Stream:
-    """Iterator of one generation's StreamChunks (see :meth:`Runtime.stream`)."""
+class _StreamBase:
+    """One generation's chunks as they come; dropping it unfinished cancels the row."""
 
-    def __init__(self, seq: GenSequence, q: queue.SimpleQueue, rt: Runtime):
+    def __init__(self, seq: GenSequence, q, rt: Runtime):
         self.seq, self._q, self._rt = seq, q, rt
         self._ended = False
+
+    def _got(self, chunk: StreamChunk) -> StreamChunk:
+        if chunk.finish_reason is not None:
+            self._ended = True
+            self._rt.requests_served += 1
+        return chunk
+
+    def _cancel(self) -> None:
+        """Cancel the row (freed at the next engine step) unless it already finished."""
+        if not self._ended:
+            self._ended = True
+            self.seq.cancel()
+            self._rt.engine.wake()
+
+    def __del__(self):
+        if not self._ended and self.seq.finish_reason is None:
+            self.seq.cancel()
+
+
+class Stream(_StreamBase):
+    """Iterator of one generation's StreamChunks (see :meth:`Runtime.stream`)."""
 
     def __iter__(self) -> Iterator[StreamChunk]:
         return self
@@ -558,18 +585,11 @@ class Stream:
     def __next__(self) -> StreamChunk:
         if self._ended:
             raise StopIteration
-        chunk = self._q.get()
-        if chunk.finish_reason is not None:
-            self._ended = True
-            self._rt.requests_served += 1
-        return chunk
+        return self._got(self._q.get())
 
     def close(self) -> None:
         """Cancel the row (freed at the next engine step) unless it already finished."""
-        if not self._ended:
-            self._ended = True
-            self.seq.cancel()
-            self._rt.engine.wake()
+        self._cancel()
 
     def __enter__(self) -> "Stream":
         return self
@@ -577,17 +597,9 @@ class Stream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        if not self._ended and self.seq.finish_reason is None:
-            self.seq.cancel()
 
-
-class AsyncStream:
+class AsyncStream(_StreamBase):
     """Async iterator of one generation's StreamChunks (see :meth:`Runtime.stream_async`)."""
-
-    def __init__(self, seq: GenSequence, q: asyncio.Queue, rt: Runtime):
-        self.seq, self._q, self._rt = seq, q, rt
-        self._ended = False
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self
@@ -598,22 +610,13 @@ class AsyncStream:
         try:
             chunk = await self._q.get()
         except BaseException:  # the consuming task was cancelled: free the row
-            await self.aclose()
+            self._cancel()
             raise
-        if chunk.finish_reason is not None:
-            self._ended = True
-            self._rt.requests_served += 1
-        return chunk
+        return self._got(chunk)
 
     async def aclose(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self.seq.cancel()
-            self._rt.engine.wake()
-
-    def __del__(self):
-        if not self._ended and self.seq.finish_reason is None:
-            self.seq.cancel()
+        """Cancel the row (freed at the next engine step) unless it already finished."""
+        self._cancel()
 
 
 def _sampling(kw: dict) -> dict:

@@ -99,13 +99,18 @@ class PrefixCache:
             if entry.nbytes > self.max_bytes:
                 raise CacheError(f"one prompt's prefix needs {entry.nbytes} bytes but "
                                  f"prefix_cache_bytes is {self.max_bytes}; raise the budget")
-            self._entries[key] = entry
-            self.bytes += entry.nbytes
-            while self.bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.bytes -= old.nbytes
-                self.evictions += 1
+            self._store(key, entry)
             return entry
+
+    def _store(self, key, entry: PrefixEntry) -> None:
+        """Store ``entry`` newest and evict least recently used entries beyond the budget
+        (called with the lock held)."""
+        self._entries[key] = entry
+        self.bytes += entry.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
 
     def invalidate(self, digest: str) -> bool:
         """Drop exactly this prompt's entry; True if there was one."""
@@ -189,12 +194,7 @@ class PrefixCache:
         key = self.key(digest)
         if key in self._entries:
             return
-        self._entries[key] = entry
-        self.bytes += entry.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.evictions += 1
+        self._store(key, entry)
 
     def _geometry(self) -> dict | None:
         """Expected (num_layers, num_kv_heads, head_dim, vocab_size): given, or read off an

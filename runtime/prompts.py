@@ -18,7 +18,6 @@ read, and a prompt from a file must have P >= 1 finite ``[P, E]`` floating-point
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import hub, safetensors_np
+from .files import read_json_object
 
 DEFAULT_MAX_VIRTUAL_TOKENS = 1024
 _PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -260,15 +260,7 @@ _CONFIG_TYPES = {"peft_type": str, "num_virtual_tokens": int, "token_dim": int,
 
 def _read_adapter_config(path: Path) -> dict:
     """adapter_config.json as a dict whose keys the runtime reads have the right types."""
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise SoftPromptError(f"{path}: {path.stat().st_size} bytes, above the "
-                              f"{MAX_CONFIG_BYTES}-byte limit for an adapter config")
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SoftPromptError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SoftPromptError(f"{path}: holds a JSON {type(cfg).__name__}, expected an object")
+    cfg = read_json_object(path, MAX_CONFIG_BYTES, SoftPromptError, "an adapter config")
     for key, typ in _CONFIG_TYPES.items():
         value = cfg.get(key)
         if value is not None and (not isinstance(value, typ) or isinstance(value, bool)):

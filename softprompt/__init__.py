@@ -31,6 +31,20 @@ PACKAGES = ("softprompt-runtime", "torch", "transformers", "peft", "onnx", "onnx
             "triton", "numpy", "tokenizers")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark and validation records."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def package_versions(packages=PACKAGES) -> dict:
     """{distribution: installed version or None}, without importing any of them."""
     import importlib.metadata as md

@@ -146,3 +146,59 @@ def test_gguf_path_loads_the_same_model(lm, tmp_path, monkeypatch):
     g = models.load_model(str(models.default_gguf_path()))
     assert g.fingerprint == lm.fingerprint
     assert len(list((tmp_path / "models").iterdir())) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "onnx"])
+def test_concurrent_arrivals_equal_each_request_alone(lm, backend):
+    """Text requests from 4 threads arriving at staggered moments (generations joining and
+    leaving each other's steps, scores in between, both demo prompts): each equals its result
+    alone (scores within the tolerance table, greedy and seeded tokens identical)."""
+    import threading
+    import time
+
+    rt = Runtime.load("default" if backend == "onnx" else lm, backend=backend)
+    for name in TASKS:
+        rt.add_prompt(name, PROMPTS_DIR / name)
+    work = [("score", {"prompt": "sentiment", "context": "Review: Cold fries.\nSentiment:",
+                       "continuation": " negative"}),
+            ("gen", ("topic", "Write one sentence about football:", dict(max_new_tokens=7))),
+            ("gen", ("sentiment", "Review: Lovely place.\nSentiment:",
+                     dict(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=3))),
+            ("score", {"prompt": "topic", "context": "Text: The election results are in.\nTopic:",
+                       "continuation": " politics"}),
+            ("gen", ("topic", "Name a vegetable:", dict(max_new_tokens=4, stop_at_eos=False))),
+            ("score", {"prompt": None, "context": "The capital of France is Paris."})]
+
+    def run(kind, req):
+        if kind == "score":
+            return rt.score([req])[0].token_logprobs
+        return rt.generate(req[0], [req[1]], **req[2])[0].token_ids
+
+    alone = [run(*w) for w in work]
+    got = {}
+
+    def caller(t):
+        for i in range(t, len(work), 4):
+            time.sleep(0.05 * t)
+            got[i] = run(*work[i])
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(600)
+    for i, (kind, _) in enumerate(work):
+        if kind == "score":
+            np.testing.assert_allclose(got[i], alone[i], **SCORE["float32"])
+        else:
+            assert got[i] == alone[i]
+    # bad requests mixed into a batch fail alone; the good ones are exactly their alone results
+    good = [(w[1], alone[i]) for i, w in enumerate(work) if w[0] == "score"]
+    bad = [{"prompt": "sentiment", "context": "Review: \ud800"}, {"prompt": "topic", "context": [10**6]},
+           {"prompt": ["topic"], "context": "Text:"}]
+    res = rt.score([x for pair in zip([g for g, _ in good], bad) for x in pair], errors="return")
+    for r, (_, want) in zip(res[0::2], good):
+        assert r.error is None
+        np.testing.assert_allclose(r.token_logprobs, want, **SCORE["float32"])
+    assert all(r.error and "\n" not in r.error for r in res[1::2])
+    rt.close()

@@ -89,6 +89,8 @@ def test_revision_selects_the_snapshot(cache, tiny_dirs):
     assert models.load_model("someone/tiny", revision="v2").config.model_type == "qwen2"
     with pytest.raises(models.ModelError, match="names revision 'v2' but revision='main'"):
         models.load_model("someone/tiny@v2", revision="main")
+    rt = Runtime.load("someone/tiny", backend="reference", revision="v2")
+    assert rt.backend.model.config.model_type == "qwen2"
 
 
 def test_local_path_wins_over_the_hub_id(cache, tiny_dirs, tmp_path):
