@@ -253,39 +253,45 @@ class Engine:
                 s._finish("cancelled", s.detok.flush())
         keep = [i for i, s in enumerate(state) if not s.done]
         running = [state[i] for i in keep]
-        tokens, gens, scores = len(running), [], []  # (work, [row indices]) for scores
-        score_rows = 0
+        gens, scores = [], []  # admitted Sequences; (score work, [row indices])
+        gen_lens, score_lens = [], []  # lengths of the new rows of each forward
+
+        def tokens(gen=(), score=()) -> int:
+            """The step's tokens, padding included: decode rows, then each new-row forward
+            padded to its longest row (with ``gen``/``score`` rows added)."""
+            g, sc = gen_lens + list(gen), score_lens + list(score)
+            return len(running) + len(g) * max(g, default=0) + len(sc) * max(sc, default=0)
+
         while self._waiting:
             item = self._waiting[0]
+            busy = bool(running or gen_lens or score_lens)  # an oversized row runs alone
             if isinstance(item, Sequence):
                 if item.cancelled:
                     self._waiting.popleft()
                     item._finish("cancelled")
                     continue
-                lens = [len(s.row.ids) for s in gens] + [len(item.row.ids)]
-                cost = len(lens) * max(lens)
-                if len(running) + len(lens) > self.max_batch or (
-                        (gens or scores or running) and tokens + cost > self.max_batch_tokens):
+                L = len(item.row.ids)
+                if len(running) + len(gens) >= self.max_batch or (
+                        busy and tokens(gen=[L]) > self.max_batch_tokens):
                     break
                 gens.append(self._waiting.popleft())
+                gen_lens.append(L)
                 continue
             if item.future.cancelled():
                 self._waiting.popleft()
                 continue
             take = []
-            for i in item.order:
-                l_max = len(item.rows[item.order[0]].ids)  # longest first: the first is the max
-                n = score_rows + len(take) + 1
-                g_cost = len(gens) * max([len(s.row.ids) for s in gens], default=0)
-                if n > self.max_batch or ((take or score_rows or gens or running) and
-                                          len(running) + g_cost + n * l_max > self.max_batch_tokens):
+            for i in item.order:  # longest first
+                L = len(item.rows[i].ids)
+                if len(score_lens) >= self.max_batch or (
+                        (busy or take) and tokens(score=[L]) > self.max_batch_tokens):
                     break
                 take.append(i)
+                score_lens.append(L)
             if not take:
                 break
             item.order = item.order[len(take):]
             scores.append((item, take))
-            score_rows += len(take)
             if item.order:
                 break  # the rest of this call runs next step, before anything behind it
             self._waiting.popleft()

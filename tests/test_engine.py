@@ -227,3 +227,69 @@ def test_detokenizer_deltas_equal_the_full_decode(stop):
     want = full[: min(cuts)] if cuts else full
     assert "".join(deltas) == want == d.text
     assert d.stopped == bool(cuts)
+
+
+class _StubBackend:
+    """Records every StepPlan; scores are zeros, every chosen token is 7."""
+
+    def __init__(self):
+        self.plans = []
+
+    def step(self, plan):
+        from softprompt.runtime.backend import StepOutput
+
+        self.plans.append(plan)
+        n = len(plan.decode_ids) + (plan.prefill.B if plan.prefill else 0)
+        scores = [(np.zeros(len(r.ids)), True) for r in plan.scores.rows] if plan.scores else []
+        return StepOutput(scores, np.full(n, 7), np.zeros(n))
+
+    def reset(self):
+        pass
+
+
+class _StubTokenizer:
+    def decode(self, ids):
+        return "x" * len(ids)
+
+
+def _step_tokens(plan):
+    """Tokens of a step as the engine budgets them: decode rows + each new-row forward padded."""
+    return (len(plan.decode_ids) + (plan.scores.B * plan.scores.L_max if plan.scores else 0)
+            + (plan.prefill.B * plan.prefill.L_max if plan.prefill else 0))
+
+
+def test_scheduler_keeps_every_step_within_its_budgets():
+    """Deterministic admission on a stub backend: no step exceeds max_batch_tokens (unless one
+    oversized row runs alone), generations never exceed max_batch rows, a large score call is
+    split longest rows first, and arrival order is kept."""
+    from softprompt.runtime.engine import Engine, Sequence
+    from softprompt.runtime.requests import GenerateParams, Row
+
+    be = _StubBackend()
+    eng = Engine(be, _StubTokenizer(), max_batch=3, max_batch_tokens=40)
+    hold, held = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=eng.call, args=(lambda: (held.set(), hold.wait(30)),))
+    blocker.start()
+    assert held.wait(30)  # everything below is queued before the first step
+    done = []
+    gens = [Sequence(Row(None, [5] * n, 1), GenerateParams(max_new_tokens=m), _StubTokenizer(),
+                     frozenset(), lambda c, i=i: c.finish_reason and done.append(i))
+            for i, (n, m) in enumerate([(4, 3), (6, 5), (3, 2), (5, 4), (2, 6)])]
+    for g in gens[:3]:
+        eng.submit_generation(g)
+    big = eng.submit_scores([Row(None, [5] * n, 1) for n in (3, 12, 7, 9, 2, 12, 5)])
+    huge = eng.submit_scores([Row(None, [5] * 50, 1)])  # longer than the budget: runs alone
+    for g in gens[3:]:
+        eng.submit_generation(g)
+    hold.set()
+    assert len(big.result(30)) == 7 and len(huge.result(30)) == 1
+    eng.close()
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    for plan in be.plans:
+        alone = plan.scores is not None and plan.scores.L_max == 50
+        assert _step_tokens(plan) <= 40 or (alone and plan.scores.B == 1 and plan.prefill is None)
+        assert len(plan.decode_ids) + (plan.prefill.B if plan.prefill else 0) <= 3
+        assert plan.scores is None or plan.scores.B <= 3
+    score_lens = [r for p in be.plans if p.scores for r in p.scores.q_lens.tolist()]
+    assert score_lens == [12, 12, 9, 7, 5, 3, 2, 50]  # the big call longest first, then the next
+    assert [g.token_ids for g in gens] == [[7] * m for m in (3, 5, 2, 4, 6)]
