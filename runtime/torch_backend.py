@@ -414,8 +414,9 @@ class TorchBackend(TorchModelMixin, Stepper):
     @torch.inference_mode()
     def select(self, state: _GenState, keep: list[int]) -> _GenState:
         """Keep the rows at positions ``keep`` of the engine's order: the others' slots go idle
-        in place (nothing is copied). When the rows left fit a smaller bucket the pool is
-        compacted into it."""
+        in place (nothing is copied) and later rows join into them. When the rows left fit a
+        smaller bucket the pool is compacted into it; without buckets (the CPU default) that is
+        every time a row leaves, since an idle slot would cost a whole row of compute."""
         slots = [state.slots[k] for k in keep]
         Bp = len(state.active)
         active = torch.zeros(Bp, dtype=torch.int32)
@@ -442,7 +443,7 @@ class TorchBackend(TorchModelMixin, Stepper):
         src = torch.tensor(new.slots, device=self.device)
         for pool, rows in ((state.own_k, new.own_k), (state.own_v, new.own_v)):
             for layer in range(self.num_layers):
-                pool[layer][dst] = rows[layer][src, :, :cap]
+                pool[layer][dst, :, :cap_new] = rows[layer][src]  # cap_new <= cap here
         for d, sl in zip(dst.tolist(), new.slots):
             state.prompts[d] = new.prompts[sl]
         state.kv_lens = state.kv_lens.index_copy(0, dst, new.kv_lens[src].to(state.kv_lens.dtype))
