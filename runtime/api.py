@@ -363,7 +363,8 @@ class Runtime:
     def generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-                 stop_at_eos: bool = True, errors: str = "raise") -> list[GenerateResult]:
+                 stop_at_eos: bool = True, logprobs: int | None = None,
+                 errors: str = "raise") -> list[GenerateResult]:
         """Continue each context under its soft prompt.
 
         prompt: one prompt name for all contexts, or a list with one name per context (rows
@@ -374,8 +375,11 @@ class Runtime:
         stops at EOS (stop_at_eos), at a stop string (the text is cut before it), or after
         max_new_tokens (``finish_reason`` eos | stop | length). Rows join the engine's running
         batch as they come and leave it when they finish, alongside other callers' work.
+        Every new token's log-probability is in ``token_logprobs``; with ``logprobs=n`` the n
+        most likely ``(id, log-prob)`` of each position are in ``top_logprobs``.
         """
-        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos)
+        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
+                                logprobs)
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if isinstance(contexts, str):
@@ -427,14 +431,16 @@ class Runtime:
                 out.append(GenerateResult("", [], "error", error=failed[i]))
                 continue
             s = seqs[i]
-            out.append(GenerateResult(s.detok.text, s.token_ids, s.finish_reason,
-                                      error=s.error, token_logprobs=s.token_logprobs))
+            out.append(GenerateResult(s.detok.text, s.token_ids, s.finish_reason, error=s.error,
+                                      token_logprobs=s.token_logprobs,
+                                      top_logprobs=s.top_logprobs))
         return out
 
     def stream(self, prompt: str | None, context, **sampling) -> "Stream":
         """Generate for one context, yielding ``StreamChunk``s (text delta, ids, log-probs) as
         the engine produces them; the last has ``finish_reason``. Same keyword arguments as
-        :meth:`generate` (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos).
+        :meth:`generate` (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
+        logprobs).
         Closing the iterator (``close()``, leaving a ``with`` block, or dropping it) cancels
         the row: it is freed at the next engine step. Raises RequestError when invalid."""
         q: queue.SimpleQueue = queue.SimpleQueue()
@@ -620,7 +626,8 @@ class AsyncStream(_StreamBase):
 
 
 def _sampling(kw: dict) -> dict:
-    allowed = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos")
+    allowed = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos",
+               "logprobs")
     unknown = set(kw) - set(allowed)
     if unknown:
         raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected {allowed}")

@@ -51,11 +51,13 @@ class StepPlan:
 class StepOutput:
     """scores: per score row ``(target log-probs [n], is_greedy)``.
     next_ids / next_logprobs: ``[Bd + Bp]`` the chosen token of every decode-state row after
-    the step (kept rows first, then the rows that joined) and its log-probability."""
+    the step (kept rows first, then the rows that joined) and its log-probability; next_top:
+    the most likely alternatives of rows whose sampler asks for them (``Sampler.top_n``)."""
 
     scores: list = field(default_factory=list)
     next_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     next_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    next_top: list = field(default_factory=list)  # per row [(id, log-prob)] (its top_n), or []
 
 
 @runtime_checkable
@@ -102,33 +104,37 @@ class Stepper:
     - ``prefill(plan, capacity) -> (state, logits [B, V])``: run new rows, keep their K/V;
     - ``decode(state, ids [B]) -> logits [B, V]``: one token for every row of ``state``;
     - ``select(state, keep) -> state`` and ``join(state | None, new) -> state``;
-    - ``pick(logits, samplers) -> (ids [B], log-probs [B])``: choose on the device.
+    - ``pick(logits, samplers) -> (ids [B], log-probs [B], tops | None)``: choose on the
+      device (``runtime/sampling.py``).
     """
 
     _state = None  # the decode state: rows generating, in the engine's order
 
     def step(self, plan: StepPlan) -> StepOutput:
         out = StepOutput()
-        ids, lps = [], []
+        ids, lps, tops = [], [], []
         if self._state is not None and plan.keep is not None:
             self._state = self.select(self._state, plan.keep) if plan.keep else None
         if len(plan.decode_ids):
             if self._state is None:
                 raise RuntimeError(f"{len(plan.decode_ids)} decode tokens but no row is generating")
             logits = self.decode(self._state, np.asarray(plan.decode_ids, np.int64))
-            i, lp = self.pick(logits, plan.decode_samplers)
+            i, lp, top = self.pick(logits, plan.decode_samplers)
             ids.append(i)
             lps.append(lp)
+            tops += top or [[] for _ in i]
         if plan.scores is not None:
             out.scores = self.score(plan.scores)
         if plan.prefill is not None:
             new, logits = self.prefill(plan.prefill, plan.capacity)
-            i, lp = self.pick(logits, plan.prefill_samplers)
+            i, lp, top = self.pick(logits, plan.prefill_samplers)
             ids.append(i)
             lps.append(lp)
+            tops += top or [[] for _ in i]
             self._state = self.join(self._state, new)
         if ids:
             out.next_ids, out.next_logprobs = np.concatenate(ids), np.concatenate(lps)
+            out.next_top = tops
         return out
 
     def reset(self) -> None:

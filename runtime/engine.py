@@ -49,7 +49,8 @@ class EngineClosed(RuntimeError):
 @dataclass
 class StreamChunk:
     """What a generation produced in one step: ``text`` (the new final text), ``token_ids`` and
-    their ``token_logprobs``; ``finish_reason`` (stop | eos | length | cancelled | error) on the
+    their ``token_logprobs`` (and with ``logprobs=n`` the n most likely ``(id, log-prob)`` of
+    each position in ``top_logprobs``); ``finish_reason`` (stop | eos | length | cancelled | error) on the
     last chunk, with ``error`` set for ``error``."""
 
     text: str
@@ -57,6 +58,7 @@ class StreamChunk:
     token_logprobs: list[float]
     finish_reason: str | None = None
     error: str | None = None
+    top_logprobs: list = field(default_factory=list)  # per token [(id, log-prob)] (logprobs=n)
 
 
 class Sequence:
@@ -69,13 +71,15 @@ class Sequence:
                  on_done: Callable | None = None):
         self.row = row
         self.params = params
-        self.sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed)
+        self.sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed,
+                               top_n=params.logprobs or 0)
         self.detok = Detokenizer(tokenizer, params.stop)
         self.eos_ids = eos_ids if params.stop_at_eos else frozenset()
         self.sink = sink
         self.on_done = on_done
         self.token_ids: list[int] = []
         self.token_logprobs: list[float] = []
+        self.top_logprobs: list = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
@@ -104,14 +108,16 @@ class Sequence:
         except Exception:  # noqa: BLE001 - a consumer that went away (closed event loop, ...)
             self.cancelled = True  # harms only its own row: it is freed at the next step
 
-    def _finish(self, reason: str, text: str = "", ids=(), lps=(), error: str | None = None):
+    def _finish(self, reason: str, text: str = "", ids=(), lps=(), error: str | None = None,
+                tops=()):
         self.finish_reason, self.error = reason, error
-        self._emit(StreamChunk(text, list(ids), list(lps), reason, error))
+        self._emit(StreamChunk(text, list(ids), list(lps), reason, error, list(tops)))
         if self.on_done is not None:
             self.on_done(self)
 
-    def accept(self, token: int, logprob: float) -> None:
-        """The token chosen for this row in a step: stream it and end the row when due."""
+    def accept(self, token: int, logprob: float, top=()) -> None:
+        """The token chosen for this row in a step (``top``: its position's most likely
+        alternatives, when asked for): stream it and end the row when due."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if token in self.eos_ids:
@@ -119,14 +125,16 @@ class Sequence:
             return
         self.token_ids.append(token)
         self.token_logprobs.append(logprob)
+        tops = [list(top)] if self.sampler.top_n else []
+        self.top_logprobs += tops
         delta = self.detok.add(token)
         if self.detok.stopped:
-            self._finish("stop", delta, [token], [logprob])
+            self._finish("stop", delta, [token], [logprob], tops=tops)
         elif len(self.token_ids) >= self.params.max_new_tokens:
-            self._finish("length", delta + self.detok.flush(), [token], [logprob])
+            self._finish("length", delta + self.detok.flush(), [token], [logprob], tops=tops)
         else:
             self.next_input = token
-            self._emit(StreamChunk(delta, [token], [logprob]))
+            self._emit(StreamChunk(delta, [token], [logprob], top_logprobs=tops))
 
 
 @dataclass
@@ -343,11 +351,13 @@ class Engine:
                 work.on_progress(len(idx))
             if len(work.results) == len(work.rows) and not work.future.done():
                 work.future.set_result([work.results[i] for i in range(len(work.rows))])
-        for s, t, lp in zip(self._state_rows, out.next_ids.tolist(), out.next_logprobs.tolist()):
+        tops = out.next_top or [()] * len(out.next_ids)
+        for s, t, lp, top in zip(self._state_rows, out.next_ids.tolist(),
+                                 out.next_logprobs.tolist(), tops):
             self.tokens_generated += 1
             if s.first_token_at is None:
                 s.first_token_step = self.steps
-            s.accept(t, lp)
+            s.accept(t, lp, top)
 
     def _cancel_all(self) -> None:
         for item in self._waiting:

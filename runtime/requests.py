@@ -38,6 +38,7 @@ class GenerateParams:
         batch and any arrival order; None (default) draws a fresh seed per row.
     stop: strings that end a row; the text is cut before the first one.
     stop_at_eos: end a row at the model's end-of-sequence token.
+    logprobs: also return the n (0..20) most likely tokens and log-probs of each new position.
     """
 
     max_new_tokens: int = 32
@@ -47,6 +48,7 @@ class GenerateParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self):
         def integer(v):
@@ -65,6 +67,8 @@ class GenerateParams:
             raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not integer(self.seed) or not 0 <= self.seed < 2**63):
             raise RequestError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        if self.logprobs is not None and (not integer(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise RequestError(f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
         if not isinstance(self.stop_at_eos, (bool, np.bool_)):
             raise RequestError(f"stop_at_eos must be a bool, got {self.stop_at_eos!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -107,6 +111,7 @@ class GenerateResult:
     finish_reason: str
     error: str | None = None
     token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)  # per new id [(id, log-prob)], logprobs=n
 
 
 @dataclass

@@ -30,6 +30,7 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None: a fresh random seed (unseeded rows differ from each other)
+    top_n: int = 0  # also return this many most likely alternatives per token (OpenAI logprobs)
     _np: object = field(default=None, repr=False)
     _torch: dict = field(default_factory=dict, repr=False)
 
@@ -70,8 +71,17 @@ def _filter_np(x: np.ndarray, s: Sampler) -> np.ndarray:
     return x
 
 
-def pick_numpy(logits: np.ndarray, samplers: list[Sampler]) -> tuple[np.ndarray, np.ndarray]:
-    """logits ``[B, V]`` -> (chosen ids ``[B]`` int64, their log-probs under the model ``[B]``)."""
+def _tops_numpy(lp: np.ndarray, samplers: list[Sampler]) -> list | None:
+    n = max((s.top_n for s in samplers), default=0)
+    if not n:
+        return None
+    order = np.argsort(-lp, axis=-1, kind="stable")[:, :n]
+    return [[(int(i), float(lp[b, i])) for i in order[b, : s.top_n]] for b, s in enumerate(samplers)]
+
+
+def pick_numpy(logits: np.ndarray, samplers: list[Sampler]):
+    """logits ``[B, V]`` -> (chosen ids ``[B]`` int64, their log-probs under the model ``[B]``,
+    per row its ``top_n`` most likely ``(id, log-prob)`` or None when no row asks for them)."""
     x = logits.astype(np.float64)
     ids = np.empty(len(samplers), np.int64)
     for b, s in enumerate(samplers):
@@ -82,13 +92,13 @@ def pick_numpy(logits: np.ndarray, samplers: list[Sampler]) -> tuple[np.ndarray,
         g = s.numpy_rng().gumbel(size=z.shape[-1])
         ids[b] = int(np.argmax(z + g))
     m = x.max(-1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(x - m).sum(-1))
-    return ids, x[np.arange(len(ids)), ids] - lse
+    lp = x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))  # [B, V]
+    return ids, lp[np.arange(len(ids)), ids], _tops_numpy(lp, samplers)
 
 
-def pick_torch(logits, samplers: list[Sampler]) -> tuple[np.ndarray, np.ndarray]:
-    """logits ``[B, V]`` on any device -> (ids ``[B]``, log-probs ``[B]``) as host arrays; one
-    device-to-host copy of 2 x B numbers."""
+def pick_torch(logits, samplers: list[Sampler]):
+    """logits ``[B, V]`` on any device -> (ids ``[B]``, log-probs ``[B]``, top alternatives or
+    None) as host values; one device-to-host copy of 2 x B numbers (plus the asked tops)."""
     import torch
 
     x = logits.float()
@@ -109,9 +119,17 @@ def pick_torch(logits, samplers: list[Sampler]) -> tuple[np.ndarray, np.ndarray]
         u = torch.rand(z.shape, generator=s.torch_rng(z.device), device=z.device)
         g = -torch.log(-torch.log(u.clamp_min(1e-20)))
         ids[b] = torch.argmax(z + g)
-    lp = torch.log_softmax(x, -1).gather(-1, ids[:, None])[:, 0]
+    all_lp = torch.log_softmax(x, -1)
+    lp = all_lp.gather(-1, ids[:, None])[:, 0]
     out = torch.stack([ids.double(), lp.double()]).cpu().numpy()
-    return out[0].astype(np.int64), out[1]
+    n = max((s.top_n for s in samplers), default=0)
+    tops = None
+    if n:
+        val, idx = torch.topk(all_lp, n, dim=-1)
+        val, idx = val.double().cpu().numpy(), idx.cpu().numpy()
+        tops = [[(int(i), float(v)) for i, v in zip(idx[b, : s.top_n], val[b, : s.top_n])]
+                for b, s in enumerate(samplers)]
+    return out[0].astype(np.int64), out[1], tops
 
 
 class Detokenizer:

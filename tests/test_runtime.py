@@ -251,8 +251,9 @@ def test_greedy_generation_equals_reference(rts, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "onnx"])
 def test_greedy_pick_is_the_logits_argmax(rts, backend):
-    """A greedy row's token is the argmax of the logits its backend computed, and its log-prob
-    is that logit's log-softmax (only B ids and B log-probs leave the backend)."""
+    """A greedy row's token is the argmax of the logits its backend computed, its log-prob is
+    that logit's log-softmax, and a row asking for top_n alternatives gets exactly the top_n
+    most likely (only B ids, B log-probs and the asked alternatives leave the backend)."""
     from softprompt.runtime.plan import BatchPlan
     from softprompt.runtime.requests import ScoreRequest, log_softmax
     from softprompt.runtime.sampling import Sampler
@@ -262,10 +263,15 @@ def test_greedy_pick_is_the_logits_argmax(rts, backend):
                         ScoreRequest("p100", [4] * 6)], "raise")[0]
     _, logits = rt.backend.prefill(BatchPlan.build(rows, score=False), [8] * 3)
     logits = np.asarray(logits.float() if hasattr(logits, "float") else logits, np.float64)
-    ids, lps = rt.backend.pick(logits.astype(np.float32) if backend == "onnx" else
-                               torch.from_numpy(logits), [Sampler() for _ in rows])
+    samplers = [Sampler(top_n=n) for n in (0, 3, 5)]
+    ids, lps, tops = rt.backend.pick(logits.astype(np.float32) if backend == "onnx" else
+                                     torch.from_numpy(logits), samplers)
+    want = log_softmax(logits)
     assert ids.tolist() == logits.argmax(-1).tolist()
-    np.testing.assert_allclose(lps, log_softmax(logits)[np.arange(3), ids], atol=1e-5)
+    np.testing.assert_allclose(lps, want[np.arange(3), ids], atol=1e-5)
+    for b, s in enumerate(samplers):  # the top_n most likely of each row, most likely first
+        assert [i for i, _ in tops[b]] == np.argsort(-want[b], kind="stable")[: s.top_n].tolist()
+        np.testing.assert_allclose([v for _, v in tops[b]], want[b][[i for i, _ in tops[b]]], atol=1e-5)
 
 
 def test_generation_stops_per_row(rts):

@@ -223,6 +223,15 @@ def test_greedy_completions_equal_runtime_generate(server, rt):
         assert c["finish_reason"] == ("length" if w.finish_reason == "length" else "stop")
         np.testing.assert_allclose(c["logprobs"]["token_logprobs"], w.token_logprobs, atol=TOL)
     assert got["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+    # logprobs=3: each generated token's 3 most likely alternatives, as the runtime gives them
+    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": 4, "temperature": 0, "logprobs": 3}
+    top = _post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]["top_logprobs"]
+    w = rt.generate("p5", [TEXTS[0]], max_new_tokens=4, logprobs=3)[0]
+    assert len(top) == len(w.token_ids) and all(len(t) == 3 for t in w.top_logprobs)
+    for g, alts in zip(top, w.top_logprobs):
+        want_top = {rt.tokenizer.decode([i]): v for i, v in alts}
+        assert g.keys() == want_top.keys()
+        np.testing.assert_allclose([g[k] for k in want_top], list(want_top.values()), atol=TOL)
     # sampling with a seed is reproducible and matches the runtime's seeded sampler
     body = {"model": "p5", "prompt": TEXTS[1], "max_tokens": 6, "temperature": 0.8,
             "top_p": 0.9, "seed": 7, "ignore_eos": True}

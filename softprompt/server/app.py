@@ -509,7 +509,7 @@ class _Completion:
         self.params = dict(max_new_tokens=body.max_tokens, temperature=body.temperature,
                            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
                            top_p=body.top_p if body.top_p < 1 else None, seed=seed, stop=stop,
-                           stop_at_eos=not body.ignore_eos)
+                           stop_at_eos=not body.ignore_eos, logprobs=body.logprobs)
 
     def _metrics(self, n: int) -> None:
         if n and self.first_token is None:
@@ -523,13 +523,16 @@ class _Completion:
         m.latency.labels("completions", self.label).observe(time.perf_counter() - self.t0)
         m.prompt_tokens.labels("completions", self.label).inc(self.prompt_tokens)
 
-    def _logprobs(self, ids: list[int], lps: list, offset: int) -> Logprobs:
-        tokens = [self.rt.tokenizer.decode([i]) for i in ids]
+    def _logprobs(self, ids: list[int], lps: list, offset: int, tops=None) -> Logprobs:
+        """OpenAI's logprobs object; tops: per token [(id, log-prob)] (None: echoed tokens)."""
+        decode = self.rt.tokenizer.decode
+        tokens = [decode([i]) for i in ids]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return Logprobs(tokens=tokens, token_logprobs=lps, text_offset=offsets)
+        top = [None] * len(ids) if tops is None else [{decode([i]): v for i, v in t} for t in tops]
+        return Logprobs(tokens=tokens, token_logprobs=lps, text_offset=offsets, top_logprobs=top)
 
     async def _echo(self, text: str, ids: list[int]) -> tuple[str, Logprobs | None]:
         """The prompt's own text and (with logprobs) its per-token log-probs, as OpenAI's echo
@@ -556,7 +559,7 @@ class _Completion:
         out, lp = ("", None)
         if self.body.echo:
             out, lp = await self._echo(text, ids)
-        finish, gen_ids, gen_lps, gen_start = "length", [], [], len(out)
+        finish, gen_ids, gen_lps, gen_tops, gen_start = "length", [], [], [], len(out)
         if self.body.max_tokens > 0:
             it = self._stream(ids)
             try:
@@ -566,16 +569,18 @@ class _Completion:
                     out += chunk.text
                     gen_ids += chunk.token_ids
                     gen_lps += chunk.token_logprobs
+                    gen_tops += chunk.top_logprobs
                     finish = chunk.finish_reason or finish
             except (RequestError, SoftPromptError) as e:
                 raise APIError(400, str(e), param="prompt") from None
             finally:
                 await _aclose(it)
         if self.body.logprobs is not None:
-            gen = self._logprobs(gen_ids, gen_lps, gen_start)
+            gen = self._logprobs(gen_ids, gen_lps, gen_start, gen_tops)
             lp = gen if lp is None else Logprobs(
                 tokens=lp.tokens + gen.tokens, token_logprobs=lp.token_logprobs + gen.token_logprobs,
-                text_offset=lp.text_offset + gen.text_offset)
+                text_offset=lp.text_offset + gen.text_offset,
+                top_logprobs=lp.top_logprobs + gen.top_logprobs)
         return CompletionChoice(index=index, text=out, logprobs=lp,
                                 finish_reason=FINISH.get(finish, "stop"))
 
@@ -628,7 +633,8 @@ class _Completion:
             self._metrics(len(chunk.token_ids))
             lp = None
             if self.body.logprobs is not None:
-                lp = self._logprobs(chunk.token_ids, list(chunk.token_logprobs), offset)
+                lp = self._logprobs(chunk.token_ids, list(chunk.token_logprobs), offset,
+                                    chunk.top_logprobs)
             offset += len(chunk.text)
             finish = FINISH.get(chunk.finish_reason, "stop") if chunk.finish_reason else None
             yield self._event(chunk.text, lp, finish)

@@ -60,12 +60,13 @@ class CompletionRequest(_Body):
 
 
 class Logprobs(BaseModel):
-    """OpenAI's legacy logprobs object. ``top_logprobs`` is null: the engine returns the
-    log-prob of each chosen token, not the top-k alternatives."""
+    """OpenAI's legacy logprobs object. ``top_logprobs``: per generated token the ``logprobs``
+    most likely tokens and their log-probs; null for echoed prompt tokens (scoring returns each
+    prompt token's own log-prob, not its alternatives)."""
 
     tokens: list[str]
     token_logprobs: list[Optional[float]]
-    top_logprobs: Optional[list[dict[str, float]]] = None
+    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
     text_offset: list[int]
 
 
