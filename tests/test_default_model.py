@@ -135,7 +135,7 @@ def test_cli_demo_and_score(tmp_path):
     assert out.returncode == 0, out.stderr
     recs = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["line"] for r in recs] == [1, 2, 3, 4]
-    assert "not a JSON object" in recs[1]["error"] and "unknown prompt 'unknown'" in recs[2]["error"]
+    assert "not valid JSON" in recs[1]["error"] and "unknown prompt 'unknown'" in recs[2]["error"]
     assert recs[0]["logprob"] > recs[3]["logprob"]  # the trained prompt prefers the right label
 
 
