@@ -73,7 +73,7 @@ def test_bundle_runs_without_torch(gemma_bundle, tiny_dirs, tmp_path):
     ids = lm.tokenizer(TEXT)["input_ids"]
     emb = lm.model.get_input_embeddings()  # includes Gemma's sqrt(E) scaling, as PEFT's does
     with torch.no_grad():
-        embeds = torch.cat([torch.from_numpy(prompt), emb(torch.tensor(ids))])[None]
+        embeds = torch.cat([torch.tensor(prompt), emb(torch.tensor(ids))])[None]
         expected = lm.model(inputs_embeds=embeds).logits[0, len(prompt):].numpy()
     np.save(tmp_path / "prompt.npy", prompt)
     np.save(tmp_path / "ids.npy", np.array(ids))
