@@ -28,7 +28,7 @@ def plain_logits(model, prompt: np.ndarray, ids) -> np.ndarray:
     """transformers on ``[prompt, embed(ids)]`` in float32: logits of the request tokens."""
     emb = model.get_input_embeddings()
     with torch.no_grad():
-        embeds = torch.cat([torch.from_numpy(prompt), emb(torch.tensor(ids))])[None]
+        embeds = torch.cat([torch.tensor(prompt), emb(torch.tensor(ids))])[None]
         return model(inputs_embeds=embeds).logits[0, len(prompt):].numpy()
 
 
