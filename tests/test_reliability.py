@@ -157,7 +157,7 @@ def test_replacing_prompts_under_load_leaves_no_orphan(tiny_dirs, tiny_bundles, 
 
 def _live_entry_bytes() -> int:
     gc.collect()
-    return sum(o.nbytes for o in gc.get_objects() if isinstance(o, PrefixEntry) and o.num_tokens)
+    return sum(o.nbytes for o in gc.get_objects() if type(o) is PrefixEntry and o.num_tokens)
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
