@@ -171,11 +171,7 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
         if weights == "int4" and error is None:
             bar.next()
             manifest, error = _weights_int4(loaded, reference, tmp, manifest, validate)
-        if error is not None:  # the attempt is removed below; out_dir was never touched
-            raise error
-        manifest["total_seconds"] = round(time.perf_counter() - t_start, 1)
-        _write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
+        _commit(tmp, out_dir, manifest, error, "total_seconds", t_start)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         bar.close()
@@ -184,6 +180,18 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
         print(f"softprompt export: wrote {out_dir} ({size:.0f} MiB) in "
               f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
     return out_dir
+
+
+def _commit(tmp: Path, out_dir: Path, manifest: dict, error: Exception | None, timer: str,
+            t0: float) -> None:
+    """Raise the validation ``error`` if there is one (the attempt in ``tmp`` is then removed
+    by the caller and ``out_dir`` was never touched); else record the time under ``timer``,
+    write the manifest and move the bundle into place."""
+    if error is not None:
+        raise error
+    manifest[timer] = round(time.perf_counter() - t0, 1)
+    _write_manifest(tmp, manifest)
+    _move_into_place(tmp, out_dir)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

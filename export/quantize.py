@@ -374,7 +374,7 @@ def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
 
     from ..runtime.models import load_model
     from .bundle import MANIFEST, read_manifest
-    from .exporter import _move_into_place, _weights_int4, _write_manifest
+    from .exporter import _commit, _weights_int4
     from .wrapper import ExportWrapper
 
     src, out_dir = Path(float_bundle), Path(out_dir)
@@ -399,11 +399,7 @@ def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
                   file=sys.stderr, flush=True)
         manifest, error = _weights_int4(loaded, ExportWrapper(loaded.model), tmp, manifest,
                                         validate)
-        if error is not None:
-            raise error
-        manifest["int4_seconds"] = round(time.perf_counter() - t0, 1)
-        _write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
+        _commit(tmp, out_dir, manifest, error, "int4_seconds", t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
