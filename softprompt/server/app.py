@@ -168,6 +168,20 @@ class ServerState:
         raise APIError(504, f"request timed out after {self.timeout:g} s (--request-timeout)",
                        type="timeout", code="timeout")
 
+    async def batch_call(self, request: Request, endpoint: str, label: str, t0: float,
+                         n_tokens: int, start):
+        """A native batch call (score, classify): admitted against the queue limit, awaited
+        under the timeout and the client's presence, its latency and prompt tokens recorded.
+        ``start()`` makes the awaitable once admitted (it records its own queue time)."""
+        self.admit()
+        try:
+            res = await self.guarded(request, start())
+        finally:
+            self.release()
+        self.metrics.latency.labels(endpoint, label).observe(time.perf_counter() - t0)
+        self.metrics.prompt_tokens.labels(endpoint, label).inc(n_tokens)
+        return res
+
     def in_thread(self, endpoint: str, prompt: str, t0: float, fn, *args, **kwargs):
         """Run blocking ``fn`` in the threadpool, recording the wait for a worker."""
         def run():
@@ -416,14 +430,11 @@ def create_app(runtime=None, *, loader: Callable[[], object] | None = None,
         items = [r.model_dump() for r in body.requests]
         n_tokens = sum(_count(rt, r.context, True) + _count(rt, r.continuation, False)
                        for r in body.requests)
-        st.admit()
-        try:
+        async def run():
             st.metrics.queue.labels("score", label).observe(time.perf_counter() - t0)
-            res = await st.guarded(request, rt.score_async(items, errors="return"))
-        finally:
-            st.release()
-        st.metrics.latency.labels("score", label).observe(time.perf_counter() - t0)
-        st.metrics.prompt_tokens.labels("score", label).inc(n_tokens)
+            return await rt.score_async(items, errors="return")
+
+        res = await st.batch_call(request, "score", label, t0, n_tokens, run)
         return ScoreResponse(data=[
             ScoreItemResult(index=i, error=r.error) if r.error else
             ScoreItemResult(index=i, logprob=r.logprob, token_logprobs=r.token_logprobs,
@@ -439,15 +450,9 @@ def create_app(runtime=None, *, loader: Callable[[], object] | None = None,
         label = prompt or st.base_id
         contexts = [body.contexts] if isinstance(body.contexts, str) else body.contexts
         n_tokens = sum(_count(rt, c, True) for c in contexts)
-        st.admit()
-        try:
-            res = await st.guarded(request, st.in_thread("classify", label, t0, rt.classify,
-                                                         prompt, contexts, body.labels,
-                                                         errors="return"))
-        finally:
-            st.release()
-        st.metrics.latency.labels("classify", label).observe(time.perf_counter() - t0)
-        st.metrics.prompt_tokens.labels("classify", label).inc(n_tokens)
+        res = await st.batch_call(request, "classify", label, t0, n_tokens,
+                                  lambda: st.in_thread("classify", label, t0, rt.classify, prompt,
+                                                       contexts, body.labels, errors="return"))
         return ClassifyResponse(data=[
             ClassifyItemResult(index=i, error=r.error) if r.error else
             ClassifyItemResult(index=i, label=r.label, probs=r.probs, logprobs=r.logprobs)
