@@ -486,12 +486,7 @@ def create_app(runtime=None, *, loader: Callable[[], object] | None = None,
             st.release()
             raise
 
-        async def close():
-            await job.aclose()
-            st.release()
-            job.done()
-
-        return _EventStream(events, close)
+        return _EventStream(events, job.finish)
 
     return app
 
@@ -508,6 +503,7 @@ class _Completion:
         self.first_token = None
         self.prompt_tokens = self.completion_tokens = 0
         self.it = None
+        self._finished = False
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         seed = body.seed if body.seed is not None else (
             secrets.randbits(31) if body.temperature > 0 else 0)
@@ -659,11 +655,22 @@ class _Completion:
             usage = CompletionResponse(id=self.id, created=self.created, model=self.body.model,
                                        choices=[], usage=self._usage())
             yield f"data: {usage.model_dump_json()}\n\n"
+        await self.finish()  # the slot is free before the client can see [DONE] and send again
         yield "data: [DONE]\n\n"
 
     async def aclose(self) -> None:
         if self.it is not None:
             await _aclose(self.it)
+
+    async def finish(self) -> None:
+        """End a streamed request once: close its engine stream (a running row is cancelled),
+        free its queue slot, record its metrics."""
+        if self._finished:
+            return
+        self._finished = True
+        await self.aclose()
+        self.st.release()
+        self.done()
 
 
 def _engine_error(chunk) -> ErrorResponse:
