@@ -275,27 +275,18 @@ class Runtime:
         except BaseException:
             self._release(rows)
             raise
-        outer: Future = Future()
+        inner.add_done_callback(lambda _: self._release(rows))
 
-        def done(f: Future):
-            self._release(rows)
-            if f.cancelled():
-                outer.cancel()
-                outer.set_running_or_notify_cancel()
-                return
-            if f.exception() is not None:
-                outer.set_exception(f.exception())
-                return
+        def results(scored: list) -> list:
             res: list = [None] * len(rows)
-            for i, (lp, greedy) in zip(valid, f.result()):
+            for i, (lp, greedy) in zip(valid, scored):
                 r = rows[i]
                 res[i] = ScoreResult(float(np.sum(lp, dtype=np.float64)), [float(x) for x in lp],
                                      r.ids[r.target_start:], is_greedy=greedy)
             self.requests_served += len(valid)
-            outer.set_result(res)
+            return res
 
-        inner.add_done_callback(done)
-        return outer
+        return _then(inner, results)
 
     def score(self, requests: Sequence, *, errors: str = "raise",
               progress: bool = False) -> list[ScoreResult]:
@@ -350,6 +341,10 @@ class Runtime:
     def _sequence(self, prompt, context, params: GenerateParams, sink) -> GenSequence:
         """A validated, accepted generation row (raises RequestError when invalid)."""
         row = self._row(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
+        return self._submit_row(row, params, sink)
+
+    def _submit_row(self, row: Row, params: GenerateParams, sink) -> GenSequence:
+        """Hand a validated row to the engine, bound to its prompt version until it ends."""
         self._hold([row])
         seq = GenSequence(row, params, self.tokenizer, self.tokenizer.eos_token_ids, sink,
                           on_done=lambda s: self._release([s.row]))
@@ -400,23 +395,10 @@ class Runtime:
                     if left[0] == 0:
                         done.set()
 
-        seqs = {}
-        for i, r in enumerate(rows):
-            if r is None:
-                continue
-            self._hold([r])
-            seqs[i] = GenSequence(r, params, self.tokenizer, self.tokenizer.eos_token_ids,
-                                  finished, on_done=lambda s: self._release([s.row]))
-        if not seqs:
+        if not left[0]:
             done.set()
-        try:
-            for i, s in seqs.items():
-                self.engine.submit_generation(s)
-        except EngineClosed:
-            for s in seqs.values():
-                if s.finish_reason is None:
-                    self._release([s.row])
-            raise
+        seqs = {i: self._submit_row(r, params, finished) for i, r in enumerate(rows)
+                if r is not None}
         try:
             done.wait()
         except BaseException:  # KeyboardInterrupt: free the rows
@@ -471,19 +453,7 @@ class Runtime:
         except (RequestError, SoftPromptError) as e:
             fut.set_exception(RequestError(str(e)))
             return fut
-        inner = self._score_future([row])
-
-        def done(f: Future):
-            if f.cancelled():
-                fut.cancel()
-                fut.set_running_or_notify_cancel()
-            elif f.exception() is not None:
-                fut.set_exception(f.exception())
-            else:
-                fut.set_result(f.result()[0])
-
-        inner.add_done_callback(done)
-        return fut
+        return _then(self._score_future([row]), lambda res: res[0])
 
     async def submit_async(self, request) -> ScoreResult:
         """``await rt.submit_async(request)``: the asyncio form of :meth:`submit`."""
@@ -623,6 +593,23 @@ class AsyncStream(_StreamBase):
     async def aclose(self) -> None:
         """Cancel the row (freed at the next engine step) unless it already finished."""
         self._cancel()
+
+
+def _then(inner: Future, fn) -> Future:
+    """A Future of ``fn(inner's result)``, cancelled or failed as ``inner`` is."""
+    outer: Future = Future()
+
+    def done(f: Future):
+        if f.cancelled():
+            outer.cancel()
+            outer.set_running_or_notify_cancel()
+        elif f.exception() is not None:
+            outer.set_exception(f.exception())
+        else:
+            outer.set_result(fn(f.result()))
+
+    inner.add_done_callback(done)
+    return outer
 
 
 def _sampling(kw: dict) -> dict:

@@ -28,7 +28,6 @@ request ends with a result, an error or a cancellation.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -84,10 +83,8 @@ class Sequence:
         self.error: str | None = None
         self.cancelled = False
         self.next_input: int | None = None  # the token this row decodes next step
-        self.arrived = time.monotonic()
-        self.arrived_step = self.first_token_step = 0  # engine step counts (set by the engine)
-        self.first_token_at: float | None = None
-        self.admitted_at: float | None = None
+        self.arrived_step = 0  # engine steps run when it arrived, and at its first token
+        self.first_token_step: int | None = None
 
     @property
     def done(self) -> bool:
@@ -118,8 +115,6 @@ class Sequence:
     def accept(self, token: int, logprob: float, top=()) -> None:
         """The token chosen for this row in a step (``top``: its position's most likely
         alternatives, when asked for): stream it and end the row when due."""
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
         if token in self.eos_ids:
             self._finish("eos", self.detok.flush())
             return
@@ -144,8 +139,6 @@ class _ScoreWork:
     order: list = field(default_factory=list)  # indices still to run, longest first
     results: dict = field(default_factory=dict)
     on_progress: Callable | None = None
-    arrived: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
 
     def __post_init__(self):
         self.order = sorted(range(len(self.rows)), key=lambda i: -len(self.rows[i].ids))
@@ -306,11 +299,6 @@ class Engine:
         new = running + gens
         if not scores and not new and len(keep) == len(state):
             return None, None
-        now = time.monotonic()
-        for s in gens:
-            s.admitted_at = now
-        for w, _ in scores:
-            w.admitted_at = w.admitted_at or now
         plan = StepPlan(keep=keep if len(keep) < len(state) else None,
                         decode_ids=np.array([s.next_input for s in running], np.int64),
                         decode_samplers=[s.sampler for s in running])
@@ -355,7 +343,7 @@ class Engine:
         for s, t, lp, top in zip(self._state_rows, out.next_ids.tolist(),
                                  out.next_logprobs.tolist(), tops):
             self.tokens_generated += 1
-            if s.first_token_at is None:
+            if s.first_token_step is None:
                 s.first_token_step = self.steps
             s.accept(t, lp, top)
 

@@ -37,7 +37,12 @@ class _GenState:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.past)
+        return _past_bytes(self.past)
+
+
+def _past_bytes(past) -> int:
+    """Bytes of a per-layer [(K, V)] past."""
+    return sum(k.nbytes + v.nbytes for k, v in past)
 
 
 class OnnxBackend(Stepper):
@@ -79,8 +84,12 @@ class OnnxBackend(Stepper):
     def prepare(self, prompt) -> None:
         self.entry(prompt)
         last = self._last_past[1]  # the kept past must still fit beside the grown cache
-        if last and self.cache.bytes + sum(k.nbytes + v.nbytes for k, v in last) > self.cache.max_bytes:
+        if last and not self._fits(last):
             self._last_past = (None, None)
+
+    def _fits(self, past) -> bool:
+        """Whether an assembled past may be kept: cache + past within the cache budget."""
+        return self.cache.bytes + _past_bytes(past) <= self.cache.max_bytes
 
     def forget(self, prompt) -> None:
         self.cache.invalidate(prompt.digest)
@@ -88,7 +97,7 @@ class OnnxBackend(Stepper):
 
     def stats(self) -> dict:
         last = self._last_past[1]
-        stacks = sum(k.nbytes + v.nbytes for k, v in last) if last else 0
+        stacks = _past_bytes(last) if last else 0
         decode = self._state.nbytes if self._state is not None else 0
         return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
                 "tokens_computed": self.tokens_computed, "batches": self.batches}
@@ -124,9 +133,7 @@ class OnnxBackend(Stepper):
                     k[i, :, : e.num_tokens] = e.keys[layer]
                     v[i, :, : e.num_tokens] = e.values[layer]
                 past.append((k, v))
-            size = sum(k.nbytes + v.nbytes for k, v in past)  # kept only within the budget
-            self._last_past = (key, past) if self.cache.bytes + size <= self.cache.max_bytes \
-                else (None, None)
+            self._last_past = (key, past) if self._fits(past) else (None, None)
         mask = np.zeros((B, p_max + L), np.int64)
         for i, e in enumerate(rows):
             mask[i, : e.num_tokens] = 1

@@ -22,6 +22,19 @@ import numpy as np
 from .requests import Row
 
 
+def prompt_slots(prompts: list) -> tuple[list, np.ndarray, bool]:
+    """(distinct SoftPrompts in order of first appearance, ``[B]`` int32 index of each row's
+    prompt into them, whether any row has none): rows without a prompt point at slot Np, the
+    empty prefix after the distinct prompts."""
+    distinct: dict = {}
+    for p in prompts:
+        if p is not None:
+            distinct.setdefault(p.digest, p)
+    slot = {d: n for n, d in enumerate(distinct)}
+    idx = np.array([slot[p.digest] if p is not None else len(distinct) for p in prompts], np.int32)
+    return list(distinct.values()), idx, any(p is None for p in prompts)
+
+
 @dataclass
 class BatchPlan:
     """One forward of B rows (shape letters as in the package docstring; Np distinct prompts).
@@ -74,14 +87,7 @@ class BatchPlan:
         B = len(rows)
         if B == 0:
             raise ValueError("a batch plan needs at least one row")
-        distinct: dict = {}
-        for r in rows:
-            if r.prompt is not None:
-                distinct.setdefault(r.prompt.digest, r.prompt)
-        slot = {d: n for n, d in enumerate(distinct)}
-        empty = any(r.prompt is None for r in rows)
-        prompt_idx = np.array([slot[r.prompt.digest] if r.prompt is not None else len(distinct)
-                               for r in rows], np.int32)
+        distinct, prompt_idx, empty = prompt_slots([r.prompt for r in rows])
         prefix_lens = np.array([r.num_virtual for r in rows], np.int64)
         past = np.zeros(B, np.int64) if past_lens is None else np.asarray(past_lens, np.int64)
         q_lens = np.array([len(r.ids) for r in rows], np.int64)
@@ -102,7 +108,7 @@ class BatchPlan:
                     f_rows.append(b)
                     f_ids.append(r.ids[0])
         as_i = lambda x: np.array(x, np.int64)  # noqa: E731
-        return cls(list(rows), list(distinct.values()), prompt_idx, empty, prefix_lens, past,
+        return cls(list(rows), distinct, prompt_idx, empty, prefix_lens, past,
                    q_lens, ids, positions, q_lens - 1, as_i(t_rows), as_i(t_cols), as_i(t_ids),
                    as_i(f_rows), as_i(f_ids))
 

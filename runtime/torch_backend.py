@@ -24,7 +24,7 @@ from .graphs import CudaGraphs, bucket
 from .models import ModelSpec
 from .reference import TorchModelMixin
 from .backend import Stepper
-from .plan import BatchPlan
+from .plan import BatchPlan, prompt_slots
 from .sampling import pick_torch
 
 ATTN_NAME = "softprompt_prefix"
@@ -292,7 +292,7 @@ class TorchBackend(TorchModelMixin, Stepper):
 
     def _batch(self, plan: BatchPlan, capacity: int = 0):
         """A PrefixBatch for the plan's rows, their embeddings ``[B, L_max, E]`` and positions
-        ``[B, L_max]``, and ``{slot: PrefixEntry}``. With buckets, B and L_max are padded (rows
+        ``[B, L_max]``, and the PrefixEntry of each of ``plan.prompts``. With buckets, B and L_max are padded (rows
         past plan.B are idle: zero lengths, prompt slot 0). ``capacity``: give each row an own
         K/V buffer of that many tokens (a prefill), written by the forward."""
         ks, vs, lens, entries = self._stack(plan.prompts, plan.empty_slot)
@@ -383,16 +383,11 @@ class TorchBackend(TorchModelMixin, Stepper):
     def _slot_batch(self, state: _GenState) -> None:
         """Rebuild the decode PrefixBatch after rows joined or left: the prefix stack of the
         generating rows' prompts and each slot's index into it (idle slots: 0)."""
-        live = [state.prompts[s] for s in state.slots]
-        distinct = list({p.digest: p for p in live if p is not None}.values())
-        index = {p.digest: n for n, p in enumerate(distinct)}
-        no_prompt = any(p is None for p in live)
+        distinct, live_idx, no_prompt = prompt_slots([state.prompts[s] for s in state.slots])
         ks, vs, lens, _ = self._stack(distinct, no_prompt)
-        idx = [0] * len(state.prompts)
-        for s in state.slots:
-            p = state.prompts[s]
-            idx[s] = index[p.digest] if p is not None else len(distinct)
-        prompt_idx = torch.tensor(idx, dtype=torch.int32).to(self.device)
+        idx = torch.zeros(len(state.prompts), dtype=torch.int32)
+        idx[state.slots] = torch.from_numpy(live_idx)
+        prompt_idx = idx.to(self.device)
         state.kv_lens = state.kv_lens * state.active
         state.batch = PrefixBatch(ks, vs, lens, prompt_idx, state.kv_lens, state.active,
                                   state.own_k, state.own_v, decoding=True, triton=self.triton)
