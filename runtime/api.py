@@ -341,19 +341,20 @@ class Runtime:
     def _sequence(self, prompt, context, params: GenerateParams, sink) -> GenSequence:
         """A validated, accepted generation row (raises RequestError when invalid)."""
         row = self._row(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
-        return self._submit_row(row, params, sink)
+        return self._submit_rows([row], params, sink)[0]
 
-    def _submit_row(self, row: Row, params: GenerateParams, sink) -> GenSequence:
-        """Hand a validated row to the engine, bound to its prompt version until it ends."""
-        self._hold([row])
-        seq = GenSequence(row, params, self.tokenizer, self.tokenizer.eos_token_ids, sink,
-                          on_done=lambda s: self._release([s.row]))
+    def _submit_rows(self, rows: list[Row], params: GenerateParams, sink) -> list[GenSequence]:
+        """Hand validated rows to the engine together (they arrive in the same step), each
+        bound to its prompt version until it ends."""
+        self._hold(rows)
+        seqs = [GenSequence(r, params, self.tokenizer, self.tokenizer.eos_token_ids, sink,
+                            on_done=lambda s: self._release([s.row])) for r in rows]
         try:
-            self.engine.submit_generation(seq)
+            self.engine.submit_generations(seqs)
         except BaseException:
-            self._release([row])
+            self._release(rows)
             raise
-        return seq
+        return seqs
 
     def generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
@@ -397,8 +398,8 @@ class Runtime:
 
         if not left[0]:
             done.set()
-        seqs = {i: self._submit_row(r, params, finished) for i, r in enumerate(rows)
-                if r is not None}
+        valid = [i for i, r in enumerate(rows) if r is not None]
+        seqs = dict(zip(valid, self._submit_rows([rows[i] for i in valid], params, finished)))
         try:
             done.wait()
         except BaseException:  # KeyboardInterrupt: free the rows

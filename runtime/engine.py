@@ -1,7 +1,7 @@
 """The engine: one thread owns the backend and schedules every request, step by step.
 
 Callers (threads, asyncio tasks, HTTP handlers) enqueue work and wait for their own results:
-score rows (``submit_scores``) and generations (``submit_generation``, one ``Sequence`` per
+score rows (``submit_scores``) and generations (``submit_generations``, one ``Sequence`` per
 row). Each loop iteration is one engine step (iteration-level scheduling, as Orca and vLLM do):
 
 1. rows that finished or were cancelled leave the decode state;
@@ -182,9 +182,15 @@ class Engine:
         self._enqueue(_ScoreWork(list(rows), fut, on_progress=on_progress))
         return fut
 
-    def submit_generation(self, seq: Sequence) -> None:
-        seq.arrived_step = self.steps
-        self._enqueue(seq)
+    def submit_generations(self, seqs: list[Sequence]) -> None:
+        """Queue generating rows together: one call's rows arrive in the same step."""
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("the runtime is closed: it accepts no new requests")
+            for seq in seqs:
+                seq.arrived_step = self.steps
+            self._waiting.extend(seqs)
+            self._cv.notify()
 
     def call(self, fn: Callable):
         """Run ``fn()`` on the engine thread between steps; returns its result (or raises)."""

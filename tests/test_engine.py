@@ -280,12 +280,10 @@ def test_scheduler_keeps_every_step_within_its_budgets():
     gens = [Sequence(Row(None, [5] * n, 1), GenerateParams(max_new_tokens=m), _StubTokenizer(),
                      frozenset(), lambda c, i=i: c.finish_reason and done.append(i))
             for i, (n, m) in enumerate([(4, 3), (6, 5), (3, 2), (5, 4), (2, 6)])]
-    for g in gens[:3]:
-        eng.submit_generation(g)
+    eng.submit_generations(gens[:3])
     big = eng.submit_scores([Row(None, [5] * n, 1) for n in (3, 12, 7, 9, 2, 12, 5)])
     huge = eng.submit_scores([Row(None, [5] * 50, 1)])  # longer than the budget: runs alone
-    for g in gens[3:]:
-        eng.submit_generation(g)
+    eng.submit_generations(gens[3:])
     hold.set()
     assert len(big.result(30)) == 7 and len(huge.result(30)) == 1
     eng.close()
