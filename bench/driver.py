@@ -459,7 +459,7 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
                 max_batch=max_b, max_batch_tokens=max_tokens))
     lm = check_rt.rt.backend.lm if check_rt else next(
         (m.rt.backend.lm for m in methods.values()
-         if isinstance(m, _RuntimeMethod) and m.name != "onnx"), None)
+         if isinstance(m, _RuntimeMethod) and hasattr(m.rt.backend, "lm")), None)
     if lm is None:  # only copied/onnx: the loader is fast once the model is converted
         lm = load_model(args.model, device="cpu")
     dims = Dims.from_model(lm.model)

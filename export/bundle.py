@@ -7,7 +7,13 @@ A bundle is a directory:
   and one decode token on top of prefix + generated tokens.
 - ``embeddings.npy`` ``[V, E]`` float32: the model's input-embedding module applied to every
   token id (so Gemma's √E scaling is inside, as PEFT's ``word_embeddings(input_ids)``);
-  virtual tokens go into the graph as given, unscaled.
+  virtual tokens go into the graph as given, unscaled. A 4-bit bundle of a model whose tied
+  table is GGUF Q8_0 (the default model) instead holds it once, exactly, as Q8_0 blocks
+  (``"embeddings": "q8_0"`` in ``bundle.json``): ``embeddings_q8.npy`` ``[V, E]`` int8 codes
+  and ``embeddings_scales.npy`` ``[V, E / 32]`` float16 scales, ``table = codes * scale`` per
+  block of 32 (exact in float32). The graph's vocabulary projection reads the same two files
+  (ONNX external data at the arrays' offsets) and ONNX Runtime folds their dequantisation
+  into a float32 weight when the session is created.
 - tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...).
 - ``bundle.json``: dimensions, dtype, opset, input/output names, source fingerprint, eos/bos
   ids, library versions, ``files`` {name: {size, sha256}}, validation figures.
@@ -55,6 +61,9 @@ MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 EMBEDDINGS_FILE = "embeddings.npy"
+EMBEDDINGS_Q8 = ("embeddings_q8.npy", "embeddings_scales.npy")  # codes, scales ("q8_0")
+Q8_BLOCK = 32
+EMBEDDING_FORMATS = ("float32", "q8_0")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 VERIFY_MODES = ("fast", "full")
 TOKENIZER_FILE = "tokenizer.json"
@@ -101,8 +110,9 @@ def check_files(root: Path, manifest: dict, verify: str = "fast") -> None:
     if verify not in VERIFY_MODES:
         raise BundleError(f"verify={verify!r} is not one of {VERIFY_MODES}")
     files = manifest["files"]
-    for name in (MODEL_FILE, EMBEDDINGS_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
-        if name not in files and (name in (MODEL_FILE, EMBEDDINGS_FILE) or (root / name).exists()):
+    required = (MODEL_FILE, *embedding_files(manifest))
+    for name in (*required, WEIGHTS_FILE, TOKENIZER_FILE):
+        if name not in files and (name in required or (root / name).exists()):
             raise BundleError(f"{root / MANIFEST}: 'files' does not list {name}; every file "
                               "the loader reads must be listed with its sha256")
     record_file = _record_path(root)
@@ -129,6 +139,45 @@ def check_files(root: Path, manifest: dict, verify: str = "fast") -> None:
         new_record[name], changed = stamp, True
     if changed or record != new_record:
         _write_record(record_file, root, new_record)
+
+
+def embedding_files(manifest: dict) -> tuple[str, ...]:
+    """The files holding the bundle's token-embedding table, by ``manifest["embeddings"]``."""
+    return EMBEDDINGS_Q8 if manifest.get("embeddings") == "q8_0" else (EMBEDDINGS_FILE,)
+
+
+def dequantize_q8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks -> ``[V, E]`` float32: ``codes [V, E]`` int8 times ``scales [V, E / 32]``
+    float16 per block of 32 along E. Exact: an fp16 scale (11 significant bits) times an int8
+    code (8) fits float32's 24."""
+    v, e = codes.shape
+    table = codes.reshape(v, e // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+    table *= scales.astype(np.float32)[..., None]
+    return table.reshape(v, e)
+
+
+def _read_npy(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A plain ``.npy`` array (memory-mapped, never unpickled) of exactly ``dtype`` ``shape``."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise BundleError(f"{path}: not a plain .npy array ({e})") from None
+    if arr.shape != shape or arr.dtype != np.dtype(dtype):
+        raise BundleError(f"{path}: {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}")
+    return arr
+
+
+def load_table(root: Path, manifest: dict) -> np.ndarray:
+    """The bundle's ``[V, E]`` float32 token-embedding table (read-only): ``embeddings.npy``
+    memory-mapped, or the Q8_0 files dequantised."""
+    v, e = int(manifest["vocab_size"]), int(manifest["hidden_size"])
+    if manifest.get("embeddings") != "q8_0":
+        return _read_npy(root / EMBEDDINGS_FILE, np.float32, (v, e))
+    codes = _read_npy(root / EMBEDDINGS_Q8[0], np.int8, (v, e))
+    scales = _read_npy(root / EMBEDDINGS_Q8[1], np.float16, (v, e // Q8_BLOCK))
+    table = dequantize_q8(codes, scales)
+    table.flags.writeable = False
+    return table
 
 
 def _record_path(root: Path) -> Path:
@@ -193,6 +242,11 @@ def _check_manifest(path: Path, m: dict) -> None:
             ("validation", lambda v: isinstance(v, dict), "an object or null")):
         if m.get(k) is not None and not ok(m[k]):
             bad(k, expected)
+    if m.get("embeddings", "float32") not in EMBEDDING_FORMATS:
+        bad("embeddings", f"one of {EMBEDDING_FORMATS}")
+    if m.get("embeddings") == "q8_0" and m["hidden_size"] % Q8_BLOCK:
+        raise BundleError(f"{path}: embeddings 'q8_0' needs hidden_size a multiple of "
+                          f"{Q8_BLOCK}, got {m['hidden_size']}")
     if not isinstance(m["files"], dict):
         bad("files", "an object {name: {size, sha256}}")
     for name, entry in m["files"].items():
@@ -246,7 +300,7 @@ class Bundle:
 
     manifest: the parsed ``bundle.json``.
     session: the ``onnxruntime.InferenceSession`` over ``model.onnx``.
-    embeddings: ``[V, E]`` float32 table, memory-mapped read-only.
+    embeddings: ``[V, E]`` float32 table, read-only (memory-mapped, or dequantised Q8_0).
     tokenizer: a ``tokenizers.Tokenizer`` from ``tokenizer.json``.
     """
 
@@ -383,14 +437,7 @@ def load_bundle(path, providers=None, verify: str = "fast",
         raise BundleError(f"{root / MODEL_FILE}: onnxruntime cannot load it "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     check_graph(root, manifest, session)
-    try:
-        embeddings = np.load(root / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise BundleError(f"{root / EMBEDDINGS_FILE}: not a plain .npy array ({e})") from None
-    expect = (int(manifest["vocab_size"]), int(manifest["hidden_size"]))
-    if embeddings.shape != expect or embeddings.dtype != np.float32:
-        raise BundleError(f"{root / EMBEDDINGS_FILE}: {embeddings.dtype} {embeddings.shape}, "
-                          f"expected float32 {expect}")
+    embeddings = load_table(root, manifest)
     tok_file = root / TOKENIZER_FILE
     try:
         tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None

@@ -459,6 +459,8 @@ def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, man
     float_figures = manifest.get("validation")
     manifest = {**manifest, "quantization": "int4", "weights": report, "files": files,
                 "validation": None}
+    if report["vocab"].startswith("q8_0"):
+        manifest["embeddings"] = "q8_0"  # the table is held once, as the graph's Q8_0 blocks
     _write_manifest(root, manifest)
     figures, error = {}, None
     if validate:

@@ -27,8 +27,16 @@ Where the blocks come from:
   block), then the same Q4_1 representation. It changes the function; export reports the
   score drift it causes (``score_drift``).
 
-The vocabulary projection (the MatMul whose N is the vocabulary) stays float32 by default:
-the default model ties it to its Q8_0 embedding table, which 4 bits cannot hold exactly.
+The vocabulary projection (the MatMul whose N is the vocabulary) is not made 4-bit: the
+default model ties it to its Q8_0 embedding table, which 4 bits cannot hold exactly. When that
+weight is the bundle's input table transposed and the GGUF file holds the table as Q8_0 blocks
+that dequantise to it bit for bit, the table is stored once as those blocks
+(``embeddings_q8.npy`` int8 codes, ``embeddings_scales.npy`` float16 scales, see
+``export/bundle.py``) for both uses: the host's token lookup dequantises them, and the graph's
+vocabulary projection reads the same files through ONNX external data and dequantises them with
+Cast/Mul/Reshape/Transpose on constants, which ONNX Runtime folds into a float32 weight when
+the session is created (so the projection runs as the float32 MatMul). Otherwise the
+projection keeps its float32 weight and ``embeddings.npy`` stays.
 """
 
 from __future__ import annotations
@@ -94,6 +102,63 @@ def from_gguf_blocks(raw: np.ndarray, kind: str) -> Blocks:
     qs = b[..., size - 16:]  # [N, nb, 16]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [N, nb, 32]: elements 0..15, 16..31
     return Blocks(codes, d, m)
+
+
+def gguf_table(path: Path, table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The GGUF Q8_0 tensor that dequantises to ``table`` ``[V, E]`` float32 bit for bit (rows
+    in token order), as ``(codes [V, E] int8, scales [V, E / 32] float16)``; None if none does.
+    Q8_0 block: fp16 d, then 32 int8 codes; ``w = d * code``."""
+    from gguf import GGUFReader
+
+    from .bundle import dequantize_q8
+
+    for t in GGUFReader(str(path)).tensors:
+        raw = np.asarray(t.data)
+        if t.tensor_type.name != "Q8_0" or raw.ndim != 2 or len(raw) != len(table) \
+                or raw.shape[1] != table.shape[1] // BLOCK * 34:
+            continue
+        b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(len(raw), -1, 34)
+        scales = b[..., :2].copy().view(np.float16)[..., 0]
+        codes = b[..., 2:].copy().view(np.int8).reshape(len(raw), -1)
+        if np.array_equal(dequantize_q8(codes, scales), table):
+            return codes, scales
+    return None
+
+
+def _external(name: str, file: Path, data_type: int):
+    """A TensorProto whose data is the array of ``.npy`` ``file`` (ONNX external data at the
+    array's offset), so the graph and the host read one copy."""
+    from onnx import TensorProto
+
+    arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    t = TensorProto(name=name, data_type=data_type, dims=arr.shape,
+                    data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", file.name), ("offset", arr.offset), ("length", arr.nbytes)):
+        t.external_data.add(key=key, value=str(value))
+    return t
+
+
+def _shared_vocab(node, weight: str, v: int, e: int) -> list:
+    """Nodes computing the vocabulary projection's ``[E, V]`` float32 weight from the Q8_0 table
+    files (constants only, folded by ONNX Runtime at session creation), then ``node`` reading it."""
+    from onnx import TensorProto, helper
+
+    def shape(name, dims):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+            name, TensorProto.INT64, [len(dims)], dims))
+
+    nb = e // BLOCK
+    node.input[1] = f"{weight}_from_table"
+    return [shape("vocab_blocks_shape", [v, nb, BLOCK]), shape("vocab_scales_shape", [v, nb, 1]),
+            shape("vocab_table_shape", [v, e]),
+            helper.make_node("Cast", ["table_q8_codes"], ["vocab_codes_f"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["vocab_codes_f", "vocab_blocks_shape"], ["vocab_codes_b"]),
+            helper.make_node("Cast", ["table_q8_scales"], ["vocab_scales_f"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["vocab_scales_f", "vocab_scales_shape"], ["vocab_scales_b"]),
+            helper.make_node("Mul", ["vocab_codes_b", "vocab_scales_b"], ["vocab_table_b"]),
+            helper.make_node("Reshape", ["vocab_table_b", "vocab_table_shape"], ["vocab_table"]),
+            helper.make_node("Transpose", ["vocab_table"], [node.input[1]], perm=[1, 0]),
+            node]
 
 
 def rtn_blocks(weight: np.ndarray) -> Blocks:
@@ -197,13 +262,16 @@ def quantize_int4(path: Path, gguf: Path | None = None, accuracy_level: int = AC
     float32 ``[K, N]`` initializer weight, K a multiple of 32, becomes MatMulNBits (4 bits,
     block 32) fed by GGUF blocks carried over exactly (``gguf``) or by round-to-nearest.
 
-    keep_float: ``"vocab"`` keeps the vocabulary projection (N = the graph's logits width)
-    float32. Returns a report: counts per source, the weights kept float, bytes before/after.
+    keep_float: ``"vocab"`` keeps the vocabulary projection (N = the graph's logits width) out
+    of the 4-bit rewrite; with ``gguf`` holding the tied table as Q8_0 it is then shared with the
+    bundle's table as Q8_0 blocks (module docstring), which replaces ``embeddings.npy``. Returns
+    a report: counts per source, the weights kept float, how the vocabulary projection is held
+    (``"vocab"``: ``"q8_0 shared with the table"`` or ``"float32"``), bytes before/after.
     """
     import onnx
     from onnx import helper, numpy_helper
 
-    from .bundle import WEIGHTS_FILE
+    from .bundle import EMBEDDINGS_FILE, EMBEDDINGS_Q8, WEIGHTS_FILE
 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level={accuracy_level!r}; expected 0..4 (MatMulNBits)")
@@ -225,7 +293,7 @@ def quantize_int4(path: Path, gguf: Path | None = None, accuracy_level: int = AC
             continue
         k, nout = t.dims
         if "vocab" in keep_float and nout == vocab:
-            kept.append(n.name)
+            kept.append((n, t.name))
             continue
         targets.append((n, t.name, int(k), int(nout)))
     weights = {name: np.ascontiguousarray(numpy_helper.to_array(inits[name]).T)
@@ -234,9 +302,24 @@ def quantize_int4(path: Path, gguf: Path | None = None, accuracy_level: int = AC
     bytes_before = sum(w.nbytes for w in weights.values())
 
     new_nodes, new_inits, block_sums = [], [], {}
-    rewritten = {}  # MatMul node name -> the nodes replacing it
+    rewritten: dict[str, list] = {}  # MatMul node name -> the nodes replacing it
     report = {"block_size": BLOCK, "accuracy_level": accuracy_level, "exact": 0, "rtn": 0,
-              "kept_float": kept, "gguf": str(gguf) if gguf else None}
+              "kept_float": [n.name for n, _ in kept], "vocab": "float32",
+              "gguf": str(gguf) if gguf else None}
+    shared = None  # the vocabulary projection's node, when it reads the Q8_0 table
+    table_file = path.parent / EMBEDDINGS_FILE
+    if gguf is not None and len(kept) == 1 and table_file.is_file():
+        node, name = kept[0]
+        table = np.load(table_file, mmap_mode="r", allow_pickle=False)
+        q8 = gguf_table(gguf, table) if table.shape[::-1] == tuple(inits[name].dims) else None
+        if q8 is not None and np.array_equal(numpy_helper.to_array(inits[name]).T, table):
+            for file, arr in zip(EMBEDDINGS_Q8, q8):
+                np.save(path.parent / file, arr)
+            table_file.unlink()
+            rewritten[node.name] = _shared_vocab(node, name, *table.shape)
+            users[name] -= 1
+            shared = node
+            report["vocab"] = "q8_0 shared with the table"
     for n, name, k, nout in targets:
         blocks = exact.get(name)
         report["exact" if blocks is not None else "rtn"] += 1
@@ -289,7 +372,15 @@ def quantize_int4(path: Path, gguf: Path | None = None, accuracy_level: int = AC
         f.unlink()
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=WEIGHTS_FILE, size_threshold=1024)
-    (path.parent / WEIGHTS_FILE).chmod(path.stat().st_mode)  # onnx creates it 0600
+    if (path.parent / WEIGHTS_FILE).is_file():
+        (path.parent / WEIGHTS_FILE).chmod(path.stat().st_mode)  # onnx creates it 0600
+    if shared is not None:  # onnx.save would copy them: add the table files' references after
+        model = onnx.load(str(path), load_external_data=False)
+        model.graph.initializer.extend(
+            [_external("table_q8_codes", path.parent / EMBEDDINGS_Q8[0], onnx.TensorProto.INT8),
+             _external("table_q8_scales", path.parent / EMBEDDINGS_Q8[1],
+                       onnx.TensorProto.FLOAT16)])
+        path.write_bytes(model.SerializeToString())
     return report
 
 

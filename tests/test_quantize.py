@@ -135,6 +135,68 @@ def test_gguf_q4_1_carried_over_exactly(tmp_path):
     assert any(n.op_type == "MatMulNBits" for n in graph.graph.node)
 
 
+def _q8_gguf(path, table_raw):
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", table_raw, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_tied_q8_0_table_is_stored_once_exactly(tmp_path):
+    """A vocabulary projection tied to a Q8_0 table (the default model's case) is stored once,
+    as the GGUF blocks: the host table and the graph's projection both dequantise them, bit for
+    bit what they were; a table that does not match the file keeps ``embeddings.npy``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from softprompt.export.bundle import EMBEDDINGS_Q8, load_table
+
+    v = 50
+    raw = _gguf_raw(_weight(4, v, K), "Q8_0")
+    table = dequantize(raw, GGMLQuantizationType.Q8_0).astype(np.float32)  # [V, K]
+    _q8_gguf(tmp_path / "m.gguf", raw)
+    x = np.random.default_rng(5).standard_normal((2, 3, K)).astype(np.float32)
+    for name, emb in (("tied", table), ("other", table + 1e-3)):
+        root = tmp_path / name
+        root.mkdir()
+        np.save(root / "embeddings.npy", emb)
+        model = _matmul_graph(root / "model.onnx", [emb], vocab=v)
+        want = _run(model, x)
+        report = q.quantize_int4(model, gguf=tmp_path / "m.gguf")
+        if name == "other":
+            assert report["vocab"] == "float32" and (root / "embeddings.npy").is_file()
+            np.testing.assert_array_equal(_run(model, x), want)
+            continue
+        assert report["vocab"] == "q8_0 shared with the table"
+        assert not (root / "embeddings.npy").exists()
+        assert all((root / f).is_file() for f in EMBEDDINGS_Q8)
+        np.testing.assert_array_equal(_run(model, x), want)  # the same float32 weight, folded
+        got = load_table(root, {"vocab_size": v, "hidden_size": K, "embeddings": "q8_0"})
+        np.testing.assert_array_equal(got, table)
+        assert not got.flags.writeable
+        graph_bytes = sum(f.stat().st_size for f in root.glob("model.onnx*"))
+        assert graph_bytes < table.nbytes  # the table is not stored a second time
+
+
+def test_q8_0_table_files_are_checked(tmp_path):
+    """Wrong dtype or shape in either Q8_0 file: a one-line BundleError naming the file."""
+    from softprompt.export.bundle import EMBEDDINGS_Q8, BundleError, load_table
+
+    manifest = {"vocab_size": 4, "hidden_size": 64, "embeddings": "q8_0"}
+    np.save(tmp_path / EMBEDDINGS_Q8[0], np.zeros((4, 64), np.int16))
+    np.save(tmp_path / EMBEDDINGS_Q8[1], np.zeros((4, 2), np.float16))
+    with pytest.raises(BundleError, match=r"embeddings_q8.npy: int16 \(4, 64\), expected int8"):
+        load_table(tmp_path, manifest)
+    np.save(tmp_path / EMBEDDINGS_Q8[0], np.zeros((4, 64), np.int8))
+    np.save(tmp_path / EMBEDDINGS_Q8[1], np.zeros((4, 3), np.float16))
+    with pytest.raises(BundleError, match=r"embeddings_scales.npy: float16 \(4, 3\), expected"):
+        load_table(tmp_path, manifest)
+
+
 def test_rtn_error_is_bounded(tmp_path):
     """Round-to-nearest: every weight within half a step d / 2 of the float, plus the fp16
     rounding of d and m (relative 2^-11 each: |dm| + 15 |dd|)."""
