@@ -2,8 +2,8 @@
 
     python -m softprompt.bench.export_options --model default --work /tmp/sp-bench
 
-Exports the model once per variant (baseline fp32, --optimize, --quantize int8, --dtype
-fp16), loads every bundle on the CPU provider, then times the *request* use (B rows of L
+Exports the model once per variant (baseline fp32, --optimize, --dtype fp16,
+--weights int4), loads every bundle on the CPU provider, then times the *request* use (B rows of L
 tokens on top of a cached P-token prefix) round-robin across the variants, so load from
 other processes hits them all alike, and reports the median. It also scores a fixed set of
 20 (context, continuation) requests under one text-initialised soft prompt and reports how
@@ -28,8 +28,8 @@ from softprompt.export.bundle import Bundle, load_bundle
 VARIANTS = {
     "fp32": {},
     "optimize": {"optimize": True},
-    "int8": {"quantize": "int8"},
     "fp16": {"dtype": "fp16"},
+    "int4": {"weights": "int4"},
 }
 
 SCORING_SET = [
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         figures[n] = {"ms": secs[n] * 1e3, "speedup": secs[names[0]] / secs[n],
                       "mean_dlogprob": float(d.mean()), "max_dlogprob": float(d.max()),
                       "mib": size, "export_s": export_s[n]}
-        print(f"| {n} | {b.dtype}{' int8 weights' if b.manifest.get('quantization') else ''} "
+        print(f"| {n} | {b.dtype}{' int4 weights' if b.manifest.get('quantization') else ''} "
               f"| {size:.0f} | {export_s[n]:.0f} | {secs[n] * 1e3:.1f} | "
               f"{tokens / secs[n]:.0f} | {figures[n]['speedup']:.2f}x | {d.mean():.4f} | "
               f"{d.max():.4f} |")

@@ -31,10 +31,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="ONNX opset version (default: the exporter's)")
     p.add_argument("--optimize", action="store_true",
                    help="store ONNX Runtime's offline-optimised graph")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="dynamic int8 quantization for CPU (fp32 only): ~1.9x faster but "
-                        "moves log-probs by ~0.46 nats, not for scoring; see "
-                        "bench/EXPORT_RESULTS.md")
     p.add_argument("--weights", choices=("float", "int4"), default="float",
                    help="int4: linear layers as 4-bit MatMulNBits blocks of 32 (fp32 graph), "
                         "exact for GGUF Q4_0/Q4_1 models such as the default one, else "
@@ -55,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = export(args.model, args.out_dir, dtype=args.dtype, opset=args.opset,
-                     optimize=args.optimize, quantize=args.quantize, validate=args.validate,
+                     optimize=args.optimize, validate=args.validate,
                      progress=args.progress, weights=args.weights)
     except (ModelError, ExportValidationError, FileExistsError, ValueError) as e:
         print(f"softprompt export: error: {e}", file=sys.stderr)

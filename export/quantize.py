@@ -414,23 +414,29 @@ def request_logprobs(bundle, requests: dict) -> np.ndarray:
     return np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
 
-def request_ms(bundle, batch: int = 8, length: int = 32, prompt_len: int = 20,
-               repeats: int = 5) -> float:
-    """Fastest of ``repeats`` timed runs (ms) of the request use: ``batch`` rows of ``length``
-    tokens on a cached ``prompt_len``-token prefix, logits at one position per row (batch
-    scoring). Used to record whether a 4-bit graph is faster than its float32 graph here."""
-    import time
-
+def request_args(bundle, batch: int = 8, length: int = 32, prompt_len: int = 20) -> tuple:
+    """``Bundle.run`` arguments of the request use: ``batch`` rows of ``length`` random tokens
+    on a cached ``prompt_len``-token prefix (random prompt vectors), logits at one position
+    per row (batch scoring)."""
     b, e = batch, bundle.hidden_size
     rng = np.random.default_rng(0)
     past = [tuple(np.repeat(x, b, 0) for x in kv) for kv in bundle.run(
         rng.standard_normal((1, prompt_len, e)).astype(np.float32) * 0.05,
         np.ones((1, prompt_len), np.int64), np.arange(prompt_len)[None],
         bundle.empty_past(1), np.array([[prompt_len - 1]]))[1]]  # per layer [B, Hkv, P, D]
-    args = (bundle.embeddings[rng.integers(0, bundle.vocab_size, (b, length))],
+    return (bundle.embeddings[rng.integers(0, bundle.vocab_size, (b, length))],
             np.ones((b, prompt_len + length), np.int64),
             np.tile(np.arange(prompt_len, prompt_len + length), (b, 1)), past,
             np.full((b, 1), length - 1))
+
+
+def request_ms(bundle, batch: int = 8, length: int = 32, prompt_len: int = 20,
+               repeats: int = 5) -> float:
+    """Fastest of ``repeats`` timed runs (ms) of ``request_args``' request use. Used to record
+    whether a 4-bit graph is faster than its float32 graph here."""
+    import time
+
+    args = request_args(bundle, batch, length, prompt_len)
     bundle.run(*args)  # warm-up
     times = []
     for _ in range(repeats):
