@@ -253,7 +253,7 @@ def _export_graph(wrapper: ExportWrapper, path: Path, opset: int | None) -> int:
                       "past": [(kv, kv) for _ in range(spec.num_layers)],
                       "logits_index": {0: batch, 1: num_logits}}
     dtype = next(wrapper.parameters()).dtype
-    with _quiet_exporter():
+    with _quiet_exporter(), wrapper.grouped():  # GQA traced without repeated K/V
         program = torch.onnx.export(
             wrapper, example_inputs(spec, dtype), dynamic_shapes=dynamic_shapes, dynamo=True,
             input_names=input_names(spec.num_layers),

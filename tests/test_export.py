@@ -239,3 +239,37 @@ def test_default_bundle_scores_like_reference(default_bundle):
         assert g.tokens == w.tokens
         np.testing.assert_allclose(g.token_logprobs, w.token_logprobs, atol=ATOL, rtol=0)
     assert onnx_rt.stats()["misses"] == 2  # each prefix computed once, at add_prompt
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_attention_equals_transformers_eager(groups):
+    """The attention traced into GQA graphs computes transformers' eager attention (K/V repeated
+    per group) without repeating K/V, on a padded additive mask."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from softprompt.export.wrapper import attention_bias, grouped_attention
+
+    g = torch.Generator().manual_seed(groups)
+    b, hkv, s, past, d = 2, 2, 5, 7, 16
+    q = torch.randn(b, hkv * groups, s, d, generator=g)
+    k, v = (torch.randn(b, hkv, past + s, d, generator=g) for _ in range(2))
+    mask = torch.ones(b, past + s, dtype=torch.long)
+    mask[1, :3] = 0  # a padded prefix row
+    bias = attention_bias(mask, past, s, torch.float32)
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    want, _ = eager_attention_forward(module.eval(), q, k, v, bias, scaling=d**-0.5)
+    got, _ = grouped_attention(module, q, k, v, bias, scaling=d**-0.5)
+    assert got.shape == (b, s, hkv * groups, d)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_graphs_do_not_repeat_keys_and_values(tiny_bundles):
+    """llama and qwen2 (grouped K/V heads) are exported with grouped_attention: no per-layer
+    Expand of K and V; gemma (here one K/V head per query head) keeps its own."""
+    import onnx
+
+    for family in ("llama", "qwen2"):
+        graph = onnx.load(str(tiny_bundles[family] / "model.onnx"), load_external_data=False)
+        expands = sum(n.op_type == "Expand" for n in graph.graph.node)
+        assert expands < 2, f"{family}: {expands} Expand nodes"  # was 2 per layer (K and V)
