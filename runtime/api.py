@@ -315,27 +315,15 @@ class Runtime:
                  errors: str = "raise") -> list[ClassifyResult]:
         """Probabilities of each label as the continuation of each context (softmax over the
         labels' summed log-probabilities). Returns one ClassifyResult per context."""
-        labels = list(labels) if not isinstance(labels, str) else [labels]
-        if (len(labels) < 2 or len(set(labels)) != len(labels)
-                or any(not isinstance(x, str) or not x for x in labels)):
-            raise RequestError(f"labels must be at least 2 distinct non-empty strings, got {labels!r}")
-        if isinstance(contexts, str):
-            contexts = [contexts]
-        reqs = [ScoreRequest(prompt, c, lab) for c in contexts for lab in labels]
-        scores = self.score(reqs, errors=errors)
-        out = []
-        for c in range(len(contexts)):
-            group = scores[c * len(labels):(c + 1) * len(labels)]
-            err = next((s.error for s in group if s.error), None)
-            if err:
-                out.append(ClassifyResult(None, {}, {}, error=err))
-                continue
-            lp = np.array([s.logprob for s in group])
-            probs = np.exp(log_softmax(lp))
-            out.append(ClassifyResult(labels[int(np.argmax(lp))],
-                                      dict(zip(labels, probs.tolist())),
-                                      dict(zip(labels, lp.tolist()))))
-        return out
+        contexts, labels, reqs = _classify_requests(prompt, contexts, labels)
+        return _classify_results(contexts, labels, self.score(reqs, errors=errors))
+
+    async def classify_async(self, prompt: str | None, contexts: Sequence, labels: Sequence[str],
+                             *, errors: str = "return") -> list[ClassifyResult]:
+        """``await rt.classify_async(...)``: :meth:`classify` without blocking the event loop;
+        cancelling the awaiting task drops the rows the engine has not computed yet."""
+        contexts, labels, reqs = _classify_requests(prompt, contexts, labels)
+        return _classify_results(contexts, labels, await self.score_async(reqs, errors=errors))
 
     # ------------------------------------------------------------------------ generation
     def _sequence(self, prompt, context, params: GenerateParams, sink) -> GenSequence:
@@ -596,9 +584,36 @@ class AsyncStream(_StreamBase):
         self._cancel()
 
 
+def _classify_requests(prompt, contexts, labels) -> tuple[list, list[str], list]:
+    """(contexts, labels, one ScoreRequest per context x label) of a classify call."""
+    labels = list(labels) if not isinstance(labels, str) else [labels]
+    if (len(labels) < 2 or len(set(labels)) != len(labels)
+            or any(not isinstance(x, str) or not x for x in labels)):
+        raise RequestError(f"labels must be at least 2 distinct non-empty strings, got {labels!r}")
+    contexts = [contexts] if isinstance(contexts, str) else list(contexts)
+    return contexts, labels, [ScoreRequest(prompt, c, lab) for c in contexts for lab in labels]
+
+
+def _classify_results(contexts: list, labels: list[str], scores: list) -> list[ClassifyResult]:
+    out = []
+    for c in range(len(contexts)):
+        group = scores[c * len(labels):(c + 1) * len(labels)]
+        err = next((s.error for s in group if s.error), None)
+        if err:
+            out.append(ClassifyResult(None, {}, {}, error=err))
+            continue
+        lp = np.array([s.logprob for s in group])
+        probs = np.exp(log_softmax(lp))
+        out.append(ClassifyResult(labels[int(np.argmax(lp))], dict(zip(labels, probs.tolist())),
+                                  dict(zip(labels, lp.tolist()))))
+    return out
+
+
 def _then(inner: Future, fn) -> Future:
-    """A Future of ``fn(inner's result)``, cancelled or failed as ``inner`` is."""
+    """A Future of ``fn(inner's result)``, cancelled or failed as ``inner`` is; cancelling it
+    cancels ``inner`` (the engine then drops the work it has not started)."""
     outer: Future = Future()
+    outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
 
     def done(f: Future):
         if f.cancelled():

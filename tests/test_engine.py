@@ -296,3 +296,39 @@ def test_scheduler_keeps_every_step_within_its_budgets():
     score_lens = [r for p in be.plans if p.scores for r in p.scores.q_lens.tolist()]
     assert score_lens == [12, 12, 9, 7, 5, 3, 2, 50]  # the big call longest first, then the next
     assert [g.token_ids for g in gens] == [[7] * m for m in (3, 5, 2, 4, 6)]
+
+
+def test_cancelled_async_score_and_classify_drop_their_rows(tiny_dirs, tiny_bundles):
+    """Cancelling the task awaiting score_async / classify_async (a client that went away)
+    drops the rows the engine has not started and releases the prompt they held; a call
+    submitted alongside is unaffected."""
+    import asyncio
+
+    rt = _runtime(tiny_dirs, tiny_bundles, "llama", "reference")
+    hold, held = threading.Event(), threading.Event()
+
+    async def main():
+        blocker = asyncio.get_running_loop().run_in_executor(
+            None, rt.engine.call, lambda: (held.set(), hold.wait(30)))
+        assert await asyncio.to_thread(held.wait, 30)  # the engine is between steps, paused
+        reqs = [{"prompt": "p3", "context": [5, 6, 7], "continuation": [8]}] * 6
+        gone = [asyncio.ensure_future(rt.score_async(reqs)),
+                asyncio.ensure_future(rt.classify_async("p17", [[5, 6], [7, 8]], ["a", "b"]))]
+        kept = asyncio.ensure_future(rt.score_async(reqs[:2]))
+        await asyncio.sleep(0.05)  # all three are queued behind the paused engine
+        assert sum(rt._inflight.values()) == 6 + 4 + 2  # every queued row holds its prompt
+        for task in gone:
+            task.cancel()
+        await asyncio.sleep(0.05)
+        hold.set()
+        await blocker
+        got = await kept
+        for task in gone:
+            assert task.cancelled()
+        return got
+
+    got = asyncio.run(main())
+    assert len(got) == 2 and all(r.error is None for r in got)
+    assert rt.engine.rows_scored == 2  # the cancelled calls' 10 rows never ran
+    assert sum(rt._inflight.values()) == 0  # their prompt holds were released
+    rt.close()

@@ -146,8 +146,8 @@ class ServerState:
 
     async def guarded(self, request: Request, aw):
         """Await ``aw`` under the request timeout; cancel it when the client disconnects.
-        Cancelling a completion cancels its engine rows; a threadpool call (score, classify)
-        runs to its end."""
+        Cancelling a completion cancels its engine rows; cancelling a score or classify call
+        drops its rows the engine has not computed yet."""
         task = asyncio.ensure_future(aw)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -443,16 +443,19 @@ def create_app(runtime=None, *, loader: Callable[[], object] | None = None,
 
     @app.post("/v1/classify", dependencies=[Depends(require_key)])
     async def classify(body: ClassifyBody, request: Request) -> ClassifyResponse:
-        """``Runtime.classify(prompt, contexts, labels)``; a bad context gets its own ``error``."""
+        """``Runtime.classify(prompt, contexts, labels)`` (its asyncio form); a bad context gets
+        its own ``error``."""
         rt = st.runtime()
         t0 = time.perf_counter()
         prompt = None if body.prompt is None else st.prompt_for(body.prompt, "prompt")
         label = prompt or st.base_id
         contexts = [body.contexts] if isinstance(body.contexts, str) else body.contexts
         n_tokens = sum(_count(rt, c, True) for c in contexts)
-        res = await st.batch_call(request, "classify", label, t0, n_tokens,
-                                  lambda: st.in_thread("classify", label, t0, rt.classify, prompt,
-                                                       contexts, body.labels, errors="return"))
+        async def run():
+            st.metrics.queue.labels("classify", label).observe(time.perf_counter() - t0)
+            return await rt.classify_async(prompt, contexts, body.labels, errors="return")
+
+        res = await st.batch_call(request, "classify", label, t0, n_tokens, run)
         return ClassifyResponse(data=[
             ClassifyItemResult(index=i, error=r.error) if r.error else
             ClassifyItemResult(index=i, label=r.label, probs=r.probs, logprobs=r.logprobs)
