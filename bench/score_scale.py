@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--L", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64, help="rows per forward / per actor call")
     ap.add_argument("--actors", default="1,2")
+    ap.add_argument("--chunk-rows", type=int, default=250,
+                    help="rows per chunk of the `softprompt score --ray` file job")
     args = ap.parse_args(argv)
 
     import ray
@@ -96,6 +98,13 @@ def main(argv=None) -> None:
         got = out.take_all()
         assert len(got) == args.rows and not any(r["error"] for r in got)
         results.append((f"Ray Data, {n} actor{'s' * (n > 1)}", time.perf_counter() - t))
+        t = time.perf_counter()  # the file job: one actor pool for all its chunks
+        sp_ray.score_file(str(tmp / "in.jsonl"), str(tmp / f"ray{n}.jsonl"), bundle,
+                          {"p": str(tmp / "p.npy")}, backend="onnx", num_actors=n,
+                          batch_size=args.batch, runtime_kwargs={"max_batch": args.batch},
+                          chunk_rows=args.chunk_rows)
+        results.append((f"softprompt score --ray, {n} actor{'s' * (n > 1)}, "
+                        f"{-(-args.rows // args.chunk_rows)} chunks", time.perf_counter() - t))
     ray.shutdown()
     print(f"device: {cpu_name()}, model: {model_desc}, float32, rows {args.rows}, P={args.P}, "
           f"L={args.L}+1, batch {args.batch}")

@@ -9,17 +9,18 @@
 The model is resolved once, on the driver: a model that is not a bundle is exported there
 (backend ``onnx``) and every actor loads the same bundle directory, so actors never export.
 Each actor loads its Runtime and prompts once, in ``__init__``, and scores the batches it is
-given. The bundle and prompt paths must be readable from every node (a shared filesystem, or
+given. ``score_file`` (``softprompt score --ray``) keeps one pool of such actors for a whole
+streaming job. The bundle and prompt paths must be readable from every node (a shared filesystem, or
 the same path on each machine). Ray is imported lazily: ``pip install "softprompt-runtime[ray]"``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Mapping
 
+from softprompt.runtime.requests import ScoreResult
 from softprompt.scoring import REQUEST_FIELDS, JobError, check_request, score_chunk, score_file as _score_file
 
 FAIL_ONCE_ENV = "SOFTPROMPT_RAY_FAIL_ONCE"
@@ -66,12 +67,17 @@ class RuntimeScorer:
             self.rt.add_prompt(name, source)
         self.details = details
 
+    def score_rows(self, rows: list) -> list:
+        """Request dicts (or error strings) -> one ScoreResult each (the ``score_file`` job's
+        actor call; Ray serialises both ways)."""
+        _fail_once()
+        return score_chunk(self.rt, [check_request(r) for r in rows])
+
     def __call__(self, batch):
         import pyarrow as pa
 
-        _fail_once()
         cols = [c for c in REQUEST_FIELDS if c in batch.column_names]
-        results = score_chunk(self.rt, [check_request(r) for r in batch.select(cols).to_pylist()])
+        results = self.score_rows(batch.select(cols).to_pylist())
         new = {"logprob": pa.array([None if r.error else r.logprob for r in results], pa.float64()),
                "error": pa.array([r.error for r in results], pa.string())}
         if self.details:
@@ -140,17 +146,27 @@ def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "a
 def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
                address: str | None = None, backend: str = "auto", num_actors: int = 2,
                num_gpus_per_actor: float = 0, batch_size: int = 256,
-               runtime_kwargs: Mapping | None = None, **job) -> dict:
+               runtime_kwargs: Mapping | None = None, max_restarts: int = 4,
+               max_task_retries: int = 4, actor_options: Mapping | None = None, **job) -> dict:
     """``softprompt score --ray``: the streaming, resumable job of softprompt.scoring with each
-    chunk scored by :func:`score_dataset`. The driver reads and writes the files (so the input
-    need not be on the cluster) and keeps one chunk in memory; each chunk is cut into blocks of
-    ``batch_size`` rows, one actor call each, so a resumed chunk is batched as it was first."""
+    chunk scored by a pool of ``num_actors`` Ray actors (``RuntimeScorer``), started once, at
+    the first chunk with a valid row, and kept for the whole job, so every actor loads its
+    Runtime and prompts once. The driver reads and writes the files (so the input need not be
+    on the cluster) and keeps one chunk in memory; each chunk is cut into calls of
+    ``batch_size`` rows, handed to the actors in order, so a resumed chunk is batched as it was
+    first. An actor that dies is restarted and its call retried (``max_restarts``,
+    ``max_task_retries``), so no row is lost or repeated. actor_options: more
+    ``ActorClass.options`` (num_cpus, memory, runtime_env, ...)."""
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address)
-    from softprompt.runtime.prompts import SoftPrompt
-    from softprompt.runtime.requests import RequestError, ScoreResult, as_request
+    from ray.util import ActorPool
 
+    from softprompt.runtime.prompts import SoftPrompt
+    from softprompt.runtime.requests import RequestError, as_request
+
+    if not isinstance(num_actors, int) or num_actors < 1:
+        raise ValueError(f"num_actors must be an integer >= 1, got {num_actors!r}")
     model, backend = resolve_model(model, backend, num_gpus_per_actor)
     fingerprint = None
     if (Path(model) / "bundle.json").is_file():
@@ -160,35 +176,43 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
     identity = {"engine": "ray", "model": model, "backend": backend, "fingerprint": fingerprint,
                 "prompts": {n: SoftPrompt.load(s).digest for n, s in sorted(prompts.items())},
                 "batch_size": batch_size, "runtime_kwargs": dict(runtime_kwargs or {})}
+    actors: list = []
+
+    def pool() -> ActorPool:
+        if not actors:
+            remote = ray.remote(RuntimeScorer).options(
+                num_gpus=num_gpus_per_actor or None, max_restarts=max_restarts,
+                max_task_retries=max_task_retries, **dict(actor_options or {}))
+            actors.extend(remote.remote(model=model, backend=backend, prompts=dict(prompts),
+                                        runtime_kwargs=dict(runtime_kwargs or {}))
+                          for _ in range(num_actors))
+        return ActorPool(actors)
 
     def scorer(requests):
-        items = []
         results: list = [None] * len(requests)
+        valid = []
         for i, r in enumerate(requests):
-            if isinstance(r, str):
-                results[i] = ScoreResult(error=r)
-                continue
             try:
+                if isinstance(r, str):
+                    raise RequestError(r)
                 as_request(r)  # unknown fields fail here, as they would in Runtime.score
             except RequestError as e:
                 results[i] = ScoreResult(error=str(e))
                 continue
-            items.append({"i": i, **{k: r.get(k) for k in REQUEST_FIELDS}})
-        if items:
-            ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
-            out = score_dataset(ds, model, prompts, backend=backend, batch_size=None,
-                                num_actors=min(num_actors, math.ceil(len(items) / batch_size)),
-                                num_gpus_per_actor=num_gpus_per_actor, details=True,
-                                runtime_kwargs=runtime_kwargs)
-            for row in out.take_all():
-                if results[row["i"]] is not None:
-                    raise JobError(f"Ray returned row {row['i']} of a chunk twice")
-                results[row["i"]] = (ScoreResult(error=row["error"]) if row["error"] else
-                                     ScoreResult(row["logprob"], list(row["token_logprobs"]),
-                                                 [int(t) for t in row["tokens"]]))
-        missing = [i for i, r in enumerate(results) if r is None]
-        if missing:
-            raise JobError(f"Ray lost {len(missing)} rows of a chunk (first: {missing[0]})")
+            valid.append(i)
+        calls = [valid[j:j + batch_size] for j in range(0, len(valid), batch_size)]
+        if calls:
+            scored = pool().map(lambda actor, idx: actor.score_rows.remote(
+                [{k: requests[i].get(k) for k in REQUEST_FIELDS} for i in idx]), calls)
+            for idx, res in zip(calls, scored):
+                if len(res) != len(idx):
+                    raise JobError(f"a Ray actor returned {len(res)} results for {len(idx)} rows")
+                for i, r in zip(idx, res):
+                    results[i] = r
         return results
 
-    return _score_file(None, input, output, scorer=scorer, identity=identity, **job)
+    try:
+        return _score_file(None, input, output, scorer=scorer, identity=identity, **job)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

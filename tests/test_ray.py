@@ -15,7 +15,7 @@ from tolerances import SCORE
 ray = pytest.importorskip("ray")
 
 from softprompt.cli import main  # noqa: E402
-from softprompt.ray import FAIL_ONCE_ENV, score_dataset  # noqa: E402
+from softprompt.ray import FAIL_ONCE_ENV, score_dataset, score_file  # noqa: E402
 from softprompt.runtime.api import Runtime  # noqa: E402
 
 
@@ -96,3 +96,34 @@ def test_cli_ray_writes_what_the_local_job_writes(local_ray, setup, tmp_path):
             np.testing.assert_allclose(a["token_logprobs"], b["token_logprobs"], **SCORE["float32"])
     ck = json.loads((tmp_path / "ray.jsonl.ckpt.json").read_text())
     assert ck["model"]["engine"] == "ray" and ck["stage"] == "done"
+
+
+def test_file_job_keeps_one_actor_pool_and_survives_a_killed_actor(local_ray, setup, tmp_path):
+    """``score_file`` on Ray over 5 chunks: one pool of 2 actors for the whole job (each loads
+    its runtime once), an actor killed mid-job is restarted with its call retried, and the
+    output equals the in-process job's, row for row."""
+    bundle, prompts, rt, rows, _ = setup
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for r in rows[:250]:
+            f.write(json.dumps({k: r[k] for k in ("prompt", "context", "continuation")}) + "\n")
+    marker = tmp_path / "crashed-once"
+    from ray._private.state import actors  # the GCS actor table (no dashboard here)
+
+    before = set(actors())
+    summary = score_file(str(tmp_path / "in.jsonl"), str(tmp_path / "ray.jsonl"), bundle,
+                         prompts, backend="onnx", num_actors=2, batch_size=20, chunk_rows=50,
+                         progress=False,
+                         actor_options={"runtime_env": {"env_vars": {FAIL_ONCE_ENV: str(marker)}}})
+    assert marker.exists(), "no actor crashed: the fault was not injected"
+    started = [a for key, a in actors().items() if key not in before]
+    assert [a["ActorClassName"] for a in started] == ["RuntimeScorer"] * 2, \
+        f"{len(started)} actors for 5 chunks; expected one pool of 2"
+    assert sorted(a["NumRestarts"] for a in started) == [0, 1]  # the killed one, restarted
+    out = [json.loads(x) for x in (tmp_path / "ray.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in out] == list(range(1, 251)) and summary["rows"] == 250
+    want = rt.score([{k: r[k] for k in ("prompt", "context", "continuation")}
+                     for r in rows[:250]], errors="return")
+    for got, w in zip(out, want):
+        assert got.get("error") == w.error
+        if w.error is None:
+            np.testing.assert_allclose(got["logprob"], w.logprob, **SCORE["float32"])
