@@ -297,21 +297,19 @@ def _check_weights_file(model, path: Path) -> None:
 
 
 @contextmanager
-def _quiet_exporter(logger_names=("torch.onnx",)):
+def _quiet_exporter():
     # The exporter warns about torchvision ops and axis names it merges; none of it concerns
     # this graph, and the step messages say what is happening.
-    loggers = [logging.getLogger(n) for n in logger_names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             for cat in (UserWarning, FutureWarning, DeprecationWarning):
                 warnings.simplefilter("ignore", cat)
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        logger.setLevel(level)
 
 
 def _write_embeddings(model: torch.nn.Module, path: Path) -> None:

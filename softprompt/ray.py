@@ -192,9 +192,10 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
         results: list = [None] * len(requests)
         valid = []
         for i, r in enumerate(requests):
+            if isinstance(r, str):  # the job's own error for an unreadable row
+                results[i] = ScoreResult(error=r)
+                continue
             try:
-                if isinstance(r, str):
-                    raise RequestError(r)
                 as_request(r)  # unknown fields fail here, as they would in Runtime.score
             except RequestError as e:
                 results[i] = ScoreResult(error=str(e))
