@@ -5,7 +5,9 @@
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root; results in $OUT
 #   bash bench/gpu_check.sh --cpu-smoke     # the same steps on a CPU machine (tiny sizes, Triton interpreter)
 #
-# Installs nothing: `softprompt` is imported from this checkout (PYTHONPATH).
+# Installs this checkout editable without dependencies (`pip install --no-deps -e .`) unless
+# `softprompt` already imports from it; where that install fails, the checkout is imported through a
+# temporary folder of links (a failed install leaves an installed copy as it was).
 # Extra arguments go to both Python scripts. PYTHON, KERNELS_TIMEOUT and E2E_TIMEOUT can be overridden.
 set -euo pipefail
 
@@ -16,9 +18,46 @@ OUT="${OUT:-$(mktemp -d)}"
 export OUT
 mkdir -p "$OUT"
 
-# `import softprompt.<sub>` resolves to this checkout's folders without pip: softprompt/__init__.py
-# adds the checkout root to the package's search path (pyproject maps the folders on install).
-export PYTHONPATH="$ROOT:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+# `import softprompt.<part>` must resolve to this checkout's folders (runtime/, kernels/, models/,
+# export/, bench/), which pyproject.toml maps on install. tests/ holds tolerances.py and tiny.py.
+export PYTHONPATH="$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+from_checkout() {  # softprompt.kernels and softprompt.models import from this checkout
+    "$PYTHON" - "$ROOT" >/dev/null 2>&1 <<'EOF'
+import os, sys
+import softprompt.kernels as k, softprompt.models as m
+root = os.path.realpath(sys.argv[1]) + os.sep
+sys.exit(0 if all(os.path.realpath(p.__file__).startswith(root) for p in (k, m)) else 1)
+EOF
+}
+if ! from_checkout; then
+    echo "=== installing this checkout: pip install -q --no-deps -e ."
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" \
+        || echo "pip install -e failed (see above); an installed copy, if any, is left as it was"
+fi
+if ! from_checkout; then  # no pip or setuptools: a folder of links laid out as the install maps it
+    LINKS="$(mktemp -d)"
+    "$PYTHON" - "$ROOT" "$LINKS" <<'EOF'
+import os, sys
+root, links = sys.argv[1:]
+parts = {"runtime": "runtime", "kernels": "kernels", "models": "models", "export": "export",
+         "bench": "bench"}
+try:  # the mapping itself, where tomllib exists (Python >= 3.11)
+    import tomllib
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    parts = {k.split(".")[1]: v for k, v in dirs.items() if k.count(".") == 1}
+except (ImportError, KeyError):
+    pass
+pkg = os.path.join(links, "softprompt")
+os.mkdir(pkg)
+for name in os.listdir(os.path.join(root, "softprompt")):
+    os.symlink(os.path.join(root, "softprompt", name), os.path.join(pkg, name))
+for part, folder in parts.items():
+    os.symlink(os.path.join(root, folder), os.path.join(pkg, part))
+EOF
+    export PYTHONPATH="$LINKS:$PYTHONPATH"
+    echo "softprompt imported through $LINKS (links into this checkout)"
+fi
 
 echo "=== device"
 if command -v nvidia-smi >/dev/null; then
@@ -26,7 +65,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     echo "nvidia-smi: not found"
 fi
-("$PYTHON" - <<'EOF'
+(cd "${TMPDIR:-/tmp}" && "$PYTHON" - <<'EOF'  # not from $ROOT: its softprompt/ would shadow the links
 import platform, torch
 import softprompt.kernels as k
 try:

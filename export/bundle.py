@@ -52,7 +52,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from softprompt.runtime.files import read_json_object
+from softprompt.models import read_json_object
 
 from .errors import BundleError
 
@@ -205,7 +205,7 @@ def load_table(root: Path, manifest: dict) -> np.ndarray | Q8Table:
 
 
 def _record_path(root: Path) -> Path:
-    from ..runtime.models import softprompt_home  # torch-free
+    from softprompt.models import softprompt_home  # torch-free
 
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
     return softprompt_home() / "verified" / f"{key}.json"

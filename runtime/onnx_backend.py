@@ -17,16 +17,17 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .backend import Stepper
+from softprompt.models import display_name
+
+from .backend import StepperBackend
 from .cache import PrefixCache, PrefixEntry
-from .models import display_name
 from .plan import BatchPlan
 from .requests import Tokenizer, log_softmax
 from .sampling import pick_numpy
+from .stats import BackendStats
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _past_bytes(past) -> int:
     return sum(k.nbytes + v.nbytes for k, v in past)
 
 
-class OnnxBackend(Stepper):
+class OnnxBackend(StepperBackend):
     name = "onnx"
 
     def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30):
@@ -95,12 +96,12 @@ class OnnxBackend(Stepper):
         self.cache.invalidate(prompt.digest)
         self._last_past = (None, None)
 
-    def stats(self) -> dict:
+    def stats(self) -> BackendStats:
         last = self._last_past[1]
         stacks = _past_bytes(last) if last else 0
         decode = self._state.nbytes if self._state is not None else 0
-        return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
-                "tokens_computed": self.tokens_computed, "batches": self.batches}
+        return BackendStats(self.cache.stats(), stack_bytes=stacks, decode_bytes=decode,
+                            tokens_computed=self.tokens_computed, batches=self.batches)
 
     def save_cache(self, path) -> int:
         return self.cache.save(path)
@@ -206,71 +207,3 @@ class OnnxBackend(Stepper):
     @staticmethod
     def pick(logits, samplers):
         return pick_numpy(logits, samplers)
-
-
-def bundle_for(model, dtype: str | None = None, out_dir=None, weights: str | None = None,
-               create: bool = True) -> Path | None:
-    """The bundle directory for a (non-bundle) model, exporting it once if needed.
-
-    Bundles are kept under ``$SOFTPROMPT_HOME/bundles/<fingerprint>-<dtype>``, so a model is
-    exported once per content and dtype and reused by every later ``Runtime.load``; its 4-bit
-    bundle is the sibling ``<fingerprint>-fp32-int4``, derived once from the float32 one
-    (``softprompt.export.quantize.int4_bundle``).
-
-    Args:
-        model: what ``load_model`` takes (``"default"``, a model directory, a ``.gguf``, ...).
-        dtype: ``"fp32"``/``"float32"`` or ``"fp16"``/``"float16"``; None: float32, and the
-            4-bit bundle may be picked (below).
-        out_dir: an explicit bundle directory (exported there once, with ``weights``).
-        weights: ``"float"``, ``"int4"`` (written once if missing), or None: the pick. With
-            neither ``dtype`` nor ``out_dir`` given (the CPU default), an existing 4-bit
-            bundle is served when its ``bundle.json`` records both a score drift within the
-            tolerance against the float32 bundle (``validation.scores.within_tolerance``: mean
-            |delta log-prob| <= ``INT4_SCORE_ATOL``) and a faster scoring batch than the
-            float32 graph on the machine that wrote it (``weights.request_ms``); else the
-            float32 bundle. The pick never writes a 4-bit bundle itself.
-        create: False: export nothing, return the bundle that would be used or None.
-    """
-    import json
-    import sys
-
-    from softprompt.export import export, quantize
-
-    from .models import load_model, softprompt_home
-
-    if weights not in (None, "float", "int4"):
-        raise ValueError(f"weights={weights!r}; expected None, 'float' or 'int4'")
-    pick = weights is None and dtype is None and out_dir is None
-    dtype = {"float32": "fp32", "float16": "fp16", None: "fp32"}.get(dtype, dtype)
-    if weights == "int4" and dtype != "fp32":
-        raise ValueError(f"4-bit bundles are float32 graphs; got dtype={dtype!r}")
-    lm = load_model(model)
-    exists = lambda p: (p / "bundle.json").is_file()  # noqa: E731
-    say = lambda what: print(f"softprompt: {what} (one time, a few minutes) ...",  # noqa: E731
-                             file=sys.stderr, flush=True)
-    if out_dir:  # an explicit directory: that bundle, exported once as asked
-        path = Path(out_dir)
-        if not exists(path) and create:
-            say(f"exporting {lm.source} to {path}")
-            export(lm, path, dtype=dtype, weights=weights or "float")
-        return path if exists(path) else None
-    path = softprompt_home() / "bundles" / f"{lm.fingerprint[:16]}-{dtype}"
-    int4 = path.with_name(path.name + "-int4")
-
-    def better(p: Path) -> bool:  # recorded: within the score tolerance, and faster
-        m = json.loads((p / "bundle.json").read_text())
-        scores = (m.get("validation") or {}).get("scores") or {}
-        ms = (m.get("weights") or {}).get("request_ms") or {}
-        return bool(scores.get("within_tolerance")) and ms.get("int4", 1e30) < ms.get("float32", 0)
-
-    if weights == "int4" or (pick and exists(int4) and better(int4)):
-        if not exists(int4) and create:
-            if not exists(path):
-                say(f"exporting {lm.source} to {path}")
-                export(lm, path, dtype=dtype)
-            quantize.int4_bundle(path, int4, model=lm)
-        return int4 if exists(int4) else None
-    if not exists(path) and create:
-        say(f"exporting {lm.source} to {path}")
-        export(lm, path, dtype=dtype)
-    return path if exists(path) else None

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hub, safetensors_np
-from .files import read_json_object
+from softprompt.models import hub, read_json_object
+
+from . import safetensors_np
 
 DEFAULT_MAX_VIRTUAL_TOKENS = 1024
 _PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -134,7 +135,7 @@ class SoftPrompt:
     def load(cls, source, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
         """Load from a PEFT adapter dir, ``.safetensors``, ``.npy``, or (opt-in) ``.bin``/``.pt``;
         a hub id ``owner/name[@revision]`` that is not a local path is a PEFT adapter fetched
-        through huggingface_hub's cache (see ``hub.py``)."""
+        through huggingface_hub's cache (see ``softprompt.models.hub``)."""
         if isinstance(source, SoftPrompt):
             return source
         if isinstance(source, np.ndarray) or hasattr(source, "detach"):

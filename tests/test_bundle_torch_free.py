@@ -15,7 +15,7 @@ import pytest
 import torch
 from tolerances import ONNX
 
-from softprompt.runtime.models import load_model
+from softprompt.models import load_model
 from softprompt.runtime.prompts import SoftPrompt
 
 TEXT = "the food was not very good"

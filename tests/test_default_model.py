@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt.runtime import models
+from softprompt.models import loading as models
 from softprompt.runtime.api import Runtime
 from softprompt.runtime.demo import PROMPTS_DIR, TASKS
 from softprompt.runtime.prompts import SoftPrompt

@@ -15,9 +15,9 @@ from tolerances import ONNX
 
 from softprompt.export import BundleError, ExportValidationError, export, load_bundle
 from softprompt.export import cli as export_cli
-from softprompt.export.exporter import VALIDATION_ATOL, VALIDATION_CASES, clip_case, validate_bundle
+from softprompt.export.validate import VALIDATION_ATOL, VALIDATION_CASES, clip_case, validate_bundle
 from softprompt.export.wrapper import ExportWrapper
-from softprompt.runtime.models import ModelError, load_model
+from softprompt.models import ModelError, load_model
 from softprompt.runtime.prompts import SoftPrompt
 from tiny import FAMILIES, make_tiny_model
 

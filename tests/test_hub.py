@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.runtime import hub, models
+from softprompt.models import hub
+from softprompt.models import loading as models
 from softprompt.runtime.api import Runtime
 from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
 from softprompt.runtime.requests import Tokenizer

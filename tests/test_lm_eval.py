@@ -215,7 +215,7 @@ def default_runs(tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
     import softprompt.lm_eval  # noqa: F401
-    from softprompt.runtime.models import default_model_dir
+    from softprompt.models import default_model_dir
 
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
@@ -263,7 +263,7 @@ def test_simple_evaluate_multiple_choice_matches_hf_peft(default_runs):
 def test_simple_evaluate_rolling_matches_hf_peft(default_runs, tmp_path):
     from transformers import AutoTokenizer
 
-    from softprompt.runtime.models import default_model_dir
+    from softprompt.models import default_model_dir
 
     ours, _ = default_runs["softprompt", "demo_rolling"]
     hf, _ = default_runs["hf", "demo_rolling"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.runtime import models
+from softprompt.models import loading as models
 from softprompt.runtime.api import Runtime
 from softprompt.runtime.prompts import SoftPrompt
 from softprompt.runtime.requests import RequestError

@@ -2,7 +2,7 @@
 
 import pytest
 
-from softprompt.runtime import models
+from softprompt.models import loading as models
 
 
 def _save_config(tmp_path, config):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt.runtime import models
+from softprompt.models import loading as models
 from softprompt.runtime.prompts import BaseModelMismatchWarning, SoftPrompt, SoftPromptError
 from softprompt.runtime.safetensors_np import save_file
 from tolerances import SCORE

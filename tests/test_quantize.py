@@ -253,7 +253,7 @@ def test_bundle_for_picks_int4_only_within_tolerance(tiny_dirs, tmp_path, monkey
     default pick serves it only when it recorded a score drift within the tolerance (the tiny
     random model's round-to-nearest drift is not) and a faster scoring batch than float32;
     create=False exports nothing."""
-    from softprompt.runtime.onnx_backend import bundle_for
+    from softprompt.export import bundle_for
 
     monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path / "home"))
     model = tiny_dirs["llama"]

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    from ..models import default_model_dir, load_model
+    from softprompt.models import default_model_dir, load_model
 
     lm = load_model("default")
     model_dir = str(default_model_dir())

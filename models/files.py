@@ -1,4 +1,4 @@
-"""Reading small files the runtime does not trust: bounded, one-line errors (torch-free)."""
+"""Reading small files the runtime and the exporter do not trust: bounded, one-line errors (torch-free)."""
 
 from __future__ import annotations
 

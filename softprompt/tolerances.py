@@ -1,0 +1,39 @@
+"""The one tolerance table: tests, the exporter's validation and the benchmarks read it here.
+
+Torch-free (keys are dtype names), so a CPU server that only runs a bundle can import it.
+
+KERNEL: a kernel against its PyTorch reference (same inputs, same dtype, float32 accumulation).
+SCORE: a backend's per-token log-probabilities against the float32 reference on the single
+    request (PEFT or plain transformers with ``inputs_embeds``), by the backend's compute dtype.
+ONNX: the exported graph under ONNX Runtime against PyTorch (logits and presents).
+"""
+
+from __future__ import annotations
+
+KERNEL = {
+    "float32": dict(atol=2e-5, rtol=2e-5),
+    "float16": dict(atol=2e-3, rtol=2e-3),
+    "bfloat16": dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+SCORE = {
+    "float32": dict(atol=1e-4, rtol=0.0),
+    "float16": dict(atol=5e-2, rtol=0.0),
+    "bfloat16": dict(atol=1e-1, rtol=0.0),
+}
+
+ONNX = {
+    "float32": dict(atol=1e-2, rtol=0.0),
+    "float16": dict(atol=5e-2, rtol=0.0),
+}
+
+
+def dtype_name(dtype: object) -> str:
+    """``"float32"`` for ``torch.float32``, ``np.float32``, ``"float32"`` or ``"torch.float32"``."""
+    name = getattr(dtype, "__name__", None) or str(dtype)
+    return name.removeprefix("torch.")
+
+
+def kernel_tol(dtype: object) -> dict:
+    """KERNEL's ``{atol, rtol}`` for a torch dtype (or its name)."""
+    return KERNEL[dtype_name(dtype)]
