@@ -4,12 +4,15 @@ Shape letters used in every docstring and comment of the project:
     B batch rows, P virtual (soft-prompt) tokens, L request tokens, S = P + L key length,
     H query heads, Hkv key/value heads, D head dim, E hidden size, N layers, V vocab.
 
-Data path: ``api.py`` (Runtime: loading, validation, the prompt registry), ``engine.py`` (one
-thread schedules every caller's scores and generations into shared steps), ``plan.py`` (one
-forward's host-side plan), ``backend.py`` (the Backend protocol and its one ``step``),
-``torch_backend.py`` / ``onnx_backend.py`` / ``reference.py`` (prefix once, then only the
-request's tokens), ``sampling.py`` (tokens chosen on the device), ``cache.py`` (PrefixCache:
-per-layer K/V ``[Hkv, P, D]`` per prompt, LRU by bytes).
+The request path, one file a step (docs/architecture.md draws it):
+``api.py`` (Runtime: the facade) -> ``requests.py`` (``make_row``: the one validation) ->
+``registry.py`` (prompt versions, held by accepted requests) -> ``engine.py`` (one thread owns
+the backend) -> ``scheduler.py`` (admission: ``schedule() -> StepPlan``, ``update``; rows of
+``generation.py``) -> ``plan.py`` (one forward's host-side plan) -> ``backend.py`` (the Backend
+protocol and ``StepperBackend.step`` over five primitives) -> ``torch_backend.py`` /
+``onnx_backend.py`` / ``reference.py`` (built by ``factory.py``; prefix once from ``cache.py``,
+then only the request's tokens) -> ``sampling.py`` (tokens chosen on the device) ->
+``streams.py`` (futures and streams back to callers). ``stats.py``: the typed counters.
 
 Nothing here imports torch at import time: a CPU server that runs an exported ONNX bundle
 needs only onnxruntime, numpy and tokenizers.

@@ -1,4 +1,4 @@
-"""``Runtime``: the one entry point, a thin facade over validation, the engine and a backend.
+"""``Runtime``: the one entry point, a thin facade over the parts that do the work.
 
     rt = Runtime.load("default", backend="auto")      # onnx on CPU, torch + Triton on CUDA
     rt.add_prompt("sentiment", "path/to/peft_adapter")
@@ -9,11 +9,12 @@
     for chunk in rt.stream("sentiment", "Write a review:"):   # tokens as they come
         print(chunk.text, end="")
 
-Every call validates its requests here, alone (a bad request fails only itself, before any
-batching), then hands the rows to the engine (``engine.py``), which schedules every caller's
-work into shared steps on the backend (``backend.py``; ``onnx_backend.py``,
-``torch_backend.py``, ``reference.py``). The prompt registry lives here: changes are atomic and
-a request keeps the prompt version that was current when it was accepted.
+The request path: each request is validated alone (``requests.make_row``: a bad request fails
+only itself, before any batching) against the prompt registry (``registry.py``: atomic changes,
+each request bound to the prompt version it was accepted with), then handed to the engine
+(``engine.py``), whose scheduler (``scheduler.py``) puts every caller's work into shared steps
+on the backend (``backend.py``; built by ``factory.py``). Results come back as futures and
+streams (``streams.py``).
 """
 
 from __future__ import annotations
@@ -22,20 +23,29 @@ import asyncio
 import queue
 import threading
 import time
-from collections import Counter
 from concurrent.futures import Future
+from os import PathLike
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .backend import Backend
 from .cache import CacheError
-from .engine import Engine, EngineClosed, Sequence as GenSequence, StreamChunk
+from .engine import Engine, EngineClosed
+from .factory import build
+from .generation import Generation, StreamChunk
 from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, SoftPrompt, SoftPromptError
-from .requests import (ClassifyResult, GenerateParams, GenerateResult, RequestError, Row,
-                       ScoreRequest, ScoreResult, Tokenizer, as_request, log_softmax, to_ids)
+from .registry import PromptRegistry
+from .requests import (ClassifyResult, GenerateParams, GenerateResult, ModelInfo, RequestError,
+                       Row, ScoreRequest, ScoreResult, Tokenizer, classify_requests,
+                       classify_results, make_row)
+from .stats import RuntimeStats
+from .streams import AsyncStream, Stream, then
 
-BACKENDS = ("auto", "onnx", "torch", "reference")
+Errors = str  # "raise" | "return"
+GENERATE_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos",
+                 "logprobs")
 
 
 class Runtime:
@@ -46,7 +56,7 @@ class Runtime:
     into shared forwards step by step (continuous batching).
     """
 
-    def __init__(self, backend, tokenizer: Tokenizer, *, model_name: str | None = None,
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, model_name: str | None = None,
                  max_batch_tokens: int = 4096, max_batch: int = 64,
                  max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS, strict: bool = False):
         for arg, val in (("max_batch_tokens", max_batch_tokens), ("max_batch", max_batch),
@@ -56,26 +66,22 @@ class Runtime:
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.info = ModelInfo(model_name, backend.name, backend.hidden_size, backend.vocab_size,
+                              backend.max_positions, backend.fingerprint, backend.dtype_name)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch = max_batch
         self.max_virtual_tokens = max_virtual_tokens
         self.strict = strict
-        self.prompts: dict[str, SoftPrompt] = {}
-        self._registry = threading.Lock()  # prompt changes, one at a time, swapped atomically
-        self._inflight: Counter = Counter()  # prompt digest -> accepted requests not finished
-        self._inflight_lock = threading.Lock()
-        self.engine = Engine(backend, tokenizer, max_batch=max_batch,
-                             max_batch_tokens=max_batch_tokens)
-        self.requests_served = 0
+        self.engine = Engine(backend, max_batch=max_batch, max_batch_tokens=max_batch_tokens)
+        self.registry = PromptRegistry(self._prepare_prefix, self._forget_prefix)
 
-    # ------------------------------------------------------------------------------ load
     @classmethod
-    def load(cls, model="default", backend: str = "auto", *, device: str | None = None,
+    def load(cls, model: Any = "default", backend: str = "auto", *, device: str | None = None,
              dtype: str | None = None, max_batch_tokens: int = 4096, max_batch: int = 64,
              prefix_cache_bytes: int = 1 << 30, max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS,
              strict: bool = False, providers: Sequence[str] | None = None,
              bundle_dir: str | Path | None = None, cuda_graphs: bool | None = None,
-             revision: str | None = None) -> "Runtime":
+             revision: str | None = None) -> Runtime:
         """Load a model and a backend.
 
         Args:
@@ -107,44 +113,30 @@ class Runtime:
             if not isinstance(model, str) or "@" in model:
                 raise ValueError(f"revision= applies to a hub id without '@revision', got {model!r}")
             model = f"{model}@{revision}"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        is_bundle = isinstance(model, (str, Path)) and (Path(model) / "bundle.json").is_file()
-        if backend == "auto":
-            backend = "torch" if _cuda_available() and not is_bundle else "onnx"
-        if cuda_graphs is not None and backend != "torch":
-            raise ValueError(f"cuda_graphs applies to backend='torch' only, got backend={backend!r}")
-        kw = dict(max_batch_tokens=max_batch_tokens, max_batch=max_batch,
-                  max_virtual_tokens=max_virtual_tokens, strict=strict)
-        if backend == "onnx":
-            from .onnx_backend import OnnxBackend, bundle_for
-
-            path = Path(model) if is_bundle else bundle_for(model, dtype=dtype, out_dir=bundle_dir)
-            be = OnnxBackend(path, providers=providers, prefix_cache_bytes=prefix_cache_bytes)
-            return cls(be, be.tokenizer, model_name=be.model_name, **kw)
-        if is_bundle:
-            raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "
-                             "(the torch backends need the Hugging Face model)")
-        from .models import display_name, load_model
-
-        if device is None:
-            device = "cuda" if _cuda_available() else "cpu"
-        if dtype is None:
-            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        lm = load_model(model, dtype=dtype, device=device)
-        if backend == "torch":
-            from .torch_backend import TorchBackend
-
-            be = TorchBackend(lm, prefix_cache_bytes=prefix_cache_bytes, cuda_graphs=cuda_graphs)
-        else:
-            from .reference import ReferenceBackend
-
-            be = ReferenceBackend(lm)
-        tok = Tokenizer.for_model(lm)
-        return cls(be, tok, model_name=display_name(lm.source), **kw)
+        b = build(model, backend, device=device, dtype=dtype, prefix_cache_bytes=prefix_cache_bytes,
+                  providers=providers, bundle_dir=bundle_dir, cuda_graphs=cuda_graphs)
+        return cls(b.backend, b.tokenizer, model_name=b.model_name, max_batch_tokens=max_batch_tokens,
+                   max_batch=max_batch, max_virtual_tokens=max_virtual_tokens, strict=strict)
 
     # --------------------------------------------------------------------------- prompts
-    def add_prompt(self, name: str, source, *, allow_pickle: bool = False) -> SoftPrompt:
+    @property
+    def prompts(self):
+        """Registered prompts by name (a live read-only mapping)."""
+        return self.registry.prompts
+
+    def _prepare_prefix(self, sp: SoftPrompt) -> None:
+        try:
+            self.engine.call(lambda: self.backend.prepare(sp))
+        except CacheError as e:
+            raise SoftPromptError(f"soft prompt {sp.name!r}: {e}") from None
+
+    def _forget_prefix(self, sp: SoftPrompt) -> None:
+        try:
+            self.engine.call(lambda: self.backend.forget(sp))
+        except EngineClosed:
+            pass  # closing: the cache goes with the runtime
+
+    def add_prompt(self, name: str, source: Any, *, allow_pickle: bool = False) -> SoftPrompt:
         """Register (or replace) soft prompt ``name`` and compute its prefix now.
 
         source: a PEFT adapter directory, a ``.safetensors``/``.npy`` file (``.bin``/``.pt``
@@ -157,108 +149,37 @@ class Runtime:
         if not isinstance(name, str) or not name:
             raise SoftPromptError(f"prompt name must be a non-empty string, got {name!r}")
         sp = SoftPrompt.load(source, name=name, allow_pickle=allow_pickle)
-        if sp is source or sp.name != name:
-            from dataclasses import replace
-
-            sp = replace(sp, name=name)
-        sp.validate(self.backend.hidden_size, self.max_virtual_tokens)
-        if sp.num_virtual_tokens >= self.backend.max_positions:
+        sp.validate(self.info.hidden_size, self.max_virtual_tokens)
+        if sp.num_virtual_tokens >= self.info.max_positions:
             raise SoftPromptError(f"soft prompt {name!r} has {sp.num_virtual_tokens} virtual "
-                                  f"tokens but the model has only {self.backend.max_positions} positions")
-        sp.check_base_model(self.backend.fingerprint, self.model_name, strict=self.strict)
-        with self._registry:
-            try:  # the new prefix first: if it fails, nothing has changed
-                self.engine.call(lambda: self.backend.prepare(sp))
-            except CacheError as e:
-                raise SoftPromptError(f"soft prompt {name!r}: {e}") from None
-            old = self.prompts.get(name)
-            self.prompts[name] = sp
-            if old is not None:
-                self._forget_if_unused(old)
-        return sp
+                                  f"tokens but the model has only {self.info.max_positions} positions")
+        sp.check_base_model(self.info.fingerprint, self.model_name, strict=self.strict)
+        return self.registry.add(name, sp)
 
     def remove_prompt(self, name: str) -> None:
         """Unregister ``name``; its cached prefix goes once no accepted request needs it."""
-        with self._registry:
-            sp = self.prompts.pop(name, None)
-            if sp is None:
-                raise KeyError(f"unknown prompt {name!r}; known: {sorted(self.prompts)}")
-            self._forget_if_unused(sp)
-
-    def _forget_if_unused(self, sp: SoftPrompt) -> None:
-        """Drop sp's prefix unless a registered prompt or an accepted request still uses it
-        (called under the registry lock; requests release theirs in ``_release``)."""
-        with self._inflight_lock:
-            if self._inflight[sp.digest] or any(p.digest == sp.digest for p in self.prompts.values()):
-                return
-        self.engine.call(lambda: self.backend.forget(sp))
-
-    def _hold(self, rows) -> None:
-        """Bind accepted rows to their prompt versions (released by ``_release``)."""
-        with self._inflight_lock:
-            self._inflight.update(r.prompt.digest for r in rows if r is not None and r.prompt)
-
-    def _release(self, rows) -> None:
-        """The rows finished: drop prompt versions that nothing uses any more. Runs on the
-        engine thread (result delivery), so it never waits for the registry lock."""
-        drop = {}
-        with self._inflight_lock:
-            for r in rows:
-                if r is None or r.prompt is None:
-                    continue
-                d = r.prompt.digest
-                self._inflight[d] -= 1
-                if self._inflight[d] <= 0:
-                    del self._inflight[d]
-                    if all(p.digest != d for p in list(self.prompts.values())):
-                        drop[d] = r.prompt
-        for sp in drop.values():
-            try:
-                self.engine.call(lambda sp=sp: self.backend.forget(sp))
-            except EngineClosed:
-                pass  # closing: the cache goes with the runtime
+        self.registry.remove(name)
 
     # -------------------------------------------------------------------------- requests
-    def _row(self, request, extra_positions: int = 0) -> Row:
-        r = as_request(request)
-        prompt = None
-        if r.prompt is not None:
-            prompt = self.prompts.get(r.prompt)
-            if prompt is None:
-                raise RequestError(f"unknown prompt {r.prompt!r}; known: {sorted(self.prompts)}")
-        V = self.backend.vocab_size
-        ctx = to_ids(r.context, self.tokenizer, True, "context", V)
-        if not ctx:
-            raise RequestError("empty context: expected at least one token")
-        cont = None
-        if r.continuation is not None:
-            cont = to_ids(r.continuation, self.tokenizer, False, "continuation", V)
-            if not cont:
-                raise RequestError("empty continuation: expected at least one token (or None "
-                                   "to score the context)")
-        P = 0 if prompt is None else prompt.num_virtual_tokens
-        if cont is None and P == 0 and len(ctx) < 2 and not extra_positions:
-            raise RequestError("without a prompt or continuation there is nothing to score: "
-                               "expected a context of at least 2 tokens")
-        ids = ctx + (cont or [])
-        total = P + len(ids) + extra_positions
-        if total > self.backend.max_positions:
-            raise RequestError(f"input too long: {P} virtual + {len(ids)} request tokens"
-                               + (f" + {extra_positions} new" if extra_positions else "")
-                               + f" = {total} positions, the model has {self.backend.max_positions}")
-        start = len(ctx) if cont is not None else (0 if P else 1)
-        return Row(prompt, ids, start)
+    def check(self, request: Any, extra_positions: int = 0) -> Row:
+        """Validate one request (a dict ``{prompt, context, continuation}`` or ScoreRequest)
+        against the registry, the tokenizer and the model: its ``Row`` (token ids, bound prompt
+        version), or a RequestError naming what is wrong. ``extra_positions``: tokens it will
+        generate. Every path (Python calls, the server) validates through this one function."""
+        return make_row(request, self.registry.prompts, self.tokenizer, self.info, extra_positions)
 
-    def _prepare(self, requests, errors: str, extra_positions: int = 0):
+    def _rows(self, requests: Sequence[Any], errors: Errors,
+              extra_positions: int = 0) -> tuple[list[Row | None], dict[int, str]]:
         """Rows for the valid requests (None for the others) and {index: error}."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if isinstance(requests, (str, bytes, dict)) or not hasattr(requests, "__len__"):
             raise RequestError(f"requests must be a list of requests, got {type(requests).__name__}")
-        rows, failed = [], {}
+        rows: list[Row | None] = []
+        failed: dict[int, str] = {}
         for i, req in enumerate(requests):
             try:
-                rows.append(self._row(req, extra_positions))
+                rows.append(self.check(req, extra_positions))
             except (RequestError, SoftPromptError) as e:
                 if errors == "raise":
                     raise RequestError(f"request {i}: {e}") from None
@@ -266,29 +187,35 @@ class Runtime:
                 failed[i] = str(e)
         return rows, failed
 
-    def _score_future(self, rows: list, on_progress=None) -> Future:
+    def _score_future(self, rows: list[Row | None], on_progress: Callable[[int], object] | None = None,
+                      count: bool = True) -> Future[list[ScoreResult | None]]:
         """Future of one ScoreResult per row (None rows are skipped: their slot stays None)."""
         valid = [i for i, r in enumerate(rows) if r is not None]
-        self._hold(rows)
+        self.registry.hold(rows)
         try:
-            inner = self.engine.submit_scores([rows[i] for i in valid], on_progress)
+            inner = self.engine.submit_scores([rows[i] for i in valid], on_progress, count)  # type: ignore[misc]
         except BaseException:
-            self._release(rows)
+            self.registry.release(rows)
             raise
-        inner.add_done_callback(lambda _: self._release(rows))
+        inner.add_done_callback(lambda _: self.registry.release(rows))
 
-        def results(scored: list) -> list:
-            res: list = [None] * len(rows)
+        def results(scored: list[tuple[np.ndarray, bool]]) -> list[ScoreResult | None]:
+            res: list[ScoreResult | None] = [None] * len(rows)
             for i, (lp, greedy) in zip(valid, scored):
                 r = rows[i]
+                assert r is not None
                 res[i] = ScoreResult(float(np.sum(lp, dtype=np.float64)), [float(x) for x in lp],
                                      r.ids[r.target_start:], is_greedy=greedy)
-            self.requests_served += len(valid)
             return res
 
-        return _then(inner, results)
+        return then(inner, results)
 
-    def score(self, requests: Sequence, *, errors: str = "raise",
+    @staticmethod
+    def _merge(res: list[ScoreResult | None], failed: dict[int, str]) -> list[ScoreResult]:
+        return [ScoreResult(error=failed[i]) if i in failed else r  # type: ignore[misc]
+                for i, r in enumerate(res)]
+
+    def score(self, requests: Sequence[Any], *, errors: Errors = "raise",
               progress: bool = False) -> list[ScoreResult]:
         """Log-probability of each request's continuation (or its context without one).
 
@@ -298,57 +225,81 @@ class Runtime:
         progress: show a tqdm bar over the rows (for large offline scoring jobs).
         Returns one ScoreResult per request, in order (``is_greedy`` from the same forward).
         """
-        rows, failed = self._prepare(requests, errors)
+        return self._score(requests, errors, progress)
+
+    def _score(self, requests: Sequence[Any], errors: Errors, progress: bool = False,
+               count: bool = True) -> list[ScoreResult]:
+        rows, failed = self._rows(requests, errors)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(rows) - len(failed), desc="scoring", unit="row")
         try:
-            res = self._score_future(rows, bar.update if bar else None).result()
+            res = self._score_future(rows, bar.update if bar else None, count).result()
         finally:
             if bar is not None:
                 bar.close()
-        return [ScoreResult(error=failed[i]) if i in failed else r for i, r in enumerate(res)]
+        return self._merge(res, failed)
 
-    def classify(self, prompt: str | None, contexts: Sequence, labels: Sequence[str], *,
-                 errors: str = "raise") -> list[ClassifyResult]:
+    async def score_async(self, requests: Sequence[Any], *,
+                          errors: Errors = "return") -> list[ScoreResult]:
+        """``await rt.score_async(requests)``: :meth:`score` without blocking the event loop."""
+        rows, failed = self._rows(requests, errors)
+        return self._merge(await asyncio.wrap_future(self._score_future(rows)), failed)
+
+    def classify(self, prompt: str | None, contexts: Sequence[Any], labels: Sequence[str], *,
+                 errors: Errors = "raise") -> list[ClassifyResult]:
         """Probabilities of each label as the continuation of each context (softmax over the
         labels' summed log-probabilities). Returns one ClassifyResult per context."""
-        contexts, labels, reqs = _classify_requests(prompt, contexts, labels)
-        return _classify_results(contexts, labels, self.score(reqs, errors=errors))
+        contexts, labels, reqs = classify_requests(prompt, contexts, labels)
+        return classify_results(contexts, labels, self.score(reqs, errors=errors))
 
-    async def classify_async(self, prompt: str | None, contexts: Sequence, labels: Sequence[str],
-                             *, errors: str = "return") -> list[ClassifyResult]:
+    async def classify_async(self, prompt: str | None, contexts: Sequence[Any],
+                             labels: Sequence[str], *, errors: Errors = "return") -> list[ClassifyResult]:
         """``await rt.classify_async(...)``: :meth:`classify` without blocking the event loop;
         cancelling the awaiting task drops the rows the engine has not computed yet."""
-        contexts, labels, reqs = _classify_requests(prompt, contexts, labels)
-        return _classify_results(contexts, labels, await self.score_async(reqs, errors=errors))
+        contexts, labels, reqs = classify_requests(prompt, contexts, labels)
+        return classify_results(contexts, labels, await self.score_async(reqs, errors=errors))
+
+    def submit(self, request: Any) -> Future[ScoreResult]:
+        """Queue one score request; returns a ``concurrent.futures.Future[ScoreResult]``.
+
+        A bad request's future raises its RequestError; the others are unaffected. Concurrent
+        submissions share engine steps (they batch without any waiting window)."""
+        try:
+            row = self.check(request)
+        except (RequestError, SoftPromptError) as e:
+            fut: Future[ScoreResult] = Future()
+            fut.set_exception(RequestError(str(e)))
+            return fut
+        return then(self._score_future([row]), lambda res: res[0])  # type: ignore[arg-type,return-value]
+
+    async def submit_async(self, request: Any) -> ScoreResult:
+        """``await rt.submit_async(request)``: the asyncio form of :meth:`submit`."""
+        return await asyncio.wrap_future(self.submit(request))
 
     # ------------------------------------------------------------------------ generation
-    def _sequence(self, prompt, context, params: GenerateParams, sink) -> GenSequence:
-        """A validated, accepted generation row (raises RequestError when invalid)."""
-        row = self._row(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
-        return self._submit_rows([row], params, sink)[0]
-
-    def _submit_rows(self, rows: list[Row], params: GenerateParams, sink) -> list[GenSequence]:
+    def _generations(self, rows: list[Row], params: GenerateParams,
+                     sink: Callable[[StreamChunk], object], count: bool = True) -> list[Generation]:
         """Hand validated rows to the engine together (they arrive in the same step), each
         bound to its prompt version until it ends."""
-        self._hold(rows)
-        seqs = [GenSequence(r, params, self.tokenizer, self.tokenizer.eos_token_ids, sink,
-                            on_done=lambda s: self._release([s.row])) for r in rows]
+        self.registry.hold(rows)
+        gens = [Generation(r, params, self.tokenizer, sink,
+                           on_done=lambda g: self.registry.release([g.row]), count=count)
+                for r in rows]
         try:
-            self.engine.submit_generations(seqs)
+            self.engine.submit_generations(gens)
         except BaseException:
-            self._release(rows)
+            self.registry.release(rows)
             raise
-        return seqs
+        return gens
 
-    def generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence, *,
+    def generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence[Any], *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
                  stop_at_eos: bool = True, logprobs: int | None = None,
-                 errors: str = "raise") -> list[GenerateResult]:
+                 errors: Errors = "raise") -> list[GenerateResult]:
         """Continue each context under its soft prompt.
 
         prompt: one prompt name for all contexts, or a list with one name per context (rows
@@ -362,8 +313,12 @@ class Runtime:
         Every new token's log-probability is in ``token_logprobs``; with ``logprobs=n`` the n
         most likely ``(id, log-prob)`` of each position are in ``top_logprobs``.
         """
-        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
-                                logprobs)
+        params = GenerateParams(max_new_tokens, temperature, top_k, top_p, seed,
+                                stop, stop_at_eos, logprobs)  # type: ignore[arg-type]
+        return self._generate(prompt, contexts, params, errors)
+
+    def _generate(self, prompt: str | None | Sequence[str | None], contexts: Sequence[Any],
+                  params: GenerateParams, errors: Errors, count: bool = True) -> list[GenerateResult]:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if isinstance(contexts, str):
@@ -371,88 +326,80 @@ class Runtime:
         names = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(contexts)
         if len(names) != len(contexts):
             raise RequestError(f"got {len(names)} prompt names for {len(contexts)} contexts")
-        rows, failed = self._prepare([ScoreRequest(p, c) for p, c in zip(names, contexts)],
-                                     errors, extra_positions=max_new_tokens)
+        rows, failed = self._rows([ScoreRequest(p, c) for p, c in zip(names, contexts)],
+                                  errors, extra_positions=params.max_new_tokens)
+        valid = [i for i, r in enumerate(rows) if r is not None]
+        left = [len(valid)]
         done = threading.Event()
-        left = [sum(r is not None for r in rows)]
         lock = threading.Lock()
 
-        def finished(_chunk):
-            if _chunk.finish_reason is not None:
+        def finished(chunk: StreamChunk) -> None:
+            if chunk.finish_reason is not None:
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:
                         done.set()
 
-        if not left[0]:
+        if not valid:
             done.set()
-        valid = [i for i, r in enumerate(rows) if r is not None]
-        seqs = dict(zip(valid, self._submit_rows([rows[i] for i in valid], params, finished)))
+        gens = dict(zip(valid, self._generations([rows[i] for i in valid], params,  # type: ignore[misc]
+                                                 finished, count)))
         try:
             done.wait()
         except BaseException:  # KeyboardInterrupt: free the rows
-            for s in seqs.values():
-                s.cancel()
+            for g in gens.values():
+                g.cancel()
             self.engine.wake()
             raise
-        self.requests_served += len(seqs)
         out = []
         for i in range(len(rows)):
             if i in failed:
                 out.append(GenerateResult("", [], "error", error=failed[i]))
                 continue
-            s = seqs[i]
-            out.append(GenerateResult(s.detok.text, s.token_ids, s.finish_reason, error=s.error,
-                                      token_logprobs=s.token_logprobs,
-                                      top_logprobs=s.top_logprobs))
+            g = gens[i]
+            out.append(GenerateResult(g.text, g.token_ids, g.finish_reason or "error",
+                                      error=g.error, token_logprobs=g.token_logprobs,
+                                      top_logprobs=g.top_logprobs))
         return out
 
-    def stream(self, prompt: str | None, context, **sampling) -> "Stream":
+    def _generation(self, prompt: str | None, context: Any, sampling: dict[str, Any],
+                    sink: Callable[[StreamChunk], object]) -> Generation:
+        """One validated, accepted generation row (raises RequestError when invalid)."""
+        unknown = set(sampling) - set(GENERATE_ARGS)
+        if unknown:
+            raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected "
+                               f"{GENERATE_ARGS}")
+        params = GenerateParams(**sampling)
+        row = self.check(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
+        return self._generations([row], params, sink)[0]
+
+    def stream(self, prompt: str | None, context: Any, **sampling: Any) -> Stream:
         """Generate for one context, yielding ``StreamChunk``s (text delta, ids, log-probs) as
         the engine produces them; the last has ``finish_reason``. Same keyword arguments as
         :meth:`generate` (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
         logprobs).
         Closing the iterator (``close()``, leaving a ``with`` block, or dropping it) cancels
         the row: it is freed at the next engine step. Raises RequestError when invalid."""
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)), q.put)
-        return Stream(seq, q, self)
+        q: queue.SimpleQueue[StreamChunk] = queue.SimpleQueue()
+        return Stream(self._generation(prompt, context, sampling, q.put), q, self.engine.wake)
 
-    def stream_async(self, prompt: str | None, context, **sampling) -> "AsyncStream":
+    def stream_async(self, prompt: str | None, context: Any, **sampling: Any) -> AsyncStream:
         """The asyncio form of :meth:`stream`: ``async for chunk in rt.stream_async(...)``.
         Cancelling the consuming task or ``await it.aclose()`` cancels the row. Must be called
         from a running event loop."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        def sink(chunk):  # raises once the loop is closed: the engine then frees the row
+        q: asyncio.Queue[StreamChunk] = asyncio.Queue()
+
+        def sink(chunk: StreamChunk) -> None:  # raises once the loop is closed: the row is freed
             loop.call_soon_threadsafe(q.put_nowait, chunk)
 
-        seq = self._sequence(prompt, context, GenerateParams(**_sampling(sampling)), sink)
-        return AsyncStream(seq, q, self)
+        return AsyncStream(self._generation(prompt, context, sampling, sink), q, self.engine.wake)
 
     # --------------------------------------------------------------------------- services
-    def submit(self, request) -> Future:
-        """Queue one score request; returns a ``concurrent.futures.Future[ScoreResult]``.
-
-        A bad request's future raises its RequestError; the others are unaffected. Concurrent
-        submissions share engine steps (they batch without any waiting window)."""
-        fut: Future = Future()
-        try:
-            row = self._row(request)
-        except (RequestError, SoftPromptError) as e:
-            fut.set_exception(RequestError(str(e)))
-            return fut
-        return _then(self._score_future([row]), lambda res: res[0])
-
-    async def submit_async(self, request) -> ScoreResult:
-        """``await rt.submit_async(request)``: the asyncio form of :meth:`submit`."""
-        return await asyncio.wrap_future(self.submit(request))
-
-    async def score_async(self, requests: Sequence, *, errors: str = "return") -> list[ScoreResult]:
-        """``await rt.score_async(requests)``: :meth:`score` without blocking the event loop."""
-        rows, failed = self._prepare(requests, errors)
-        res = await asyncio.wrap_future(self._score_future(rows))
-        return [ScoreResult(error=failed[i]) if i in failed else r for i, r in enumerate(res)]
+    @property
+    def requests_served(self) -> int:
+        """Requests finished so far (score rows and generations; warm-up excluded)."""
+        return self.engine.requests_served
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; finish every accepted one (``drain``) or cancel them (score
@@ -460,10 +407,10 @@ class Runtime:
         accepted request ends with a result, an error or a cancellation; none is left waiting."""
         self.engine.close(drain=drain, timeout=timeout)
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 8), lengths: Sequence[int] = (32,),
@@ -483,163 +430,34 @@ class Runtime:
                 raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {vals!r}")
         if not isinstance(new_tokens, int) or new_tokens < 0:
             raise ValueError(f"new_tokens must be an integer >= 0, got {new_tokens!r}")
-        t0, served = time.perf_counter(), self.requests_served
+        t0 = time.perf_counter()
         token = min(self.tokenizer.eos_token_ids or [0])  # any valid id: the values do not matter
+        params = GenerateParams(max_new_tokens=max(new_tokens, 1), stop_at_eos=False)
         for name in prompts:
             for L in lengths:
                 if name is None and L < 2:
                     continue  # nothing to score without a prompt
                 for B in batch_sizes:
-                    self.score([{"prompt": name, "context": [token] * L}] * B)
+                    self._score([{"prompt": name, "context": [token] * L}] * B, "raise", count=False)
                     if new_tokens:
-                        self.generate([name] * B, [[token] * L] * B, max_new_tokens=new_tokens,
-                                      stop_at_eos=False)
-        self.requests_served = served
+                        self._generate([name] * B, [[token] * L] * B, params, "raise", count=False)
         return time.perf_counter() - t0
 
-    def stats(self) -> dict:
-        """Counters: prefix-cache hits/misses/evictions/bytes, engine running/waiting/steps,
-        tokens computed, memory by kind (``*_bytes``)."""
+    def stats(self) -> RuntimeStats:
+        """Counters and memory: prefix-cache hits/misses/evictions/bytes, engine running/
+        waiting/steps, tokens computed, bytes by kind. Read by attribute (``s.cache.hits``) or
+        by the flat names of earlier versions (``s["hits"]``)."""
         try:
             backend = self.engine.call(self.backend.stats)
         except EngineClosed:
             backend = self.backend.stats()
-        return {"backend": self.backend.name, "prompts": len(self.prompts),
-                "requests_served": self.requests_served, **backend, **self.engine.stats()}
+        return RuntimeStats(self.backend.name, len(self.prompts), self.requests_served, backend,
+                            self.engine.stats())
 
-    def save_cache(self, path) -> int:
+    def save_cache(self, path: str | PathLike[str]) -> int:
         """Persist the prefix cache (safetensors) for a warm restart; returns entries saved."""
         return self.engine.call(lambda: self.backend.save_cache(path))
 
-    def load_cache(self, path) -> int:
+    def load_cache(self, path: str | PathLike[str]) -> int:
         """Load a cache written by :meth:`save_cache` for the same model and dtype."""
         return self.engine.call(lambda: self.backend.load_cache(path))
-
-
-class _StreamBase:
-    """One generation's chunks as they come; dropping it unfinished cancels the row."""
-
-    def __init__(self, seq: GenSequence, q, rt: Runtime):
-        self.seq, self._q, self._rt = seq, q, rt
-        self._ended = False
-
-    def _got(self, chunk: StreamChunk) -> StreamChunk:
-        if chunk.finish_reason is not None:
-            self._ended = True
-            self._rt.requests_served += 1
-        return chunk
-
-    def _cancel(self) -> None:
-        """Cancel the row (freed at the next engine step) unless it already finished."""
-        if not self._ended:
-            self._ended = True
-            self.seq.cancel()
-            self._rt.engine.wake()
-
-    def __del__(self):
-        if not self._ended and self.seq.finish_reason is None:
-            self.seq.cancel()
-
-
-class Stream(_StreamBase):
-    """Iterator of one generation's StreamChunks (see :meth:`Runtime.stream`)."""
-
-    def __iter__(self) -> Iterator[StreamChunk]:
-        return self
-
-    def __next__(self) -> StreamChunk:
-        if self._ended:
-            raise StopIteration
-        return self._got(self._q.get())
-
-    def close(self) -> None:
-        """Cancel the row (freed at the next engine step) unless it already finished."""
-        self._cancel()
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class AsyncStream(_StreamBase):
-    """Async iterator of one generation's StreamChunks (see :meth:`Runtime.stream_async`)."""
-
-    def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        return self
-
-    async def __anext__(self) -> StreamChunk:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._q.get()
-        except BaseException:  # the consuming task was cancelled: free the row
-            self._cancel()
-            raise
-        return self._got(chunk)
-
-    async def aclose(self) -> None:
-        """Cancel the row (freed at the next engine step) unless it already finished."""
-        self._cancel()
-
-
-def _classify_requests(prompt, contexts, labels) -> tuple[list, list[str], list]:
-    """(contexts, labels, one ScoreRequest per context x label) of a classify call."""
-    labels = list(labels) if not isinstance(labels, str) else [labels]
-    if (len(labels) < 2 or len(set(labels)) != len(labels)
-            or any(not isinstance(x, str) or not x for x in labels)):
-        raise RequestError(f"labels must be at least 2 distinct non-empty strings, got {labels!r}")
-    contexts = [contexts] if isinstance(contexts, str) else list(contexts)
-    return contexts, labels, [ScoreRequest(prompt, c, lab) for c in contexts for lab in labels]
-
-
-def _classify_results(contexts: list, labels: list[str], scores: list) -> list[ClassifyResult]:
-    out = []
-    for c in range(len(contexts)):
-        group = scores[c * len(labels):(c + 1) * len(labels)]
-        err = next((s.error for s in group if s.error), None)
-        if err:
-            out.append(ClassifyResult(None, {}, {}, error=err))
-            continue
-        lp = np.array([s.logprob for s in group])
-        probs = np.exp(log_softmax(lp))
-        out.append(ClassifyResult(labels[int(np.argmax(lp))], dict(zip(labels, probs.tolist())),
-                                  dict(zip(labels, lp.tolist()))))
-    return out
-
-
-def _then(inner: Future, fn) -> Future:
-    """A Future of ``fn(inner's result)``, cancelled or failed as ``inner`` is; cancelling it
-    cancels ``inner`` (the engine then drops the work it has not started)."""
-    outer: Future = Future()
-    outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
-
-    def done(f: Future):
-        if f.cancelled():
-            outer.cancel()
-            outer.set_running_or_notify_cancel()
-        elif f.exception() is not None:
-            outer.set_exception(f.exception())
-        else:
-            outer.set_result(fn(f.result()))
-
-    inner.add_done_callback(done)
-    return outer
-
-
-def _sampling(kw: dict) -> dict:
-    allowed = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos",
-               "logprobs")
-    unknown = set(kw) - set(allowed)
-    if unknown:
-        raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected {allowed}")
-    return kw
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()

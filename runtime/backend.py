@@ -1,18 +1,23 @@
 """The contract between the engine and a backend, and the one step every backend runs.
 
-A backend owns a model and its prefix cache. The engine hands it one ``StepPlan`` per engine
-step; ``Backend.step`` runs it and returns the step's results. Three backends keep this
-contract: ``reference`` (PEFT semantics, recomputes everything), ``torch`` (transformers with a
-cached prefix read by the registered attention function) and ``onnx`` (ONNX Runtime over an
-exported bundle, numpy only).
+A backend owns a model and its prefix cache. The scheduler (``scheduler.py``) builds one
+``StepPlan`` per engine step; ``Backend.step`` runs it and returns a ``StepOutput``. Three
+backends keep this contract: ``reference`` (PEFT semantics, recomputes everything), ``torch``
+(transformers with a cached prefix read by the registered attention function) and ``onnx``
+(ONNX Runtime over an exported bundle, numpy only). All three subclass ``StepperBackend``, which
+writes ``step`` once over five abstract per-backend primitives.
 
 What a step holds (``StepPlan``):
-- the rows still generating (the backend's *decode state*, one per backend, rows in state
-  order): ``keep`` says which of them stay (finished and cancelled rows leave first), and each
-  kept row brings one new token ``decode_ids[b]`` (one forward, L = 1);
+- the rows still generating (the backend's *decode state*): ``keep`` says which of them stay
+  (finished and cancelled rows leave first), and each kept row brings one new token
+  ``decode_ids[b]`` (one forward, L = 1);
 - newly admitted score rows (``scores``, a ``BatchPlan``): their target log-probs come back;
 - newly admitted generations (``prefill``, a ``BatchPlan``): their tokens run once, their own
   K/V join the decode state, and their first new token is chosen.
+
+The decode state's row order is data, owned by the scheduler: ``StepPlan.state_ids`` lists the
+rows of the state after the step (kept rows in order, then the joining rows), and
+``StepperBackend.step`` checks that its own state matches it, so the two can never drift apart.
 
 Decode rows and new rows run as separate forwards so that a one-token decode row is never
 padded to a prefill's length; all of it is one ``step`` call, between which rows join and leave.
@@ -22,21 +27,34 @@ cross to the host, never B x V logits.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from os import PathLike
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from .plan import BatchPlan
+from .prompts import SoftPrompt
 from .sampling import Sampler
+from .stats import BackendStats
+
+TopAlternatives = list[list[tuple[int, float]]]  # per row: its top_n (id, log-prob), or []
+Picked = tuple[np.ndarray, np.ndarray, "TopAlternatives | None"]  # ids [B], log-probs [B], tops
+ScoredRow = tuple[np.ndarray, bool]  # (target log-probs [n], every target is the argmax)
 
 
 @dataclass
 class StepPlan:
-    """keep: indices (state order) of decode-state rows that stay, or None for all of them.
-    decode_ids: ``[Bd]`` the next input token of each kept row; decode_samplers: ``[Bd]``.
+    """One engine step (see the module docstring).
+
+    keep: indices (state order) of decode-state rows that stay, or None for all of them.
+    decode_ids: ``[Bd]`` int64, the next input token of each kept row; decode_samplers: ``[Bd]``.
     scores: rows to score, or None. prefill: generations joining, or None, with
-    ``capacity[b]`` (own tokens row b may reach: its length + max new tokens) and samplers."""
+        ``capacity[b]`` (own tokens row b may reach: its length + max new tokens) and samplers.
+    state_ids: ids of the decode state's rows after the step (kept rows, then joining rows),
+        as the scheduler numbers them; the backend checks its state against it.
+    """
 
     keep: list[int] | None = None
     decode_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -45,27 +63,72 @@ class StepPlan:
     prefill: BatchPlan | None = None
     capacity: list[int] = field(default_factory=list)
     prefill_samplers: list[Sampler] = field(default_factory=list)
+    state_ids: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Rows the step computes: decode rows, score rows and joining rows."""
+        return (len(self.decode_ids) + (self.scores.B if self.scores else 0)
+                + (self.prefill.B if self.prefill else 0))
 
 
 @dataclass
 class StepOutput:
-    """scores: per score row ``(target log-probs [n], is_greedy)``.
+    """scores: per score row ``(target log-probs [n], is_greedy)``, in ``plan.scores`` order.
     next_ids / next_logprobs: ``[Bd + Bp]`` the chosen token of every decode-state row after
     the step (kept rows first, then the rows that joined) and its log-probability; next_top:
-    the most likely alternatives of rows whose sampler asks for them (``Sampler.top_n``)."""
+    per such row the most likely alternatives its sampler asked for (``Sampler.top_n``), or []."""
 
-    scores: list = field(default_factory=list)
+    scores: list[ScoredRow] = field(default_factory=list)
     next_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     next_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    next_top: list = field(default_factory=list)  # per row [(id, log-prob)] (its top_n), or []
+    next_top: TopAlternatives = field(default_factory=list)
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the engine needs from a backend (shape letters as in the package docstring).
+    """What the engine and the runtime need from a backend (shape letters as in the package
+    docstring). Every method is called from the engine thread only."""
 
-    Attributes: ``name``; ``hidden_size`` E; ``vocab_size`` V; ``max_positions``;
-    ``fingerprint`` (the model's content hash); ``dtype_name``.
+    name: str
+    hidden_size: int  # E
+    vocab_size: int  # V
+    max_positions: int
+    fingerprint: str  # the model's content hash
+    dtype_name: str  # compute dtype, e.g. "float32"
+
+    def prepare(self, prompt: SoftPrompt) -> None:
+        """Compute and cache the prompt's prefix (per layer K/V ``[Hkv, P, D]``) now."""
+
+    def forget(self, prompt: SoftPrompt) -> None:
+        """Drop the prompt's cached prefix (nothing else)."""
+
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Run one engine step (see the module docstring)."""
+
+    def reset(self) -> None:
+        """Drop the decode state (every generating row), e.g. after a failed step."""
+
+    def stats(self) -> BackendStats:
+        """Counters and memory by kind."""
+
+    def save_cache(self, path: str | PathLike[str]) -> int:
+        """Write the prefix cache to ``path``; returns the entries written."""
+
+    def load_cache(self, path: str | PathLike[str]) -> int:
+        """Read a cache written by ``save_cache`` for this model and dtype; returns entries."""
+
+
+State = TypeVar("State")  # a backend's decode state: the K/V of every generating row
+Logits = Any  # [B, V]: a numpy array (onnx) or a torch tensor on the backend's device
+
+
+class StepperBackend(ABC, Generic[State]):
+    """A ``Backend`` whose ``step`` is written once, here, over five per-backend primitives.
+
+    Subclasses set the ``Backend`` attributes and implement ``score``, ``prefill``, ``decode``,
+    ``select``/``join``, ``pick`` plus the cache methods; the decode state (``State``, opaque
+    here) and its row ids are kept here.
     """
 
     name: str
@@ -75,49 +138,63 @@ class Backend(Protocol):
     fingerprint: str
     dtype_name: str
 
-    def prepare(self, prompt) -> None:
-        """Compute and cache the prompt's prefix (per layer K/V ``[Hkv, P, D]``) now."""
+    _state: State | None = None  # the decode state: rows generating, in ``_state_ids`` order
+    _state_ids: list[int] = []  # noqa: RUF012 - replaced, never mutated in place
 
-    def forget(self, prompt) -> None:
-        """Drop the prompt's cached prefix (nothing else)."""
+    # ---------------------------------------------------------------- per-backend primitives
+    @abstractmethod
+    def score(self, plan: BatchPlan) -> list[ScoredRow]:
+        """Per row of ``plan``: (log-probs of its targets in order, is_greedy)."""
 
-    def step(self, plan: StepPlan) -> StepOutput:
-        """Run one engine step (see the module docstring)."""
+    @abstractmethod
+    def prefill(self, plan: BatchPlan, capacity: list[int]) -> tuple[State, Logits]:
+        """Run new rows (row b may grow to ``capacity[b]`` own tokens); their state and the
+        logits ``[B, V]`` of each row's last token."""
 
-    def reset(self) -> None:
-        """Drop the decode state (every generating row), e.g. after a failed step."""
+    @abstractmethod
+    def decode(self, state: State, ids: np.ndarray) -> Logits:
+        """One token ``ids [B]`` for every row of ``state`` (its K/V grow by one); logits ``[B, V]``."""
 
-    def stats(self) -> dict:
-        """Counters and memory: prefix-cache hits/misses/evictions, bytes by kind, ..."""
+    @abstractmethod
+    def select(self, state: State, keep: list[int]) -> State:
+        """The state of rows ``keep`` (indices into ``state``, in order; non-empty)."""
 
-    def save_cache(self, path) -> int:
-        """Write the prefix cache to ``path``; returns the entries written."""
+    @abstractmethod
+    def join(self, state: State | None, new: State) -> State:
+        """``state``'s rows followed by ``new``'s."""
 
-    def load_cache(self, path) -> int:
-        """Read a cache written by ``save_cache`` for this model and dtype; returns entries."""
+    @abstractmethod
+    def pick(self, logits: Logits, samplers: list[Sampler]) -> Picked:
+        """Choose each row's token on the device (``runtime/sampling.py``)."""
 
+    @abstractmethod
+    def prepare(self, prompt: SoftPrompt) -> None: ...
 
-class Stepper:
-    """``step`` written once over five per-backend primitives:
+    @abstractmethod
+    def forget(self, prompt: SoftPrompt) -> None: ...
 
-    - ``score(plan) -> [(log-probs, is_greedy)]`` for a BatchPlan of score rows;
-    - ``prefill(plan, capacity) -> (state, logits [B, V])``: run new rows, keep their K/V;
-    - ``decode(state, ids [B]) -> logits [B, V]``: one token for every row of ``state``;
-    - ``select(state, keep) -> state`` and ``join(state | None, new) -> state``;
-    - ``pick(logits, samplers) -> (ids [B], log-probs [B], tops | None)``: choose on the
-      device (``runtime/sampling.py``).
-    """
+    @abstractmethod
+    def stats(self) -> BackendStats: ...
 
-    _state = None  # the decode state: rows generating, in the engine's order
+    @abstractmethod
+    def save_cache(self, path: str | PathLike[str]) -> int: ...
 
+    @abstractmethod
+    def load_cache(self, path: str | PathLike[str]) -> int: ...
+
+    # --------------------------------------------------------------------------- the step
     def step(self, plan: StepPlan) -> StepOutput:
         out = StepOutput()
-        ids, lps, tops = [], [], []
+        ids: list[np.ndarray] = []
+        lps: list[np.ndarray] = []
+        tops: TopAlternatives = []
         if self._state is not None and plan.keep is not None:
             self._state = self.select(self._state, plan.keep) if plan.keep else None
+            self._state_ids = [self._state_ids[i] for i in plan.keep]
         if len(plan.decode_ids):
-            if self._state is None:
-                raise RuntimeError(f"{len(plan.decode_ids)} decode tokens but no row is generating")
+            if self._state is None or len(self._state_ids) != len(plan.decode_ids):
+                raise RuntimeError(f"{len(plan.decode_ids)} decode tokens but "
+                                   f"{len(self._state_ids)} rows are generating")
             logits = self.decode(self._state, np.asarray(plan.decode_ids, np.int64))
             i, lp, top = self.pick(logits, plan.decode_samplers)
             ids.append(i)
@@ -132,6 +209,10 @@ class Stepper:
             lps.append(lp)
             tops += top or [[] for _ in i]
             self._state = self.join(self._state, new)
+            self._state_ids = self._state_ids + plan.state_ids[len(self._state_ids):]
+        if self._state_ids != plan.state_ids:
+            raise RuntimeError(f"decode state rows {self._state_ids} differ from the plan's "
+                               f"{plan.state_ids}")
         if ids:
             out.next_ids, out.next_logprobs = np.concatenate(ids), np.concatenate(lps)
             out.next_top = tops
@@ -139,3 +220,4 @@ class Stepper:
 
     def reset(self) -> None:
         self._state = None
+        self._state_ids = []

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from . import safetensors_np
+from .stats import CacheStats
 
 
 FORMAT = "softprompt-prefix-cache"
@@ -126,11 +127,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def stats(self) -> dict:
+    def stats(self) -> CacheStats:
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "bytes": self.bytes, "entries": len(self._entries),
-                    "max_bytes": self.max_bytes}
+            return CacheStats(self.hits, self.misses, self.evictions, self.bytes,
+                              len(self._entries), self.max_bytes)
 
     # ------------------------------------------------------------------------ persistence
     def save(self, path: str | Path, to_numpy: Callable = np.asarray) -> int:

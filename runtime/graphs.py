@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from .stats import GraphStats
+
 
 def bucket(n: int, step: int = 64) -> int:
     """Padded size for n: the next power of two up to ``step``, then the next multiple of it.
@@ -87,9 +89,8 @@ class CudaGraphs:
         self.replays = 0
         self.disabled: str | None = None  # why graphs were turned off, once they were
 
-    def stats(self) -> dict:
-        return {"graphs": len(self.graphs), "graph_captures": self.captures,
-                "graph_replays": self.replays, "graphs_disabled": self.disabled}
+    def stats(self) -> GraphStats:
+        return GraphStats(len(self.graphs), self.captures, self.replays, self.disabled)
 
     def persistent(self, name: tuple, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
         """A zeroed buffer that lives as long as this object, e.g. per-row decode K/V written in

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .backend import Stepper
+from .backend import StepperBackend
 from .plan import BatchPlan
 from .requests import prompt_len
 from .sampling import pick_torch
+from .stats import BackendStats
 
 
 class TorchModelMixin:
@@ -47,7 +48,7 @@ class TorchModelMixin:
         return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.device))
 
 
-class ReferenceBackend(TorchModelMixin, Stepper):
+class ReferenceBackend(TorchModelMixin, StepperBackend):
     name = "reference"
 
     def __init__(self, lm):
@@ -60,8 +61,8 @@ class ReferenceBackend(TorchModelMixin, Stepper):
     def forget(self, prompt) -> None:
         pass
 
-    def stats(self) -> dict:
-        return {"tokens_computed": self.tokens_computed}
+    def stats(self) -> BackendStats:
+        return BackendStats(tokens_computed=self.tokens_computed)
 
     def save_cache(self, path) -> int:
         raise RuntimeError("the reference backend has no prefix cache (it recomputes every call)")

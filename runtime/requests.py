@@ -9,9 +9,12 @@ context token, the first one predicted by the last virtual token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .prompts import SoftPrompt
 
 
 class RequestError(ValueError):
@@ -122,7 +125,7 @@ class Row:
     continuation); target_start: first index of ``ids`` whose log-probability is wanted.
     """
 
-    prompt: object
+    prompt: SoftPrompt | None
     ids: list[int]
     target_start: int
 
@@ -161,7 +164,7 @@ class Tokenizer:
     @classmethod
     def for_model(cls, lm) -> "Tokenizer":
         """The tokenizer of a ``LoadedModel`` (tokenizer-less when it has none)."""
-        from .models import display_name, eos_token_ids
+        from softprompt.models import display_name, eos_token_ids
 
         t = lm.tokenizer
         return cls(None if t is None else t.backend_tokenizer, eos_token_ids(lm.model),
@@ -197,7 +200,7 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool) -> list[int]:
         if self.tok is None:
-            from .models import TOKENIZER_FILES
+            from softprompt.models import TOKENIZER_FILES
 
             raise RequestError(f"{'model ' + repr(self.source) if self.source else 'the model'} "
                                f"has no tokenizer (none of "
@@ -265,3 +268,84 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def prompt_len(prompt) -> int:
     """P of a SoftPrompt, 0 for None (no prompt)."""
     return 0 if prompt is None else prompt.num_virtual_tokens
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What requests are checked against, and what a server lists: the model's display
+    ``name``, the ``backend`` serving it, E, V, its positions, fingerprint and compute dtype."""
+
+    name: str | None
+    backend: str
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    fingerprint: str
+    dtype: str
+
+
+def make_row(request, prompts: Mapping[str, object], tokenizer: Tokenizer, model: ModelInfo,
+             extra_positions: int = 0) -> Row:
+    """The one validation of a request: a checked ``Row`` or a RequestError naming what is
+    wrong and what was expected.
+
+    request: a dict ``{prompt, context, continuation}`` or a ScoreRequest; prompts: the
+    registry's prompts by name (the row binds the version found there); extra_positions: new
+    tokens the row will generate (counted against the model's positions).
+    """
+    r = as_request(request)
+    prompt = None
+    if r.prompt is not None:
+        prompt = prompts.get(r.prompt)
+        if prompt is None:
+            raise RequestError(f"unknown prompt {r.prompt!r}; known: {sorted(prompts)}")
+    V = model.vocab_size
+    ctx = to_ids(r.context, tokenizer, True, "context", V)
+    if not ctx:
+        raise RequestError("empty context: expected at least one token")
+    cont = None
+    if r.continuation is not None:
+        cont = to_ids(r.continuation, tokenizer, False, "continuation", V)
+        if not cont:
+            raise RequestError("empty continuation: expected at least one token (or None "
+                               "to score the context)")
+    P = prompt_len(prompt)
+    if cont is None and P == 0 and len(ctx) < 2 and not extra_positions:
+        raise RequestError("without a prompt or continuation there is nothing to score: "
+                           "expected a context of at least 2 tokens")
+    ids = ctx + (cont or [])
+    total = P + len(ids) + extra_positions
+    if total > model.max_positions:
+        raise RequestError(f"input too long: {P} virtual + {len(ids)} request tokens"
+                           + (f" + {extra_positions} new" if extra_positions else "")
+                           + f" = {total} positions, the model has {model.max_positions}")
+    start = len(ctx) if cont is not None else (0 if P else 1)
+    return Row(prompt, ids, start)
+
+
+def classify_requests(prompt: str | None, contexts, labels) -> tuple[list, list[str], list[ScoreRequest]]:
+    """(contexts, labels, one ScoreRequest per context x label) of a classify call."""
+    labels = list(labels) if not isinstance(labels, str) else [labels]
+    if (len(labels) < 2 or len(set(labels)) != len(labels)
+            or any(not isinstance(x, str) or not x for x in labels)):
+        raise RequestError(f"labels must be at least 2 distinct non-empty strings, got {labels!r}")
+    contexts = [contexts] if isinstance(contexts, str) else list(contexts)
+    return contexts, labels, [ScoreRequest(prompt, c, lab) for c in contexts for lab in labels]
+
+
+def classify_results(contexts: list, labels: list[str],
+                     scores: list[ScoreResult]) -> list[ClassifyResult]:
+    """One ClassifyResult per context from its labels' scores (softmax over their summed
+    log-probabilities); a context whose label failed carries that error."""
+    out = []
+    for c in range(len(contexts)):
+        group = scores[c * len(labels):(c + 1) * len(labels)]
+        err = next((s.error for s in group if s.error), None)
+        if err:
+            out.append(ClassifyResult(None, {}, {}, error=err))
+            continue
+        lp = np.array([s.logprob for s in group])
+        probs = np.exp(log_softmax(lp))
+        out.append(ClassifyResult(labels[int(np.argmax(lp))], dict(zip(labels, probs.tolist())),
+                                  dict(zip(labels, lp.tolist()))))
+    return out

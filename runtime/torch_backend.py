@@ -1,13 +1,15 @@
 """The torch backend: the transformers model itself, with the prompt prefix read from the cache.
 
-Per request only the request's own L tokens go through the model. Attention is a function
-registered in transformers' attention registry (``softprompt_prefix``): when a forward carries
-a ``softprompt_batch`` it attends each row's queries over its prompt's cached prefix
-``[N_prompts, Hkv, P_max, D]`` (shared, indexed by ``prompt_idx``, never copied per row) and
-then causally over the row's own keys, through the Triton kernel on CUDA and its PyTorch
-reference on CPU. Without a ``softprompt_batch`` it is plain SDPA, so the same model also
-computes the prefixes themselves. The vocabulary projection runs only where a score or the
-next token needs it.
+Per request only the request's own L tokens go through the model. Attention is
+``softprompt_attention``, registered in transformers' attention registry as ``ATTN_NAME``
+(``register_attention``): when a forward carries a ``softprompt_batch`` it attends each row's
+queries over its prompt's cached prefix ``[N_prompts, Hkv, P_max, D]`` (shared, indexed by
+``prompt_idx``, never copied per row) and then causally over the row's own keys, through the
+Triton kernels on CUDA and their PyTorch reference on CPU, as planned once per forward by
+``plan_forward`` (``kernels.plan_attention``: checks and the kernel choice; each layer then only
+runs ``kernels.run_attention``). Without a ``softprompt_batch`` it is plain SDPA, so the same
+model also computes the prefixes themselves. The vocabulary projection runs only where a score or
+the next token needs it.
 """
 
 from __future__ import annotations
@@ -15,25 +17,30 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .cache import PrefixCache, PrefixEntry
 from .graphs import CudaGraphs, bucket
-from .models import ModelSpec
+from softprompt.models import ModelSpec
 from .reference import TorchModelMixin
-from .backend import Stepper
+from .backend import StepperBackend
 from .plan import BatchPlan, prompt_slots
 from .sampling import pick_torch
+from .stats import BackendStats
 
-ATTN_NAME = "softprompt_prefix"
+if TYPE_CHECKING:
+    from softprompt.kernels import AttentionPlan
+
+ATTN_NAME = "softprompt_prefix"  # transformers' attention-registry name of softprompt_attention below
 _registered = False
 
 
 @dataclass
 class PrefixBatch:
-    """What the registered attention function reads during one forward of B rows.
+    """What ``softprompt_attention`` reads during one forward of B rows.
 
     prefix_k / prefix_v: per layer ``[Np, Hkv, P_max, D]``, the batch's distinct prompts.
     prefix_lens: ``[Np]`` int32; prompt_idx: ``[B]`` int32 (row -> prompt).
@@ -41,6 +48,8 @@ class PrefixBatch:
     own_k / own_v: per layer ``[B, Hkv, cap, D]`` per-row K/V kept during generation, or None.
     decoding: True when each row brings one new token whose K/V are written at kv_lens - 1.
     triton: attend through the Triton kernels instead of their PyTorch references.
+    plan: this forward's ``kernels.AttentionPlan`` (``plan_forward``), made once before the model
+        runs and read by every layer; None on batches that only carry inputs between steps.
     """
 
     prefix_k: list
@@ -53,51 +62,58 @@ class PrefixBatch:
     own_v: list | None = None
     decoding: bool = False
     triton: bool = False  # Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or references
-    plans: object = None  # kernels.Plans of this forward, made by __post_init__
-
-    def __post_init__(self):
-        from softprompt.kernels import Plans
-
-        self.plans = Plans()  # index plans made by the first layer, reused by the others
+    plan: AttentionPlan | None = None
 
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _kernels(triton: bool):
-    """(attend, write_kv): the Triton kernels, or their PyTorch references (the CPU path)."""
+def plan_forward(b: PrefixBatch, num_heads: int, q_len: int) -> AttentionPlan:
+    """The attention plan of one forward over ``b`` with ``q_len`` new tokens per row, made
+    before the model runs (under CUDA graphs: inside the captured forward, from its static
+    inputs): every layer's shapes and the index tensors are checked once and the kernel is picked
+    once (Triton fused or cascade by ``kernels.use_cascade``, or the PyTorch reference)."""
     from softprompt import kernels
 
-    if triton:
-        return kernels.prefix_attention_auto, kernels.write_kv
-    return kernels.prefix_attention_ref, kernels.write_kv_ref
+    pk = b.prefix_k[0]  # [Np, Hkv, P_max, D], the same in every layer
+    B, Hkv, D = b.prompt_idx.shape[0], pk.shape[1], pk.shape[3]
+    k_len = b.own_k[0].shape[2] if b.decoding else q_len  # decode attends over the row's buffer
+    return kernels.plan_attention((B, num_heads, q_len, D), (B, Hkv, k_len, D), tuple(pk.shape),
+                                  b.prefix_lens, b.prompt_idx, b.kv_lens, b.q_lens, dtype=pk.dtype,
+                                  kernel="auto" if b.triton else "reference")
 
 
-def _prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      softprompt_batch: PrefixBatch | None = None, **kwargs):
-    """query: [B, H, L, D]; key/value: [B, Hkv, L, D] (RoPE applied). Returns ([B, L, H, D], None)."""
+def softprompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         softprompt_batch: PrefixBatch | None = None, **kwargs):
+    """Every layer's attention (registered as ``ATTN_NAME``). query: [B, H, L, D]; key/value:
+    [B, Hkv, L, D] (RoPE applied). Returns ([B, L, H, D], None).
+
+    With ``softprompt_batch`` (passed to the model by ``TorchBackend._run``):
+    ``kernels.run_attention`` with the batch's plan, made once for this forward by
+    ``plan_forward``; this layer only checks its own tensors against it. Without: plain SDPA."""
     if softprompt_batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
+    from softprompt import kernels
+
     b, i = softprompt_batch, module.layer_idx
-    attend, write_kv = _kernels(b.triton)
     if b.own_k is not None:
         if b.decoding:  # append this step's K/V to each row's buffer, attend over the buffer
+            write_kv = kernels.write_kv if b.triton else kernels.write_kv_ref
             write_kv(b.own_k[i], b.own_v[i], key, value, b.kv_lens - 1)
             key, value = b.own_k[i], b.own_v[i]
         else:  # prefill: keep the request's K/V for the decode steps that follow
             b.own_k[i][:, :, : key.shape[2]] = key
             b.own_v[i][:, :, : value.shape[2]] = value
-    out = attend(query, key, value, b.prefix_k[i], b.prefix_v[i], b.prefix_lens, b.prompt_idx,
-                 kv_lens=b.kv_lens, q_lens=b.q_lens, scale=scaling, plans=b.plans)
+    out = kernels.run_attention(b.plan, query, key, value, b.prefix_k[i], b.prefix_v[i], scale=scaling)
     return out.transpose(1, 2), None
 
 
 def register_attention() -> None:
-    """Register ``softprompt_prefix`` with transformers' attention registry once.
+    """Register ``softprompt_attention`` as ``ATTN_NAME`` in transformers' attention registry once.
 
     No mask builder is registered for it, on purpose: transformers then skips mask creation
     (``attention_mask`` stays None). The prefix attention needs no mask (lengths say it all) and
@@ -109,7 +125,7 @@ def register_attention() -> None:
         return
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, _prefix_attention)
+    AttentionInterface.register(ATTN_NAME, softprompt_attention)
     _registered = True
 
 
@@ -138,7 +154,7 @@ class _GenState:
         return sum(t.numel() * t.element_size() for t in (*self.own_k, *self.own_v))
 
 
-class TorchBackend(TorchModelMixin, Stepper):
+class TorchBackend(TorchModelMixin, StepperBackend):
     name = "torch"
 
     def __init__(self, lm, prefix_cache_bytes: int = 1 << 30, triton: bool | None = None,
@@ -176,6 +192,7 @@ class TorchBackend(TorchModelMixin, Stepper):
         spec = ModelSpec.from_model(self.model)
         self.num_layers, self.num_kv_heads, self.head_dim = (spec.num_layers, spec.num_kv_heads,
                                                              spec.head_dim)
+        self.num_heads = spec.num_heads  # H: plan_forward plans every layer's queries for it
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name, geometry=dict(
             num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             vocab_size=self.vocab_size))
@@ -211,8 +228,7 @@ class TorchBackend(TorchModelMixin, Stepper):
         self.cache.invalidate(prompt.digest)
         self._stacks.clear()
 
-    def stats(self) -> dict:
-        graphs = self.graphs.stats() if self.graphs is not None else {}
+    def stats(self) -> BackendStats:
         stacks = [t for ks, vs, _, _ in self._stacks.values() for t in (*ks, *vs)]
         state = self._state
         decode = []
@@ -225,9 +241,10 @@ class TorchBackend(TorchModelMixin, Stepper):
         if self.graphs is not None:  # static and persistent buffers not counted above
             graph_bufs = _nbytes(t for t in self.graphs.buffers.values() if id(t) not in seen)
         stacks, decode = _nbytes(stacks), _nbytes(decode)
-        return {**self.cache.stats(), "stack_bytes": stacks, "decode_bytes": decode,
-                "graph_buffer_bytes": graph_bufs, "tokens_computed": self.tokens_computed,
-                "batches": self.batches, **graphs}
+        return BackendStats(self.cache.stats(), stack_bytes=stacks, decode_bytes=decode,
+                            graph_buffer_bytes=graph_bufs, tokens_computed=self.tokens_computed,
+                            batches=self.batches,
+                            graphs=self.graphs.stats() if self.graphs is not None else None)
 
     def save_cache(self, path) -> int:
         return self.cache.save(path, to_numpy=lambda t: t.float().cpu().numpy())
@@ -329,6 +346,10 @@ class TorchBackend(TorchModelMixin, Stepper):
         def forward(emb, pos, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens, **kv):
             batch = PrefixBatch(prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
                                 kv.get(own[0]), kv.get(own[1]), decoding, triton)
+            batch.plan = plan_forward(batch, self.num_heads, q_len=emb.shape[1])  # once, not per layer
+            # Each layer's attention is softprompt_attention (registered as ATTN_NAME by
+            # register_attention): transformers hands it `softprompt_batch`, and it runs
+            # kernels.run_attention(batch.plan, <that layer's q, k, v, prefix K/V>).
             out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=False,
                                         softprompt_batch=batch)
             hidden = out.last_hidden_state

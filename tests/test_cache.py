@@ -25,7 +25,7 @@ def test_lru_eviction_under_budget_and_counters():
     cache.get_or_compute("c", lambda: entry(3))  # evicts b, the least recently used
     assert "a" in cache and "c" in cache and "b" not in cache
     s = cache.stats()
-    assert (s["hits"], s["misses"], s["evictions"], s["bytes"], s["entries"]) == (1, 3, 1, 2 * one, 2)
+    assert (s.hits, s.misses, s.evictions, s.bytes, s.entries) == (1, 3, 1, 2 * one, 2)
 
 
 def test_invalidate_drops_exactly_one_entry():
@@ -34,7 +34,7 @@ def test_invalidate_drops_exactly_one_entry():
         cache.get_or_compute(d, lambda: entry(2))
     assert cache.invalidate("b") and not cache.invalidate("b")
     assert sorted(d for d in "abc" if d in cache) == ["a", "c"]
-    assert cache.stats()["bytes"] == 2 * entry(2).nbytes
+    assert cache.stats().bytes == 2 * entry(2).nbytes
 
 
 def test_entry_larger_than_budget_is_refused():
@@ -60,7 +60,7 @@ def test_concurrent_misses_compute_once():
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(got) == 16 and all(g is got[0] for g in got)
-    assert cache.stats()["hits"] == 15
+    assert cache.stats().hits == 15
 
 
 def test_save_load_round_trip_and_refuse_other_model(tmp_path):
@@ -72,7 +72,7 @@ def test_save_load_round_trip_and_refuse_other_model(tmp_path):
     assert warm.load(tmp_path / "c.safetensors") == 2
     got = warm.get_or_compute("b", lambda: pytest.fail("b was loaded"))
     np.testing.assert_array_equal(got.keys[1], entry(5, fill=-2.0).keys[1])
-    assert warm.stats()["misses"] == 0
+    assert warm.stats().misses == 0
     with pytest.raises(CacheError, match="was made for model fp float32, not other float32"):
         PrefixCache(fingerprint="other").load(tmp_path / "c.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x08")

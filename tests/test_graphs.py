@@ -58,7 +58,7 @@ def test_decode_buffers_are_kept_per_bucket_and_trimmed(tiny_dirs):
     be.graphs, be.buckets = CudaGraphs(), True
     be.graphs.disabled = "CPU test: eager forwards over the persistent buffers"
     rt.add_prompt("p", SoftPrompt.random(5, be.hidden_size, seed=0))
-    rows = rt._prepare([ScoreRequest("p", [5, 6, 7])] * 3, "raise")[0]  # 3 rows -> bucket 4
+    rows = [rt.check(ScoreRequest("p", [5, 6, 7]))] * 3  # 3 rows -> bucket 4
 
     def own_shapes():
         return {k[1] for k in be.graphs.buffers if k[0][0] == "own_k"}
@@ -226,7 +226,7 @@ def test_warmup_captures_the_shapes_real_traffic_then_replays(tiny_dirs):
 
 
 def test_cuda_graphs_need_cuda(tiny_dirs):
-    from softprompt.runtime.models import load_model
+    from softprompt.models import load_model
     from softprompt.runtime.torch_backend import TorchBackend
 
     from softprompt.runtime.api import Runtime
@@ -277,7 +277,7 @@ def test_graphed_forwards_never_read_device_values(tiny_dirs, family):
         rt.add_prompt(f"p{P}", SoftPrompt.random(P, be.hidden_size, seed=P))
     reqs = [ScoreRequest("p20", [5, 6, 7, 8]), ScoreRequest("p100", [9]), ScoreRequest(None, [4, 4]),
             ScoreRequest("p1", [7] * 9), ScoreRequest("p20", [3, 3, 3])]
-    rows = rt._prepare(reqs, "raise")[0]
+    rows = [rt.check(r) for r in reqs]
     seen, run = [], be._run
 
     def checked(*args, **kwargs):

@@ -22,7 +22,6 @@ from hypothesis.extra import numpy as hnp
 
 from softprompt.export import BundleError, load_bundle
 from softprompt.export import bundle as bundle_mod
-from softprompt.runtime import safetensors_np
 from softprompt.runtime.cache import CacheError, PrefixCache, PrefixEntry, _checksum
 from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
 from softprompt.runtime.safetensors_np import SafetensorsError, load_file, save_file
@@ -431,7 +430,7 @@ def test_cache_round_trip_keeps_every_value_and_order(tmp_path):
     path = tmp_path / "c.safetensors"
     src = saved_cache(path, **{A: 3, B: 5})
     warm = PrefixCache(fingerprint=FP, geometry=GEOMETRY)
-    assert warm.load(path) == 2 and warm.stats()["misses"] == 0
+    assert warm.load(path) == 2 and warm.stats().misses == 0
     for d in (A, B):
         want, got = src.get_or_compute(d, None), warm.get_or_compute(d, None)
         for w, g in zip((*want.keys, *want.values, want.first_logprobs),
@@ -465,7 +464,7 @@ def test_runtime_refuses_tampered_cache_and_serves_unchanged(tiny_dirs, tiny_bun
         fresh.load_cache(path)
     fresh.add_prompt("b", b)
     assert fresh.score(req)[0].logprob == pytest.approx(want, abs=1e-5)
-    assert fresh.stats()["misses"] == 1  # computed, not taken from the file
+    assert fresh.stats().cache.misses == 1  # computed, not taken from the file
 
 
 # ----------------------------------------------------------------------------- bundles
@@ -609,7 +608,7 @@ def test_bundle_any_bad_manifest_value_gives_a_one_line_error(bundle, key, value
 def test_default_bundle_weights_flip_refused(tmp_path, monkeypatch):
     """The real default bundle (540 MB of weights): a copy with 4 KiB flipped is refused on
     its first load; the intact copy is hashed once, then trusted by its record."""
-    from softprompt.runtime.onnx_backend import bundle_for
+    from softprompt.export import bundle_for
 
     src = bundle_for("default")
     monkeypatch.setenv("SOFTPROMPT_HOME", str(tmp_path / "home"))

@@ -219,7 +219,7 @@ def test_replace_and_remove_prompt_invalidate_exactly_its_entry(tiny_dirs):
     assert second != first
     np.testing.assert_allclose(second, ref.score(req)[0].logprob, **SCORE["float32"])
     rt.remove_prompt("a")
-    assert rt.stats()["entries"] == 1 and rt.backend.cache.stats()["entries"] == 1
+    assert rt.stats()["entries"] == 1 and rt.backend.cache.stats().entries == 1
     with pytest.raises(RequestError, match="unknown prompt 'a'; known: \\['b'\\]"):
         rt.score(req)
 
@@ -259,8 +259,8 @@ def test_greedy_pick_is_the_logits_argmax(rts, backend):
     from softprompt.runtime.sampling import Sampler
 
     rt = rts("llama", backend)
-    rows = rt._prepare([ScoreRequest("p20", [5, 6, 7]), ScoreRequest(None, [9, 8]),
-                        ScoreRequest("p100", [4] * 6)], "raise")[0]
+    rows = [rt.check(r) for r in (ScoreRequest("p20", [5, 6, 7]), ScoreRequest(None, [9, 8]),
+                                  ScoreRequest("p100", [4] * 6))]
     _, logits = rt.backend.prefill(BatchPlan.build(rows, score=False), [8] * 3)
     logits = np.asarray(logits.float() if hasattr(logits, "float") else logits, np.float64)
     samplers = [Sampler(top_n=n) for n in (0, 3, 5)]
