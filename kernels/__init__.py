@@ -13,34 +13,45 @@ Shape letters used across the project:
     N    layers (in the kernels' own signatures N also counts the prompts of a prefix cache)
     V    vocabulary size
 
-Entry points (all in prefix_attention.py): ``prefix_attention`` (Triton prefill/decode kernels),
-``prefix_attention_cascade`` (shared-prefix cascade: prefix part batched per prompt, merged by
-log-sum-exp), ``prefix_attention_auto`` (picks one), ``prefix_attention_ref`` (PyTorch reference,
-also the CPU serving path), ``write_kv`` / ``write_kv_ref`` (append a token's K/V to per-row
-decode buffers). Importing this package never needs Triton or a GPU.
+Files, one job each (read prefix_attention.py first: the contract and the public API):
+
+    prefix_attention.py  per forward: ``plan_attention`` -> ``AttentionPlan`` (checks and the
+                         kernel choice, once), ``run_attention`` per layer; per call:
+                         ``prefix_attention`` (Triton prefill/decode kernels),
+                         ``prefix_attention_auto`` (fused or cascade), ``write_kv``
+    cascade.py           ``prefix_attention_cascade`` (shared-prefix cascade: prefix part batched
+                         per prompt, merged by log-sum-exp), ``plan_cascade``, ``use_cascade``
+    reference.py         ``prefix_attention_ref`` / ``write_kv_ref`` (PyTorch references, also the
+                         CPU serving path), ``Plans`` (the per-call functions' plan cache)
+    _triton.py           the ``@triton.jit`` bodies and the fallback when Triton is missing
+    _launch.py           launch configuration and the prefill/decode launcher
+    _inputs.py           input checks shared by every entry point
+
+Importing this package never needs Triton or a GPU.
 """
 
+from .cascade import CascadePlan, plan_cascade, prefix_attention_cascade, use_cascade
 from .prefix_attention import (
-    CascadePlan,
-    Plans,
-    plan_cascade,
+    AttentionPlan,
+    plan_attention,
     prefix_attention,
     prefix_attention_auto,
-    prefix_attention_cascade,
-    prefix_attention_ref,
-    use_cascade,
+    run_attention,
     write_kv,
-    write_kv_ref,
 )
+from .reference import Plans, prefix_attention_ref, write_kv_ref
 
 __all__ = [
+    "AttentionPlan",
     "CascadePlan",
     "Plans",
+    "plan_attention",
     "plan_cascade",
     "prefix_attention",
     "prefix_attention_auto",
     "prefix_attention_cascade",
     "prefix_attention_ref",
+    "run_attention",
     "use_cascade",
     "write_kv",
     "write_kv_ref",

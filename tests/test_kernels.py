@@ -16,25 +16,27 @@ import torch
 
 from tolerances import KERNEL
 
-_MODULE = "softprompt.kernels.prefix_attention"
+_BODIES = "softprompt.kernels._triton"  # the @triton.jit definitions; launchers look them up there
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     # must be set before the @triton.jit definitions run; reload if something imported them earlier
-    _imported_before = _MODULE in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+    _imported_before = _BODIES in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
     os.environ["TRITON_INTERPRET"] = "1"
     if _imported_before:
-        importlib.reload(sys.modules[_MODULE])
-        importlib.reload(sys.modules["softprompt.kernels"])
+        importlib.reload(sys.modules[_BODIES])
 
-# the package re-exports a function named like the module, so `import ... as` would give the function
-pa = importlib.import_module(_MODULE)
+import softprompt.kernels as pa  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# the module, not the package's function of the same name: where plan_attention looks up its helpers
+pa_mod = importlib.import_module("softprompt.kernels.prefix_attention")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def naive_attention(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens=None, q_lens=None,
                     scale=None):
-    """Row by row, head by head, in float64: copy the row's prefix, concatenate its own keys, mask, softmax."""
+    """Row by row, head by head, in float64: copy the row's prefix, concatenate its own keys, mask,
+    softmax."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -157,7 +159,9 @@ def test_reference_plan_is_made_once_per_forward_and_never_reused_across_forward
     assert fresh.ref is not plan
     want, _ = naive_attention(q, k, v, pk, pv, plens, idx, kv_lens, q_lens)
     torch.testing.assert_close(got, want.float(), **KERNEL[torch.float32])
-    assert not hasattr(pa, "_last_ref_plan") and not hasattr(pa, "_last_plan")  # no module state
+    for mod in (pa, pa_mod, sys.modules["softprompt.kernels.reference"],
+                sys.modules["softprompt.kernels.cascade"]):
+        assert not hasattr(mod, "_last_ref_plan") and not hasattr(mod, "_last_plan")  # no module state
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -188,7 +192,8 @@ def test_auto_dispatch_rule_and_result():
     assert not pa.use_cascade(B=64, N=1, Pmax=20, Lq=1)
     inputs = make_inputs(many_rows, torch.float32)
     got = _call(pa.prefix_attention_auto, many_rows, inputs)
-    torch.testing.assert_close(got, _call(pa.prefix_attention_ref, many_rows, inputs), **KERNEL[torch.float32])
+    want = _call(pa.prefix_attention_ref, many_rows, inputs)
+    torch.testing.assert_close(got, want, **KERNEL[torch.float32])
 
 
 def test_cascade_plan_is_reusable_across_layers():
@@ -198,7 +203,8 @@ def test_cascade_plan_is_reusable_across_layers():
     plan = pa.plan_cascade(idx, pk.shape[0], q.shape[2], q.shape[1] // k.shape[1])
     want = pa.prefix_attention_ref(*inputs)
     for layer in range(2):
-        got = pa.prefix_attention_cascade(q * (layer + 1), k, v, pk, pv, plens, idx, kv_lens, q_lens, plan=plan)
+        got = pa.prefix_attention_cascade(q * (layer + 1), k, v, pk, pv, plens, idx, kv_lens, q_lens,
+                                          plan=plan)
         want = pa.prefix_attention_ref(q * (layer + 1), k, v, pk, pv, plens, idx, kv_lens, q_lens)
         torch.testing.assert_close(got, want, **KERNEL[torch.float32])
     with pytest.raises(ValueError, match="plan was made for"):
@@ -215,6 +221,110 @@ def test_cascade_plan_is_reusable_across_layers():
         x = [t.clone() if t is not None else None for t in inputs]
         got = pa.prefix_attention_cascade(*x)
         torch.testing.assert_close(got, pa.prefix_attention_ref(*x), **KERNEL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------
+# The per-forward plan: plan_attention once, run_attention per layer
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_for(inputs, kernel):
+    q, k, v, pk, pv, plens, idx, kv_lens, q_lens = inputs
+    return pa.plan_attention(q.shape, k.shape, pk.shape, plens, idx, kv_lens, q_lens, dtype=q.dtype,
+                             kernel=kernel)
+
+
+@pytest.mark.parametrize("name", ["prefill-g3-d64-noncontig-lse", "decode-g3-d16-idle-rows-noncontig"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "cascade", "auto"])
+def test_one_plan_serves_every_layer(kernel, name):
+    """One plan, two layers (new q/k/v/prefix values, the same shapes and lengths): each layer's
+    run_attention equals the per-call reference on that layer's tensors."""
+    case = dict(CASES[name], lse=True)
+    dtype = case["dtype"]
+    plan = _plan_for(make_inputs(case, dtype), kernel)
+    assert plan.kernel == ("fused" if kernel == "auto" else kernel)  # few rows: use_cascade says no
+    for layer in (1, 2):
+        inputs = make_inputs(case, dtype, seed=layer)
+        got = pa.run_attention(plan, *inputs[:5], return_lse=True)
+        _assert_matches(got, _call(pa.prefix_attention_ref, case, inputs), case, dtype)
+
+
+def test_auto_plan_picks_the_cascade_once():
+    case = dict(B=16, H=2, Hkv=1, D=16, Pmax=256, prefix_lens=[256, 100], prompt_idx=[0] * 12 + [1] * 4,
+                Lq=1, Lk=5, kv_lens=[5, 4, 3, 2] * 4)
+    inputs = make_inputs(case, torch.float32)
+    plan = _plan_for(inputs, "auto")
+    assert plan.kernel == "cascade" and plan.cascade.key[:4] == (16, 2, 1, 2)
+    torch.testing.assert_close(pa.run_attention(plan, *inputs[:5]), pa.prefix_attention_ref(*inputs),
+                               **KERNEL[torch.float32])
+
+
+def test_plan_checks_once_and_refuses_layer_tensors_it_was_not_made_for():
+    case = CASES["prefill-g1-d16-mixed-prompts"]
+    inputs = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, plens, idx, kv_lens, q_lens = inputs
+    for kernel in ("reference", "fused", "cascade"):
+        plan = _plan_for(inputs, kernel)
+        wrong = {"q": (q[:, :, :5], k, v, pk, pv),  # another query length
+                 "k": (q, k[..., :8], v, pk, pv),  # another head dim
+                 "v": (q, k, v[:2], pk, pv),  # another batch
+                 "prefix_k": (q, k, v, pk[:2], pv),  # another prompt count
+                 "prefix_v": (q, k, v, pk, pv.half())}  # another dtype
+        for name, args in wrong.items():
+            planned = rf"^{name} must be \[3, .*\] torch.float32 on .* as planned, got"
+            with pytest.raises(ValueError, match=planned):
+                pa.run_attention(plan, *args)
+    # what the plan checks, it checks from shapes alone, once
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        pa.plan_attention((3, 3, 7, 16), k.shape, pk.shape, plens, idx, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"prefix_k must be \[N, Hkv=2, Pmax, D=16\]"):
+        pa.plan_attention(q.shape, k.shape, (3, 1, 17, 16), plens, idx, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prompt_idx must be a 1-D tensor of length 3"):
+        pa.plan_attention(q.shape, k.shape, pk.shape, plens, idx[:2], dtype=torch.float32)
+    with pytest.raises(ValueError, match="q.dtype must be one of"):
+        pa.plan_attention(q.shape, k.shape, pk.shape, plens, idx, dtype=torch.int8)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _plan_for(inputs, "flash")
+    with pytest.raises(ValueError, match=r"prompt_idx values must lie in \[0, N=3\)"):  # the reference's plan
+        _plan_for((q, k, v, pk, pv, plens, idx + 1, kv_lens, q_lens), "reference")
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_torch_backend_plans_once_per_forward_not_per_layer(tiny_dirs, monkeypatch, triton):
+    """The torch backend's forwards (a scoring batch, a generation's prefill and decode steps)
+    check shapes and pick the kernel once per forward (plan_attention), and the reference's
+    length check (a host sync) runs once per forward too; each layer only checks its own
+    tensors against the plan."""
+    from softprompt.runtime.api import Runtime
+    from softprompt.runtime.prompts import SoftPrompt
+
+    rt = Runtime.load(str(tiny_dirs["llama"]), backend="torch")
+    be = rt.backend
+    be.triton = triton
+    rt.add_prompt("p5", SoftPrompt.random(5, be.hidden_size, seed=0))
+    calls = dict.fromkeys(["forwards", "plans", "decisions", "lengths", "layers"], 0)
+
+    def count(key, obj, attr):
+        fn = getattr(obj, attr)
+
+        def counted(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(obj, attr, counted)
+
+    count("forwards", be, "_run")
+    count("plans", pa_mod, "check_shapes")
+    count("decisions", pa_mod, "use_cascade")
+    count("lengths", sys.modules["softprompt.kernels.reference"], "check_lengths")
+    count("layers", pa_mod, "_check_layer")
+    rt.score([{"prompt": "p5", "context": [5, 6, 7], "continuation": [8]},
+              {"prompt": None, "context": [9, 10]}])
+    rt.generate("p5", [[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)
+    n = calls["forwards"]
+    assert n >= 4 and be.num_layers > 1  # the score, the prefill, two decode steps at least
+    assert calls["plans"] == n and calls["layers"] == n * be.num_layers
+    assert (calls["decisions"], calls["lengths"]) == ((n, 0) if triton else (0, n))
 
 
 def test_output_layout_makes_head_merge_free():
@@ -279,7 +389,8 @@ def test_write_kv_matches_reference_and_skips_idle_rows():
 def test_bad_inputs_raise_one_line_errors():
     case = CASES["prefill-g1-d16-mixed-prompts"]
     q, k, v, pk, pv, plens, idx, kv_lens, q_lens = make_inputs(case, torch.float32)
-    for fn in (pa.prefix_attention, pa.prefix_attention_cascade, pa.prefix_attention_auto, pa.prefix_attention_ref):
+    for fn in (pa.prefix_attention, pa.prefix_attention_cascade, pa.prefix_attention_auto,
+               pa.prefix_attention_ref):
         with pytest.raises(ValueError, match=r"k must be \[B=3, Hkv, Lk, D=16\]"):
             fn(q, k[:, :, :, :8], v, pk, pv, plens, idx)
         with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -304,7 +415,7 @@ def test_module_imports_and_reference_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import importlib, torch\n"
-        "pa = importlib.import_module('softprompt.kernels.prefix_attention')\n"
+        "pa = importlib.import_module('softprompt.kernels')\n"
         "q = torch.randn(1, 2, 3, 16); k = torch.randn(1, 1, 3, 16); pk = torch.randn(1, 1, 4, 16)\n"
         "args = (q, k, k, pk, pk, torch.tensor([4]), torch.tensor([0]))\n"
         "assert pa.prefix_attention_ref(*args).shape == (1, 2, 3, 16)\n"
