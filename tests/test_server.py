@@ -24,7 +24,8 @@ import pytest
 
 from tolerances import SCORE
 
-BACKEND = os.environ.get("SP_TEST_BACKEND", "torch")  # the cached-prefix path; the in-process Runtime uses the same
+# the cached-prefix path; the in-process Runtime uses the same
+BACKEND = os.environ.get("SP_TEST_BACKEND", "torch")
 KEY, ADMIN = "sk-test-user", "sk-test-admin"
 ROOT = Path(__file__).resolve().parent.parent
 TOL = SCORE["float32"]["atol"]
@@ -383,6 +384,39 @@ def test_disconnect_mid_stream_frees_the_row(server):
     assert m["softprompt:engine_generated_tokens_total"] - before < LONG
     ok = _post(server, "/v1/completions", {"model": "p5", "prompt": "hi", "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_every_runtime_metric_is_exported_for_onnx(tiny_llama_bundle):
+    """Each entry of metrics.RUNTIME_METRICS (read by attribute from RuntimeStats) is on
+    /metrics for an onnx runtime, with the value the runtime reports (in-process app)."""
+    from fastapi.testclient import TestClient
+
+    from softprompt import Runtime, SoftPrompt
+    from softprompt.server import create_app
+    from softprompt.server.metrics import RUNTIME_METRICS
+
+    rt = Runtime.load(tiny_llama_bundle, backend="onnx")
+    rt.add_prompt("p4", SoftPrompt.random(4, rt.info.hidden_size, seed=3, std=0.5))
+    with TestClient(create_app(rt, warmup=False)) as c:  # leaving it closes the runtime
+        for _ in range(100):
+            if c.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        r = c.post("/v1/score", json={"requests": [{"prompt": "p4", "context": [5, 6, 7]}]})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3, r.text
+        text = c.get("/metrics").text
+        stats = rt.stats()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    assert stats.cache is not None and stats.engine.rows_scored >= 1
+    for m in RUNTIME_METRICS:
+        name = m.name + ("_total" if m.kind == "counter" else "")
+        assert name in samples, name
+        if m.kind == "counter":  # gauges (rows running now) may move between the two reads
+            assert samples[name] == m.read(stats), name
 
 
 # --------------------------------------------------------------- servers of their own

@@ -9,8 +9,13 @@ OpenAI's completions dialect with every soft prompt listed as a model
     from softprompt.server import create_app, serve
     serve(create_app(Runtime.load("default")), "127.0.0.1", 8000)
 
-Files: ``app.py`` (routes, errors, back-pressure, running under uvicorn), ``protocol.py``
-(request and response bodies), ``metrics.py`` (every metric, named once).
+Files: ``app.py`` (``create_app``: state, middleware, errors, routers; ``serve`` under
+uvicorn), ``state.py`` (``ServerState``: the runtime's loading and readiness, keys, back-pressure,
+timeouts), ``routes/`` (one router per group of endpoints), ``completion.py`` (serving
+/v1/completions: echo, generation, server-sent events), ``deps.py`` (dependencies: the state,
+API keys), ``errors.py`` (the one error shape), ``middleware.py`` (body limit, response
+counts), ``protocol.py`` (request and response bodies), ``metrics.py`` (every metric, named
+once).
 """
 
 from .app import APIError, create_app, prompt_dir_sources, serve

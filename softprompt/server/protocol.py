@@ -45,6 +45,13 @@ class CompletionRequest(_Body):
     suffix: Optional[str] = None
     user: Optional[str] = None
 
+    def prompts(self) -> list[Text]:
+        """The prompts as a list: one text or id list, or several (empty when none is given)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)  # type: ignore[arg-type]
+
     def unsupported(self) -> Optional[tuple[str, str]]:
         """(field, message) for the first field set to a value this server cannot honour."""
         neutral = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0}
