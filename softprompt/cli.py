@@ -43,11 +43,11 @@ def _prompt_spec(spec: str) -> tuple[str, str]:
 
 def _read_jsonl(path: str):
     """Yield (line number, request dict or an error string), blank lines skipped."""
-    from softprompt.scoring import _read_jsonl as rows
+    from softprompt.jobs import read_jsonl
 
     f = sys.stdin.buffer if path == "-" else open(path, "rb")
     with f:
-        for n, obj, _ in rows(f, (0, 0)):
+        for n, obj, _ in read_jsonl(f):
             yield n, obj if isinstance(obj, dict) else f"line {n}: {obj}"
 
 
@@ -57,9 +57,9 @@ def _write(out, obj) -> None:
 
 def cmd_score(args) -> int:
     """Rows {prompt, context, continuation} in (JSONL, CSV or Parquet), score records out, chunk
-    by chunk with a checkpoint beside the output (softprompt/scoring.py). A bad row gets
+    by chunk with a checkpoint beside the output (softprompt/jobs/). A bad row gets
     {"line": n, "error": ...}; the others are still scored."""
-    from softprompt import scoring
+    from softprompt.jobs import JobError, score_file
 
     opts = dict(chunk_rows=args.chunk_rows, resume=args.resume, overwrite=args.overwrite,
                 input_format=args.input_format, output_format=args.output_format,
@@ -76,8 +76,8 @@ def cmd_score(args) -> int:
                                         batch_size=args.ray_batch_size,
                                         runtime_kwargs=dict(max_batch=args.max_batch), **opts)
         else:
-            summary = scoring.score_file(_runtime(args), args.input, args.output, **opts)
-    except scoring.JobError as e:
+            summary = score_file(_runtime(args), args.input, args.output, **opts)
+    except JobError as e:
         raise SystemExit(f"softprompt score: {e}") from None
     if not args.no_progress:
         print(f"softprompt score: {summary['rows']} rows ({summary['errors']} errors) in "
@@ -112,8 +112,8 @@ def cmd_generate(args) -> int:
 def cmd_info(args) -> int:
     import platform
 
-    from softprompt import package_versions
-    from softprompt.runtime import models
+    from softprompt import models
+    from softprompt.machine import package_versions
 
     versions = package_versions()
     print(f"softprompt-runtime {versions.pop('softprompt-runtime')} on Python "
@@ -132,7 +132,7 @@ def cmd_info(args) -> int:
     print(f"default model   {models.DEFAULT_MODEL_NAME}: "
           f"{'converted at ' + str(d) if d.exists() else 'not converted yet (first use converts it)'}")
     if d.exists():  # the bundle Runtime.load("default") serves on CPU: the fastest within tolerance
-        from softprompt.runtime.onnx_backend import bundle_for
+        from softprompt.export import bundle_for
 
         b = bundle_for("default", create=False)
         m = json.loads((b / "bundle.json").read_text()) if b else {}
@@ -284,7 +284,32 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def main(argv=None) -> int:
+# Building the parser imports no model code (``softprompt --help`` stays fast): every verb
+# imports what it needs when it runs. These verbs' parsers are added by their own modules, an
+# import too heavy for every command (onnxruntime, the bench driver), so they are listed by their
+# help line alone unless they are the verb being run: (module with add_parser(sub), help line).
+LAZY_VERBS = {
+    "export": ("softprompt.export.cli",
+               "export a causal LM to an ONNX bundle (soft prompts as graph input)"),
+    "bench": ("softprompt.bench.driver",
+              "benchmark backends over prompt length x batch x request length (CSV, JSON, plots)"),
+}
+
+
+def _add_lazy_parser(sub, verb: str, selected: str | None) -> None:
+    """The verb's own parser if it is the one being run, else its help line for the listing."""
+    module, help = LAZY_VERBS[verb]
+    if verb == selected:
+        import importlib
+
+        importlib.import_module(module).add_parser(sub)
+    else:
+        sub.add_parser(verb, help=help)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The ``softprompt`` parser; ``verb`` (the first argument) is the verb about to run, the only
+    one of ``LAZY_VERBS`` whose module is imported for its full parser."""
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -365,14 +390,15 @@ def main(argv=None) -> int:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
-    from softprompt.bench import driver
-    from softprompt.export import cli as export_cli
-
-    export_cli.add_parser(sub)
-    driver.add_parser(sub)
+    _add_lazy_parser(sub, "export", verb)
+    _add_lazy_parser(sub, "bench", verb)
     _add_eval_parser(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return args.func(args) or 0
 
 

@@ -16,14 +16,12 @@ the same path on each machine). Ray is imported lazily: ``pip install "softpromp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
+from softprompt.jobs import REQUEST_FIELDS, JobError, check_request, score_chunk
+from softprompt.jobs import score_file as _score_file
 from softprompt.runtime.requests import ScoreResult
-from softprompt.scoring import REQUEST_FIELDS, JobError, check_request, score_chunk, score_file as _score_file
-
-FAIL_ONCE_ENV = "SOFTPROMPT_RAY_FAIL_ONCE"
 
 
 def _ray():
@@ -43,7 +41,7 @@ def resolve_model(model, backend: str = "auto", num_gpus_per_actor: float = 0) -
     if backend == "auto":
         backend = "torch" if num_gpus_per_actor and not is_bundle else "onnx"
     if backend == "onnx" and not is_bundle:
-        from softprompt.runtime.onnx_backend import bundle_for
+        from softprompt.export import bundle_for
 
         model = bundle_for(model)
     p = Path(str(model))
@@ -70,7 +68,6 @@ class RuntimeScorer:
     def score_rows(self, rows: list) -> list:
         """Request dicts (or error strings) -> one ScoreResult each (the ``score_file`` job's
         actor call; Ray serialises both ways)."""
-        _fail_once()
         return score_chunk(self.rt, [check_request(r) for r in rows])
 
     def __call__(self, batch):
@@ -91,22 +88,16 @@ class RuntimeScorer:
         return batch
 
 
-def _fail_once() -> None:
-    """Fault injection for tests: with $SOFTPROMPT_RAY_FAIL_ONCE set to a path, the first actor
-    call that creates that file kills its own process (as a crashed node would)."""
-    marker = os.environ.get(FAIL_ONCE_ENV)
-    if marker:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os._exit(1)
+def _check_scorer_cls(scorer_cls) -> None:
+    if not (isinstance(scorer_cls, type) and issubclass(scorer_cls, RuntimeScorer)):
+        raise TypeError(f"scorer_cls must be RuntimeScorer or a subclass of it, got {scorer_cls!r}")
 
 
 def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "auto",
                   batch_size: int | None = 256, num_actors=2, num_gpus_per_actor: float = 0,
                   details: bool = False, runtime_kwargs: Mapping | None = None,
-                  max_restarts: int = 4, max_task_retries: int = 4, **ray_remote_args):
+                  max_restarts: int = 4, max_task_retries: int = 4,
+                  scorer_cls: type[RuntimeScorer] = RuntimeScorer, **ray_remote_args):
     """Rows ``{prompt, context, continuation}`` of ``ds`` -> the same rows + ``logprob``, ``error``.
 
     Args:
@@ -124,10 +115,13 @@ def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "a
         runtime_kwargs: extra ``Runtime.load`` arguments (max_batch, dtype, ...).
         max_restarts / max_task_retries: an actor that dies is restarted and its batch retried,
             so no row is lost or repeated.
+        scorer_cls: the actor class: ``RuntimeScorer`` or a subclass of it (e.g. one that
+            changes ``score_rows``), constructed with ``RuntimeScorer``'s arguments.
         ray_remote_args: passed to ``map_batches`` (num_cpus, memory, runtime_env, ...).
     Returns the lazy mapped ``ray.data.Dataset`` (row order follows Ray's ``preserve_order``).
     """
     ray = _ray()
+    _check_scorer_cls(scorer_cls)
     model, backend = resolve_model(model, backend, num_gpus_per_actor)
     if isinstance(num_actors, int):
         if num_actors < 1:
@@ -136,7 +130,7 @@ def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "a
     else:
         compute = num_actors
     return ds.map_batches(
-        RuntimeScorer, batch_format="pyarrow", batch_size=batch_size, compute=compute,
+        scorer_cls, batch_format="pyarrow", batch_size=batch_size, compute=compute,
         fn_constructor_kwargs=dict(model=model, backend=backend, prompts=dict(prompts),
                                    runtime_kwargs=dict(runtime_kwargs or {}), details=details),
         num_gpus=num_gpus_per_actor or None, max_restarts=max_restarts,
@@ -147,8 +141,9 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
                address: str | None = None, backend: str = "auto", num_actors: int = 2,
                num_gpus_per_actor: float = 0, batch_size: int = 256,
                runtime_kwargs: Mapping | None = None, max_restarts: int = 4,
-               max_task_retries: int = 4, actor_options: Mapping | None = None, **job) -> dict:
-    """``softprompt score --ray``: the streaming, resumable job of softprompt.scoring with each
+               max_task_retries: int = 4, actor_options: Mapping | None = None,
+               scorer_cls: type[RuntimeScorer] = RuntimeScorer, **job) -> dict:
+    """``softprompt score --ray``: the streaming, resumable job of softprompt.jobs with each
     chunk scored by a pool of ``num_actors`` Ray actors (``RuntimeScorer``), started once, at
     the first chunk with a valid row, and kept for the whole job, so every actor loads its
     Runtime and prompts once. The driver reads and writes the files (so the input need not be
@@ -156,8 +151,11 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
     ``batch_size`` rows, handed to the actors in order, so a resumed chunk is batched as it was
     first. An actor that dies is restarted and its call retried (``max_restarts``,
     ``max_task_retries``), so no row is lost or repeated. actor_options: more
-    ``ActorClass.options`` (num_cpus, memory, runtime_env, ...)."""
+    ``ActorClass.options`` (num_cpus, memory, runtime_env, ...). scorer_cls: the actor class,
+    ``RuntimeScorer`` or a subclass of it (its ``score_rows`` is called; a subclass is recorded
+    in the checkpoint, so a job is resumed only with the same class)."""
     ray = _ray()
+    _check_scorer_cls(scorer_cls)
     if not ray.is_initialized():
         ray.init(address=address)
     from ray.util import ActorPool
@@ -176,11 +174,13 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
     identity = {"engine": "ray", "model": model, "backend": backend, "fingerprint": fingerprint,
                 "prompts": {n: SoftPrompt.load(s).digest for n, s in sorted(prompts.items())},
                 "batch_size": batch_size, "runtime_kwargs": dict(runtime_kwargs or {})}
+    if scorer_cls is not RuntimeScorer:
+        identity["scorer"] = f"{scorer_cls.__module__}.{scorer_cls.__qualname__}"
     actors: list = []
 
     def pool() -> ActorPool:
         if not actors:
-            remote = ray.remote(RuntimeScorer).options(
+            remote = ray.remote(scorer_cls).options(
                 num_gpus=num_gpus_per_actor or None, max_restarts=max_restarts,
                 max_task_retries=max_task_retries, **dict(actor_options or {}))
             actors.extend(remote.remote(model=model, backend=backend, prompts=dict(prompts),

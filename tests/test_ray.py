@@ -5,6 +5,7 @@ row is lost or repeated; ``softprompt score --ray`` writes what the local job wr
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -15,8 +16,26 @@ from tolerances import SCORE
 ray = pytest.importorskip("ray")
 
 from softprompt.cli import main  # noqa: E402
-from softprompt.ray import FAIL_ONCE_ENV, score_dataset, score_file  # noqa: E402
+from softprompt.ray import RuntimeScorer, score_dataset, score_file  # noqa: E402
 from softprompt.runtime.api import Runtime  # noqa: E402
+
+
+def fail_once_scorer(marker) -> type[RuntimeScorer]:
+    """A RuntimeScorer whose first call, among all its actors, creates ``marker`` and kills its
+    own process (as a crashed node would); every later call scores. The class is local to this
+    function, so Ray's cloudpickle ships it to the actors by value (this test module is not
+    importable there), with ``marker`` in its closure."""
+    marker = str(marker)
+
+    class FailOnceScorer(RuntimeScorer):
+        def score_rows(self, rows: list) -> list:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return super().score_rows(rows)
+            os._exit(1)
+
+    return FailOnceScorer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +90,7 @@ def test_an_actor_killed_mid_run_is_retried_without_loss(local_ray, setup):
     marker = d / "crashed-once"
     ds = ray.data.from_items(rows, override_num_blocks=6)
     out = score_dataset(ds, bundle, prompts, num_actors=2, batch_size=50,
-                        runtime_env={"env_vars": {FAIL_ONCE_ENV: str(marker)}}).take_all()
+                        scorer_cls=fail_once_scorer(marker)).take_all()
     assert marker.exists(), "no actor crashed: the fault was not injected"
     _check(out, rows, rt)
 
@@ -109,14 +128,14 @@ def test_file_job_keeps_one_actor_pool_and_survives_a_killed_actor(local_ray, se
     marker = tmp_path / "crashed-once"
     from ray._private.state import actors  # the GCS actor table (no dashboard here)
 
+    scorer_cls = fail_once_scorer(marker)
     before = set(actors())
     summary = score_file(str(tmp_path / "in.jsonl"), str(tmp_path / "ray.jsonl"), bundle,
                          prompts, backend="onnx", num_actors=2, batch_size=20, chunk_rows=50,
-                         progress=False,
-                         actor_options={"runtime_env": {"env_vars": {FAIL_ONCE_ENV: str(marker)}}})
+                         progress=False, scorer_cls=scorer_cls)
     assert marker.exists(), "no actor crashed: the fault was not injected"
     started = [a for key, a in actors().items() if key not in before]
-    assert [a["ActorClassName"] for a in started] == ["RuntimeScorer"] * 2, \
+    assert [a["ActorClassName"] for a in started] == [scorer_cls.__qualname__] * 2, \
         f"{len(started)} actors for 5 chunks; expected one pool of 2"
     assert sorted(a["NumRestarts"] for a in started) == [0, 1]  # the killed one, restarted
     out = [json.loads(x) for x in (tmp_path / "ray.jsonl").read_text().splitlines()]

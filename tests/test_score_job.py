@@ -1,4 +1,4 @@
-"""The streaming, resumable ``softprompt score`` job (softprompt/scoring.py) on a tiny ONNX bundle:
+"""The streaming, resumable ``softprompt score`` job (softprompt/jobs/) on a tiny ONNX bundle:
 chunked results equal in-process ``Runtime.score``, SIGKILL at random moments then --resume
 gives the uninterrupted output byte for byte, bad rows get error records, CSV and Parquet
 round-trip, a checkpoint from another job is refused, and memory stays flat."""
@@ -19,7 +19,7 @@ import pytest
 
 from tolerances import SCORE
 
-from softprompt import scoring
+from softprompt import jobs
 from softprompt.cli import main
 from softprompt.runtime.api import Runtime
 
@@ -125,7 +125,7 @@ def test_a_chunk_whose_score_call_raises_is_scored_row_by_row(job):
             return rt.score(reqs, errors=errors)
 
     reqs = [{"prompt": "p", "context": [4, 5]}, {"context": [13, 13]}, "bad row", {"context": [6, 7]}]
-    res = scoring.score_chunk(Flaky(), reqs)
+    res = jobs.score_chunk(Flaky(), reqs)
     assert res[1].error == "RuntimeError: this row breaks the backend"
     assert res[2].error == "bad row"
     want = rt.score([reqs[0], reqs[3]])
@@ -250,7 +250,7 @@ def test_memory_stays_flat_over_200k_rows(job, tmp_path):
     script = f"""
 import json
 from softprompt.runtime.api import Runtime
-from softprompt.scoring import score_file
+from softprompt.jobs import score_file
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
