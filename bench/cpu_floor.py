@@ -152,8 +152,10 @@ def peft_ms(path: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    from softprompt.bench.driver import Dims, _ints, cpu_model, flops
-    from softprompt.runtime.models import load_model
+    from softprompt.bench.driver import _ints
+    from softprompt.bench.flops import Dims, flops
+    from softprompt.machine import cpu_model
+    from softprompt.models import load_model
 
     p = argparse.ArgumentParser(prog="python -m softprompt.bench.cpu_floor",
                                 description=__doc__.split("\n\n")[0])
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     if args.bundle:
         bundles = [Path(b) for b in args.bundle]
     else:
-        from softprompt.runtime.onnx_backend import bundle_for
+        from softprompt.export import bundle_for
 
         bundles = [bundle_for("default", weights="float"), bundle_for("default", weights="int4")]
     peft = peft_ms(args.against)

@@ -46,10 +46,14 @@ over ``peft`` (empty when peft is not among the backends).
 
 ``--refcheck``: before timing, every backend's log-probs on the point's batch are compared with
 the float32 ``reference`` backend on the same batch and device; tolerance = the project's SCORE
-table (tests/tolerances.py) for the backend's dtype, and the ONNX table's for ``onnx`` (the
+table (softprompt/tolerances.py) for the backend's dtype, and the ONNX table's for ``onnx`` (the
 graph is compared to PyTorch within 1e-2; for ``onnx-int4`` the 4-bit bundle's score tolerance
 ``INT4_SCORE_ATOL``). A backend that fails is reported FAILED at that
 point and is not timed.
+
+This file is the CLI and the sweep (points, timing, results.csv/json/md, the reproducing
+command); the FLOP model is bench/flops.py, the methods and their tolerances bench/methods.py,
+the figures bench/plots.py.
 """
 
 from __future__ import annotations
@@ -68,314 +72,13 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt import cpu_model  # noqa: F401 - also imported from here by other bench scripts
+from softprompt.machine import cpu_model  # noqa: F401 - also imported from here by other bench scripts
+from softprompt.bench.flops import Dims, flops, rates
+from softprompt.bench.methods import (ALL_BACKENDS, BASELINE, RuntimeMethod, load_methods, make_ids,
+                                      make_prompt, tolerance)
+from softprompt.bench.plots import plot
 
 LESTER_P = (0, 1, 5, 20, 100, 150)  # prompt lengths studied by Lester et al. (2021)
-ALL_BACKENDS = ("peft", "reference", "copied", "torch", "onnx", "onnx-int4")
-BASELINE = "peft"  # every speedup column is over this backend
-COLORS = {"peft": "tab:blue", "reference": "tab:gray", "copied": "tab:orange", "torch": "tab:green",
-          "onnx": "tab:red", "onnx-int4": "tab:purple"}
-
-# Copy of tests/tolerances.py (SCORE per dtype, ONNX for the onnx backend); _tolerances()
-# reads the real table when the repository's tests/ folder is next to this package.
-_SCORE_ATOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}
-_ONNX_ATOL = {"float32": 1e-2, "float16": 5e-2}
-
-
-def _tolerances() -> tuple[dict, dict]:
-    path = Path(__file__).resolve().parents[1] / "tests" / "tolerances.py"
-    if path.is_file():
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_softprompt_test_tolerances", path)
-        mod = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(mod)
-            return ({k: v["atol"] for k, v in mod.SCORE.items()},
-                    {k: v["atol"] for k, v in mod.ONNX.items()})
-        except Exception:  # noqa: BLE001 - fall back to the copy above
-            pass
-    return dict(_SCORE_ATOL), dict(_ONNX_ATOL)
-
-
-def tolerance(backend: str, dtype: str) -> float:
-    """Max |log-prob - float32 reference| allowed for ``backend`` computing in ``dtype``."""
-    score, onnx = _tolerances()
-    if backend == "onnx-int4":
-        from softprompt.export.quantize import INT4_SCORE_ATOL
-
-        return INT4_SCORE_ATOL
-    tol = score.get(dtype, 1e-1)
-    if backend == "onnx":
-        tol = max(tol, onnx.get(dtype, 5e-2))
-    return tol
-
-
-# ------------------------------------------------------------------------------ FLOP model
-@dataclass(frozen=True)
-class Dims:
-    """What the FLOP formula needs from a model.
-
-    linear_params: weights of every matmul inside the N layers (q/k/v/o projections, MLP),
-    i.e. the non-embedding parameters that multiply activations (norm weights, embedding
-    lookups and position tables do no matmul and are left out); lm_head: E x V.
-    """
-
-    num_layers: int  # N
-    num_heads: int  # H
-    head_dim: int  # D
-    hidden_size: int  # E
-    vocab_size: int  # V
-    linear_params: int
-
-    @classmethod
-    def from_model(cls, model) -> "Dims":
-        cfg = model.config
-        emb = model.get_input_embeddings().weight
-        head = model.get_output_embeddings().weight
-        skip = {emb.data_ptr(), head.data_ptr()}
-        linear = 0
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and p.data_ptr() not in skip and "embed" not in name and "wpe" not in name \
-                    and "wte" not in name:
-                linear += p.numel()
-        H = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
-        E = int(emb.shape[1])
-        D = int(getattr(cfg, "head_dim", None) or E // H)
-        N = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
-        return cls(N, H, D, E, int(head.shape[0]), linear)
-
-
-def flops(d: Dims, method: str, B: int, P: int, L: int, n_score: int) -> float:
-    """FLOPs one batch really computes (multiply-add = 2 FLOPs), by method:
-
-        tokens T run through the layers: reference, peft T = P + L (prompt recomputed), else T = L
-        linear  = 2 * linear_params * T
-        attention (causal, only keys a query may see; QK^T and PV each 2*H*D per key):
-            reference: 4 * N * H * D * sum_{i=1..P+L} i        = 4NHD * S(S+1)/2, S = P + L
-            cached   : 4 * N * H * D * sum_{j=1..L} (P + j)    = 4NHD * (L*P + L(L+1)/2)
-        lm_head = 2 * E * V * positions projected: reference and peft all P + L (PEFT returns
-                  logits at every position), the cached methods only the n_score scored ones
-        total   = B * (linear + attention + lm_head)
-
-    The one-time prefix computation of the cached methods is not counted (not in the timed call).
-    """
-    attn = 4 * d.num_layers * d.num_heads * d.head_dim
-    if method in ("reference", "peft"):
-        S = P + L
-        per_row = 2 * d.linear_params * S + attn * S * (S + 1) / 2 + 2 * d.hidden_size * d.vocab_size * S
-    else:
-        per_row = (2 * d.linear_params * L + attn * (L * P + L * (L + 1) / 2)
-                   + 2 * d.hidden_size * d.vocab_size * n_score)
-    return float(B * per_row)
-
-
-# ----------------------------------------------------------------------- copied baseline
-
-class CopiedPrefix:
-    """transformers + the prompt's K/V computed once and copied into every row of a DynamicCache.
-
-    This is what a user of plain transformers does to avoid recomputing a soft prompt: run the
-    P virtual tokens once, keep their past key/values, and for each batch expand them to B rows
-    (one copy per row, since the cache grows in place with the request's own K/V) and run the
-    request tokens on top. Only ``DynamicCache()`` and ``DynamicCache.update`` are used, which
-    exist with the same meaning in transformers 5.17 and 5.24.
-    """
-
-    name = "copied"
-
-    def __init__(self, model):
-        import torch
-
-        from softprompt.runtime.models import cache_kwarg
-
-        self.torch = torch
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.prefix: dict = {}  # key -> (per-layer [(k, v)] each [1, Hkv, P, D], P)
-        self.cache_kw = cache_kwarg(model)
-
-    def prepare(self, key, embeddings) -> None:
-        """embeddings: [P, E] float32 numpy -> the prompt's per-layer K/V, computed once."""
-        torch = self.torch
-        from transformers import DynamicCache
-
-        if embeddings is None or len(embeddings) == 0:
-            self.prefix[key] = ([], 0)
-            return
-        emb = torch.as_tensor(embeddings, device=self.device).to(self.model.dtype)[None]  # [1, P, E]
-        P = emb.shape[1]
-        with torch.inference_mode():
-            cache = DynamicCache()
-            self.model(inputs_embeds=emb, position_ids=torch.arange(P, device=self.device)[None],
-                       use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
-            kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-        self.prefix[key] = (kv, P)
-
-    def logprobs(self, key, ids, n_score: int):
-        """ids: [B, L] int64 tensor on the device -> [B, n_score] float32 numpy log-probs of the
-        last n_score ids (each predicted by the position before it)."""
-        torch = self.torch
-        from transformers import DynamicCache
-
-        kv, P = self.prefix[key]
-        B, L = ids.shape
-        with torch.inference_mode():
-            cache = None
-            if P:
-                cache = DynamicCache()
-                for i, (k, v) in enumerate(kv):  # k, v: [1, Hkv, P, D] -> [B, Hkv, P, D], copied
-                    cache.update(k.expand(B, -1, -1, -1).contiguous(),
-                                 v.expand(B, -1, -1, -1).contiguous(), i)
-            pos = (P + torch.arange(L, device=self.device)).expand(B, L)
-            mask = torch.ones(B, P + L, dtype=torch.long, device=self.device)
-            keep = torch.arange(L - n_score - 1, L - 1, device=self.device)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             use_cache=cache is not None, logits_to_keep=keep,
-                             **{self.cache_kw: cache})
-            lp = out.logits.float().log_softmax(-1)  # [B, n_score, V]
-            tgt = ids[:, L - n_score:]
-            return lp.gather(-1, tgt[..., None])[..., 0].cpu().numpy()
-
-
-class PeftBaseline:
-    """The real ``peft.PeftModelForCausalLM`` forward: what users of prompt tuning run today.
-
-    Each soft prompt is saved as a PEFT PROMPT_TUNING adapter (``SoftPrompt.save_peft``) and
-    loaded the way a user loads one, ``PeftModel.from_pretrained(base, dir, adapter_name=key)``
-    (later prompts with ``load_adapter``); a batch under one prompt is one PEFT forward over
-    ``[v_1 .. v_P, t_1 .. t_L]`` whose logits [B, P + L, V] are log-softmaxed at the scored
-    positions only. P = 0 runs the base model itself (PEFT with no prompt).
-    """
-
-    name = "peft"
-
-    def __init__(self, model, workdir: Path):
-        import torch
-
-        self.torch, self.base, self.workdir = torch, model, workdir
-        self.peft = None
-        self.device = next(model.parameters()).device
-        self.num_virtual: dict = {}
-
-    def prepare(self, key, prompt) -> None:
-        """prompt: a SoftPrompt (saved as a PEFT adapter and loaded by PEFT) or None (P = 0)."""
-        from peft import PeftModel
-
-        if prompt is None:
-            self.num_virtual[key] = 0
-            return
-        path = prompt.save_peft(self.workdir / str(key))
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=key).eval()
-        else:
-            self.peft.load_adapter(str(path), adapter_name=key)
-        self.num_virtual[key] = prompt.num_virtual_tokens
-
-    def requests(self, key, ids: np.ndarray, n_score: int):
-        return key, self.torch.as_tensor(ids, device=self.device), n_score
-
-    def run(self, batch) -> np.ndarray:
-        """-> [B, n_score] float64 log-probs of each row's last n_score ids."""
-        torch = self.torch
-        key, ids, n_score = batch
-        with torch.inference_mode():
-            if self.num_virtual[key]:
-                self.peft.set_adapter(key)
-                logits = self.peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            else:
-                logits = self.base(input_ids=ids).logits  # [B, P + L, V]
-            lp = logits[:, -n_score - 1:-1].float().log_softmax(-1)  # [B, n_score, V]
-            tgt = ids[:, -n_score:]
-            return lp.gather(-1, tgt[..., None])[..., 0].cpu().numpy().astype(np.float64)
-
-
-# ------------------------------------------------------------------------------ backends
-class _RuntimeMethod:
-    """One Runtime backend behind the driver's uniform interface."""
-
-    def __init__(self, name: str, rt):
-        self.name, self.rt = name, rt
-
-    def prepare(self, key, prompt) -> None:
-        if prompt is not None:
-            self.rt.add_prompt(key, prompt)
-
-    def requests(self, key, ids: np.ndarray, n_score: int) -> list[dict]:
-        return [{"prompt": key if key is not None else None,
-                 "context": row[:-n_score].tolist(), "continuation": row[-n_score:].tolist()}
-                for row in ids]
-
-    def run(self, batch) -> np.ndarray:
-        return np.array([r.token_logprobs for r in self.rt.score(batch)], dtype=np.float64)
-
-
-class _CopiedMethod:
-    def __init__(self, impl: CopiedPrefix):
-        self.name, self.impl = "copied", impl
-
-    def prepare(self, key, prompt) -> None:
-        self.impl.prepare(key, None if prompt is None else prompt.embeddings)
-
-    def requests(self, key, ids: np.ndarray, n_score: int):
-        import torch
-
-        return key, torch.as_tensor(ids, device=self.impl.device), n_score
-
-    def run(self, batch) -> np.ndarray:
-        return self.impl.logprobs(*batch).astype(np.float64)
-
-
-def load_methods(names, model: str, device: str, dtype: str, max_batch: int,
-                 max_batch_tokens: int, bundle_dir: str | None = None, log=print,
-                 bundle_int4: str | None = None):
-    """{name: method or error string}; a backend that cannot load is reported, not fatal."""
-    import tempfile
-
-    from softprompt.runtime.api import Runtime
-
-    out = {}
-    shared = None  # the reference backend's LoadedModel also serves `copied` (both plain SDPA)
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            if name == "copied":
-                if shared is None:
-                    from softprompt.runtime.models import load_model
-
-                    shared = load_model(model, dtype=dtype, device=device)
-                out[name] = _CopiedMethod(CopiedPrefix(shared.model))
-            elif name == "peft":  # its own copy of the model: PEFT wraps the module it is given
-                from softprompt.runtime.models import load_model
-
-                work = tempfile.TemporaryDirectory(prefix="softprompt-bench-peft-")
-                out[name] = PeftBaseline(load_model(model, dtype=dtype, device=device).model,
-                                         Path(work.name))
-                out[name].tmp = work  # removed with the method
-            elif name == "onnx-int4":
-                from softprompt.runtime.onnx_backend import bundle_for
-
-                path = bundle_int4 or bundle_for(model, dtype="fp32", weights="int4")
-                rt = Runtime.load(str(path), backend="onnx", max_batch=max_batch,
-                                  max_batch_tokens=max_batch_tokens)
-                out[name] = _RuntimeMethod(name, rt)
-            else:
-                kw = dict(max_batch=max_batch, max_batch_tokens=max_batch_tokens)
-                if name == "onnx":
-                    rt = Runtime.load(model, backend="onnx", bundle_dir=bundle_dir,
-                                      dtype=dtype if dtype in ("float32", "float16") else "float32",
-                                      providers=["CUDAExecutionProvider"] if device.startswith("cuda")
-                                      else None, **kw)
-                else:
-                    rt = Runtime.load(model, backend=name, device=device, dtype=dtype, **kw)
-                if name == "reference" and shared is None:
-                    shared = rt.backend.lm
-                out[name] = _RuntimeMethod(name, rt)
-            log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
-        except Exception as e:  # noqa: BLE001 - the report says which backend and why
-            out[name] = f"{type(e).__name__}: {e}"
-            log(f"could not load {name}: {out[name]}")
-    return out
 
 
 # --------------------------------------------------------------------------------- points
@@ -413,27 +116,12 @@ def _quartiles(xs):
     return q[0], q[2]
 
 
-def make_prompt(P: int, table: np.ndarray, seed: int):
-    """P rows of the embedding table (seeded): a realistic soft-prompt initialisation."""
-    from softprompt.runtime.prompts import SoftPrompt
-
-    if P == 0:
-        return None
-    rng = np.random.default_rng(seed + 1000 * P)
-    return SoftPrompt(table[rng.integers(0, table.shape[0], P)].astype(np.float32), name=f"p{P}",
-                      init="bench")
-
-
-def make_ids(B: int, L: int, vocab: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([seed, B, L]).integers(0, vocab, size=(B, L), dtype=np.int64)
-
-
 def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
     """Load every backend, then for each (B, L, P): refcheck (optional), warm up, time."""
     import torch
     from tqdm import tqdm
 
-    from softprompt.runtime.models import load_model
+    from softprompt.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -449,17 +137,17 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
     check_rt = None
     if args.refcheck:
         ref = methods.get("reference")
-        if isinstance(ref, _RuntimeMethod) and dtype == "float32":
+        if isinstance(ref, RuntimeMethod) and dtype == "float32":
             check_rt = ref
         else:
             from softprompt.runtime.api import Runtime
 
-            check_rt = _RuntimeMethod("reference", Runtime.load(
+            check_rt = RuntimeMethod("reference", Runtime.load(
                 args.model, backend="reference", device=device, dtype="float32",
                 max_batch=max_b, max_batch_tokens=max_tokens))
     lm = check_rt.rt.backend.lm if check_rt else next(
         (m.rt.backend.lm for m in methods.values()
-         if isinstance(m, _RuntimeMethod) and hasattr(m.rt.backend, "lm")), None)
+         if isinstance(m, RuntimeMethod) and hasattr(m.rt.backend, "lm")), None)
     if lm is None:  # only copied/onnx: the loader is fast once the model is converted
         lm = load_model(args.model, device="cpu")
     dims = Dims.from_model(lm.model)
@@ -539,10 +227,7 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
             r.median_ms = statistics.median(t)
             r.min_ms, r.max_ms = t[0], t[-1]
             r.q1_ms, r.q3_ms = _quartiles(t)
-            sec = r.median_ms / 1e3
-            r.seq_per_s = B / sec
-            r.tok_per_s = B * L / sec
-            r.gflop_per_s = r.gflop / sec
+            r.seq_per_s, r.tok_per_s, r.gflop_per_s = rates(B, L, r.gflop, r.median_ms)
         base = res.get(BASELINE)
         for r in res.values():
             if base is not None and base.median_ms and r.median_ms:
@@ -557,7 +242,7 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
 def environment(device: str, dtype: str) -> dict:
     import torch
 
-    from softprompt import package_versions
+    from softprompt.machine import package_versions
 
     versions = package_versions()
     if device.startswith("cuda"):
@@ -626,55 +311,6 @@ def write_outputs(results: list[Result], env: dict, cmd: str, out: Path) -> list
     (out / "results.md").write_text(f"`{cmd}`\n\n{table(results)}\n")
     return [out / "results.csv", out / "results.json", out / "results.md", *plot(results, env, out)]
 
-
-def plot(results: list[Result], env: dict, out: Path) -> list[Path]:
-    """throughput.png (seq/s vs P) and speedup.png (vs peft, with the ideal (P+L)/L)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    combos = sorted({(r.B, r.L) for r in results})
-    backends = list(dict.fromkeys(r.backend for r in results))
-    name = env["model"]["name"]
-    name = "SmolLM2-135M-Instruct" if name == "default" else Path(name).name
-    title = f"{name} · {env['dtype']} · {env['device_name']} · batch scoring, 1 scored token/row"
-    if len(title) > 55 * len(combos):  # one line per panel width
-        title = title.replace(" · batch scoring", "\nbatch scoring")
-    paths = []
-    for what, ylabel in (("throughput", "sequences / s"), ("speedup", "speedup over PEFT")):
-        fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.2), squeeze=False,
-                                 dpi=100)
-        for ax, (B, L) in zip(axes[0], combos):
-            rows = [r for r in results if r.B == B and r.L == L]
-            Ps = sorted({r.P for r in rows})
-            x = {P: i for i, P in enumerate(Ps)}  # evenly spaced: the grid is 0, 1, 5, 20, 100, 150
-            if what == "speedup":
-                ax.plot(range(len(Ps)), [(P + L) / L for P in Ps], "k--", lw=1,
-                        label="ideal (P+L)/L")
-                ax.axhline(1.0, color=COLORS[BASELINE], lw=0.8, ls=":")
-            for be in backends:
-                pts = [(r.P, r.seq_per_s if what == "throughput" else r.speedup_vs_peft)
-                       for r in rows if r.backend == be]
-                pts = [(p, y) for p, y in pts if y is not None]
-                if pts and not (what == "speedup" and be == BASELINE):
-                    ax.plot([x[p] for p, _ in pts], [y for _, y in pts], "o-", ms=3.5, lw=1.4,
-                            label=be, color=COLORS.get(be))
-            ax.set_xticks(range(len(Ps)))
-            ax.set_xticklabels([str(p) for p in Ps], fontsize=8)
-            ax.set_xlabel("virtual tokens P")
-            ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0)
-            ax.set_title(f"B={B}, L={L}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = out / f"{what}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 # ------------------------------------------------------------------------------------ CLI

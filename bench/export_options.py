@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.bench.driver import cpu_model
 from softprompt.export.bundle import Bundle, load_bundle
+from softprompt.machine import cpu_model
 
 VARIANTS = {
     "fp32": {},

@@ -15,7 +15,7 @@ Methods, each timed as one call that returns the scored log-probs on the host:
           recomputed every call, logits at all P + L positions (what PEFT does);
   copied  transformers with the prompt's K/V computed once and copied into each row of a
           DynamicCache, request tokens on top, logits only at the scored position
-          (softprompt.bench.driver.CopiedPrefix);
+          (softprompt.bench.methods.CopiedPrefix);
   ours    Runtime(backend="torch") on CUDA: the cached prefix shared by all rows through the
           Triton prefix-attention kernels, vocabulary projection only where scored, each padded
           shape replayed as a CUDA graph (runtime/graphs.py; the default on CUDA);
@@ -27,7 +27,7 @@ compared and ms per generated token (decode steps replayed as CUDA graphs vs eag
 Before timing, ours (and copied, for context) is compared with PEFT on the timed batch: max
 |log-prob difference| <= --tol (the project's bf16 SCORE tolerance, 0.1); a point where ours
 fails is reported FAILED and ours is not timed there. Timing: CUDA events, --warmup calls, then
-the median of --runs calls (>= 15). Achieved TFLOP/s uses softprompt.bench.driver.flops (work
+the median of --runs calls (>= 15). Achieved TFLOP/s uses softprompt.bench.flops.flops (work
 each method really does). When the anchors JSON is found (shared/anchors/ or --anchors), the
 anchor's PEFT and copied-cache figures (H200) are printed next to ours.
 
@@ -64,12 +64,17 @@ SMOKE_GRID = dict(B=(1, 4), P=(3, 10), L=(5, 8))
 
 
 def _import_softprompt():
-    """Import ``softprompt`` installed, or else from this checkout (no install needed: its
-    ``__init__`` finds the sibling runtime/, kernels/, export/, bench/ folders)."""
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))
-    importlib.import_module("softprompt.runtime.api")
-    importlib.import_module("softprompt.bench.driver")
+    """Import the installed ``softprompt``. A checkout is used installed: ``pip install --no-deps
+    -e .`` maps its runtime/, kernels/, models/, export/, bench/ folders to the subpackages
+    (bench/gpu_check.sh does it first)."""
+    try:
+        importlib.import_module("softprompt.runtime.api")
+        importlib.import_module("softprompt.bench.driver")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("softprompt"):
+            raise
+        raise SystemExit(f"gpu_e2e: {e}; install this checkout first: "
+                         f"pip install --no-deps -e {ROOT}") from None
     return f"from {Path(sys.modules['softprompt'].__file__).parent}"
 
 
@@ -137,9 +142,10 @@ def main(argv=None) -> int:
     import torch
     from peft import PeftModelForCausalLM, PromptTuningConfig
 
-    from softprompt.bench.driver import CopiedPrefix, Dims, flops
+    from softprompt.bench.flops import Dims, flops
+    from softprompt.bench.methods import CopiedPrefix
+    from softprompt.models import LoadedModel
     from softprompt.runtime.api import Runtime
-    from softprompt.runtime.models import LoadedModel
     from softprompt.runtime.prompts import SoftPrompt
 
     smoke = args.cpu_smoke
@@ -283,7 +289,9 @@ def main(argv=None) -> int:
             skipped.append(f"{shape}: generation (time budget)")
         graph_stats[shape] = {k: v for k, v in rt.stats().items() if "graph" in k}
         print(f"# {shape}: {graph_stats[shape]}")
-        del rt, eager, copied, peft_models, base, mine, lm
+        rt.close()
+        eager.close()
+        rt = eager = copied = peft_models = base = mine = lm = None  # free this shape's memory
         if not smoke:
             torch.cuda.empty_cache()
 

@@ -84,10 +84,10 @@ class FakeInt8:
 def main(argv=None) -> int:
     import torch
 
-    from softprompt.bench.driver import cpu_model
     from softprompt.export.quantize import INT4_SCORE_ATOL
+    from softprompt.machine import cpu_model
+    from softprompt.models import load_model
     from softprompt.runtime.demo import TASKS, load_examples
-    from softprompt.runtime.models import load_model
 
     p = argparse.ArgumentParser(prog="python -m softprompt.bench.int8_sensitivity",
                                 description=__doc__.split("\n\n")[0])

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from softprompt.lm_eval import SoftPromptLM
     from softprompt.runtime.demo import PROMPTS_DIR
-    from softprompt.runtime.models import default_model_dir
+    from softprompt.models import default_model_dir
 
     adapter = str(PROMPTS_DIR / "sentiment")
     root = Path(tempfile.mkdtemp(prefix="softprompt-lm-eval-"))

@@ -1,10 +1,11 @@
-"""Rows/s of the batch-scoring job: one process (softprompt.scoring) against Ray Data with 1 and 2
+"""Rows/s of the batch-scoring job: one process (softprompt.jobs) against Ray Data with 1 and 2
 actors (softprompt.ray.score_dataset), the same rows, measured side by side in one run.
 
     python -m softprompt.bench.score_scale --rows 2000 --P 20 --L 16
 
 Model: the default model's ONNX bundle if it was exported ($SOFTPROMPT_HOME/bundles/*/bundle.json
-of SmolLM2), else the tiny random Llama of tests/tiny.py, exported to a temporary directory.
+of SmolLM2), else a tiny random Llama (:func:`_tiny_llama`, the configuration of the tests' tiny
+Llama, no tokenizer: the rows are token ids), exported to a temporary directory.
 Rows: L random token ids as context + 1 id as continuation under one random soft prompt of P
 virtual tokens (seed 0). Ray times include starting the actor pool (each actor loads the bundle
 once), because a job pays it; the one-process time excludes loading the runtime.
@@ -23,7 +24,7 @@ import numpy as np
 
 
 def _default_bundle() -> Path | None:
-    from softprompt.runtime.models import softprompt_home
+    from softprompt.models import softprompt_home
 
     for m in sorted((softprompt_home() / "bundles").glob("*/bundle.json")):
         meta = json.loads(m.read_text())
@@ -32,6 +33,26 @@ def _default_bundle() -> Path | None:
                 (name == "default" or "SmolLM2" in name):
             return m.parent
     return None
+
+
+def _tiny_llama(path: Path) -> Path:
+    """Save a randomly initialised 2-layer Llama (E 64, 4 query over 2 K/V heads, V 96; seed 0,
+    weights N(0, 0.08)) into ``path``: the tests' tiny Llama, without its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
 
 
 def cpu_name() -> str:
@@ -56,20 +77,15 @@ def main(argv=None) -> None:
 
     import softprompt.ray as sp_ray
     from softprompt.runtime.api import Runtime
-    from softprompt.scoring import score_file
+    from softprompt.jobs import score_file
 
     tmp = Path(tempfile.mkdtemp(prefix="score_scale-"))
     bundle = _default_bundle()
     if bundle is None:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny import make_tiny_model
-
         from softprompt.export import export
 
-        bundle = Path(export(make_tiny_model("llama", tmp / "tiny"), tmp / "bundle", progress=False))
-        model_desc = "tiny random Llama (tests/tiny.py), fp32 bundle"
+        bundle = Path(export(_tiny_llama(tmp / "tiny"), tmp / "bundle", progress=False))
+        model_desc = "tiny random Llama (2 layers, E=64, V=96), fp32 bundle"
     else:
         model_desc = f"default model SmolLM2-135M-Instruct, fp32 bundle {bundle.name}"
     rt = Runtime.load(bundle, backend="onnx", max_batch=args.batch)

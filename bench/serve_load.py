@@ -157,7 +157,8 @@ def check_same(kind_jobs, a, b) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| concurrency | in-process req/s | HTTP req/s | HTTP / in-process | in-process p50 / p99 ms | HTTP p50 / p99 ms |",
+    lines = ["| concurrency | in-process req/s | HTTP req/s | HTTP / in-process "
+             "| in-process p50 / p99 ms | HTTP p50 / p99 ms |",
              "|---|---|---|---|---|---|"]
     for c in sorted({r["concurrency"] for r in rows}):
         ip = next(r for r in rows if r["concurrency"] == c and r["path"] == "in-process")
@@ -212,8 +213,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from softprompt.bench.driver import cpu_model
-    from softprompt import Runtime, package_versions
+    from softprompt import Runtime
+    from softprompt.machine import cpu_model, package_versions
     from softprompt.runtime.demo import PROMPTS_DIR, TASKS
 
     with socket.socket() as s:

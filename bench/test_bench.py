@@ -11,10 +11,10 @@ Not part of the test run (pyproject's testpaths is tests/); run it explicitly:
 Every case scores B requests of L random ids (seeded) whose last id is the scored
 continuation, all under one soft prompt of P virtual tokens (rows of the embedding table), with
 one call per round: ``Runtime.score``, or for ``peft`` one ``PeftModelForCausalLM`` forward
-(softprompt.bench.driver's methods, the same ones ``softprompt bench`` times). The backend's
-prefix is computed before timing (cached backends) and the first call is an untimed warm-up. Each result's ``extra_info`` records the
-backend, device, dtype, B, L, P, sequences/s and achieved GFLOP/s (formula:
-softprompt.bench.driver.flops).
+(softprompt.bench.methods, the same ones ``softprompt bench`` times). The backend's
+prefix is computed before timing (cached backends) and the first call is an untimed warm-up.
+Each result's ``extra_info`` records the backend, device, dtype, B, L, P, sequences/s and achieved GFLOP/s (formula:
+softprompt.bench.flops.flops).
 
 Environment: SOFTPROMPT_BENCH_QUICK=1 (short mode), SOFTPROMPT_BENCH_ROUNDS (default 3),
 SOFTPROMPT_BENCH_P (comma list, default 20), SOFTPROMPT_BENCH_BACKENDS (default
@@ -42,8 +42,8 @@ CASES = {"latency": 1, "throughput": 4 if QUICK else 32}  # name -> B
 
 @pytest.fixture(scope="module")
 def model_facts():
-    from softprompt.bench.driver import Dims
-    from softprompt.runtime.models import load_model
+    from softprompt.bench.flops import Dims
+    from softprompt.models import load_model
 
     lm = load_model("default")
     return Dims.from_model(lm.model), lm.model.get_input_embeddings().weight.detach().numpy()
@@ -51,7 +51,7 @@ def model_facts():
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def method(request, model_facts):
-    from softprompt.bench.driver import load_methods, make_prompt
+    from softprompt.bench.methods import load_methods, make_prompt
 
     m = load_methods([request.param], "default", "cpu", "float32", max_batch=64,
                      max_batch_tokens=1 << 16, log=lambda msg: None)[request.param]
@@ -66,7 +66,9 @@ def method(request, model_facts):
 @pytest.mark.parametrize("P", PS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_score(benchmark, method, model_facts, case, P):
-    from softprompt.bench.driver import environment, flops, make_ids
+    from softprompt.bench.driver import environment
+    from softprompt.bench.flops import flops
+    from softprompt.bench.methods import make_ids
 
     dims, _ = model_facts
     B = CASES[case]

@@ -8,7 +8,7 @@ import torch
 
 from softprompt.bench import cpu_floor
 from softprompt.bench.int8_sensitivity import SCHEMES, FakeInt8
-from softprompt.runtime.models import load_model
+from softprompt.models import load_model
 
 
 def test_profile_splits_kernel_time_by_operator(tiny_bundles):
