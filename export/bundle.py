@@ -67,6 +67,8 @@ EMBEDDING_FORMATS = ("float32", "q8_0")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 VERIFY_MODES = ("fast", "full")
 TOKENIZER_FILE = "tokenizer.json"
+# read beside tokenizer.json: BOS/EOS and the chat template (``runtime/chat.py``)
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja")
 MAX_MANIFEST_BYTES = 16 << 20
 _DIMS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -105,13 +107,14 @@ def check_files(root: Path, manifest: dict, verify: str = "fast") -> None:
     ``verify="fast"`` skips hashing a file whose path, size, mtime, ctime and inode equal
     those recorded when it last hashed to the manifest's sha256 (``$SOFTPROMPT_HOME/
     verified/``); ``"full"`` hashes every file every time. Files the loader reads
-    (``model.onnx.data``, ``tokenizer.json``) must be listed when present.
+    (``model.onnx.data``, ``tokenizer.json``, ``tokenizer_config.json``,
+    ``chat_template.jinja``) must be listed when present.
     """
     if verify not in VERIFY_MODES:
         raise BundleError(f"verify={verify!r} is not one of {VERIFY_MODES}")
     files = manifest["files"]
     required = (MODEL_FILE, *embedding_files(manifest))
-    for name in (*required, WEIGHTS_FILE, TOKENIZER_FILE):
+    for name in (*required, WEIGHTS_FILE, TOKENIZER_FILE, *TOKENIZER_SIDE_FILES):
         if name not in files and (name in required or (root / name).exists()):
             raise BundleError(f"{root / MANIFEST}: 'files' does not list {name}; every file "
                               "the loader reads must be listed with its sha256")
@@ -214,7 +217,7 @@ def _record_path(root: Path) -> Path:
 def _read_record(path: Path) -> dict:
     """{file name: stamp} of a bundle's last successful verification; {} if none or unreadable."""
     try:
-        record = json.loads(path.read_text())
+        record = read_json_object(path, MAX_MANIFEST_BYTES, ValueError, "a verification record")
         return record["files"] if isinstance(record.get("files"), dict) else {}
     except (OSError, ValueError, AttributeError, KeyError):
         return {}

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .files import read_json_object
+
 if TYPE_CHECKING:
     import torch
 
@@ -97,14 +99,18 @@ class LoadedModel:
     model: a transformers ``*ForCausalLM`` in eval mode, gradients off.
     tokenizer: its tokenizer (a ``PreTrainedTokenizerBase``), or None for a directory without
         tokenizer files (requests must then be token ids).
-    fingerprint: hex sha256 of config + weights; the prefix cache and bundles key on it.
+    fingerprint: hex sha256 of config + weights; the prefix cache keys on it and bundles
+        record it.
     source: the path, hub id (or ``default``) it came from.
+    path: the local Hugging Face directory it was loaded from (None for a model built in
+        memory); its ``content_key`` names the model's bundle.
     """
 
     model: "torch.nn.Module"
     tokenizer: object | None
     fingerprint: str
     source: str
+    path: Path | None = None
 
     @property
     def config(self):
@@ -276,7 +282,12 @@ def _directory_fingerprint(path: Path, config) -> str:
                                                 for f in files])
     memo = softprompt_home() / "fingerprints" / f"{hashlib.sha256(stamp.encode()).hexdigest()}.json"
     if memo.is_file():
-        return json.loads(memo.read_text())["fingerprint"]
+        try:
+            remembered = read_json_object(memo, 1 << 20, ValueError, "a fingerprint memo")
+            if isinstance(remembered.get("fingerprint"), str):
+                return remembered["fingerprint"]
+        except (OSError, ValueError):
+            pass  # unreadable: hash again
     fingerprint = fingerprint_files(path, config)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +295,23 @@ def _directory_fingerprint(path: Path, config) -> str:
     except OSError:  # a read-only home only costs the hash again next time
         pass
     return fingerprint
+
+
+def directory_fingerprint(path: Path, config=None) -> str:
+    """The fingerprint ``load_model`` gives the model in directory ``path``: the one recorded
+    beside a converted GGUF, else :func:`fingerprint_files` (remembered; ``config`` is read
+    from ``path`` when not given)."""
+    fp_file = path / _FINGERPRINT_FILE
+    if fp_file.is_file():
+        fp = read_json_object(fp_file, 1 << 20, ModelError, "a fingerprint record").get("fingerprint")
+        if not isinstance(fp, str) or not fp:
+            raise ModelError(f"{fp_file}: 'fingerprint' must be a non-empty string")
+        return fp
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    return _directory_fingerprint(path, config)
 
 
 def check_architecture(config) -> None:
@@ -330,6 +358,14 @@ def check_architecture(config) -> None:
         )
 
 
+def gguf_dir(gguf: Path) -> Path:
+    """Where GGUF file ``gguf`` is (or will be) converted: ``$SOFTPROMPT_HOME/models/``, named
+    after the file's resolved path, size and modification time."""
+    digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime}"
+                            .encode()).hexdigest()[:16]
+    return softprompt_home() / "models" / f"{gguf.stem}-{digest}"
+
+
 def model_dir(source, revision: str | None = None) -> Path:
     """The local Hugging Face directory of a model source (converting a GGUF once, fetching a
     hub id through huggingface_hub); raises ModelError naming the source otherwise."""
@@ -350,9 +386,7 @@ def model_dir(source, revision: str | None = None) -> Path:
         gguf = Path(src)
         if not gguf.is_file():
             raise ModelError(f"GGUF file not found: {gguf}")
-        digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime}"
-                                .encode()).hexdigest()[:16]
-        path = softprompt_home() / "models" / f"{gguf.stem}-{digest}"
+        path = gguf_dir(gguf)
         if not (path / _FINGERPRINT_FILE).is_file():
             convert_gguf(gguf, path)
         return path
@@ -373,7 +407,7 @@ def load_tokenizer(path: Path):
         return None
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, RecursionError) as e:  # deep JSON: RecursionError
         raise ModelError(f"cannot load the tokenizer in {path}: "
                          f"{(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
 
@@ -433,6 +467,7 @@ def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu",
         return _place(source, torch_dtype, device)
     src = str(source)
     path = model_dir(src, revision)
+    read_json_object(path / "config.json", 16 << 20, ModelError, "a model config")  # bounded
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
     device = torch.device(device)
@@ -441,8 +476,5 @@ def load_model(source=DEFAULT_MODEL, dtype="float32", device="cpu",
             path, config=config, dtype=torch_dtype, use_safetensors=True,
             device_map=None if device.type == "cpu" else device)
     model.eval().requires_grad_(False)
-    fp_file = path / _FINGERPRINT_FILE
-    fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() \
-        else _directory_fingerprint(path, config)
-    return LoadedModel(model=model, tokenizer=load_tokenizer(path), fingerprint=fingerprint,
-                       source=src)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path),
+                       fingerprint=directory_fingerprint(path, config), source=src, path=path)

@@ -26,12 +26,13 @@ import time
 from concurrent.futures import Future
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, overload
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, ScoredRow
 from .cache import CacheError
+from .chat import as_conversations, chat_ids
 from .engine import Engine, EngineClosed
 from .factory import build
 from .generation import Generation, StreamChunk
@@ -199,13 +200,13 @@ class Runtime:
             raise
         inner.add_done_callback(lambda _: self.registry.release(rows))
 
-        def results(scored: list[tuple[np.ndarray, bool]]) -> list[ScoreResult | None]:
+        def results(scored: list[ScoredRow]) -> list[ScoreResult | None]:
             res: list[ScoreResult | None] = [None] * len(rows)
-            for i, (lp, greedy) in zip(valid, scored):
+            for i, (lp, greedy, alts) in zip(valid, scored):
                 r = rows[i]
                 assert r is not None
                 res[i] = ScoreResult(float(np.sum(lp, dtype=np.float64)), [float(x) for x in lp],
-                                     r.ids[r.target_start:], is_greedy=greedy)
+                                     r.ids[r.target_start:], is_greedy=greedy, top_logprobs=alts)
             return res
 
         return then(inner, results)
@@ -304,12 +305,13 @@ class Runtime:
 
         prompt: one prompt name for all contexts, or a list with one name per context (rows
             of different prompts share batches). contexts: strings or token-id lists.
-        Greedy when temperature == 0; otherwise sampling (top_k / top_p filters), each row with
-        its own generator: with ``seed`` every row uses that seed and samples the same tokens
-        alone, in any batch and any arrival order; without, each row draws a fresh one. Each row
-        stops at EOS (stop_at_eos), at a stop string (the text is cut before it), or after
-        max_new_tokens (``finish_reason`` eos | stop | length). Rows join the engine's running
-        batch as they come and leave it when they finish, alongside other callers' work.
+        Greedy when temperature < 1e-5 (``sampling.GREEDY_BELOW``, 0 included); otherwise
+        sampling (top_k / top_p filters), each row with its own generator: with ``seed`` every
+        row uses that seed and samples the same tokens alone, in any batch and any arrival
+        order; without, each row draws a fresh one. Each row stops at EOS (stop_at_eos), at a
+        stop string (the text is cut before it), or after max_new_tokens (``finish_reason`` eos
+        | stop | length). Rows join the engine's running batch as they come and leave it when
+        they finish, alongside other callers' work.
         Every new token's log-probability is in ``token_logprobs``; with ``logprobs=n`` the n
         most likely ``(id, log-prob)`` of each position are in ``top_logprobs``.
         """
@@ -394,6 +396,78 @@ class Runtime:
             loop.call_soon_threadsafe(q.put_nowait, chunk)
 
         return AsyncStream(self._generation(prompt, context, sampling, sink), q, self.engine.wake)
+
+    # ------------------------------------------------------------------------------ chat
+    def chat_ids(self, messages: Any, *, add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of one conversation under the model's own chat template, as
+        transformers' ``apply_chat_template(messages, add_generation_prompt=True,
+        tokenize=True)`` returns them; a soft prompt's virtual tokens go before them. Raises
+        RequestError for a bad message or a model without a chat template (runtime/chat.py)."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt, self.info.max_positions)
+
+    @overload
+    def chat(self, prompt: str | None | Sequence[str | None], messages: Sequence[Mapping[str, Any]],
+             *, add_generation_prompt: bool = ..., errors: Errors = ...,
+             **sampling: Any) -> GenerateResult: ...
+
+    @overload
+    def chat(self, prompt: str | None | Sequence[str | None],
+             messages: Sequence[Sequence[Mapping[str, Any]]], *, add_generation_prompt: bool = ...,
+             errors: Errors = ..., **sampling: Any) -> list[GenerateResult]: ...
+
+    def chat(self, prompt: str | None | Sequence[str | None], messages: Any, *,
+             add_generation_prompt: bool = True, errors: Errors = "raise",
+             **sampling: Any) -> GenerateResult | list[GenerateResult]:
+        """Answer a conversation (or several) under soft prompt ``prompt`` (None: the base model).
+
+        messages: one conversation, a list of ``{"role": "system" | "user" | "assistant",
+            "content": str | [{"type": "text", "text": str}, ...]}``, or a list of
+            conversations. prompt: one name for all, or one per conversation.
+        Returns one GenerateResult for one conversation, a list (in order) for a list.
+        The model sees ``[v_1..v_P, chat_ids(conversation)]``: the virtual tokens, then the
+        conversation rendered by the model's chat template (ending with the assistant's header
+        when ``add_generation_prompt``) and tokenised without adding special tokens again
+        (:meth:`chat_ids`). Generation then runs as :meth:`generate`, with its keyword
+        arguments (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
+        logprobs) and ``errors`` (``"return"``: a bad conversation's result carries ``.error``).
+        """
+        unknown = set(sampling) - set(GENERATE_ARGS)
+        if unknown:
+            raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected "
+                               f"{GENERATE_ARGS}")
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        params = GenerateParams(**sampling)
+        convs, single = as_conversations(messages)
+        names: list[Any] = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(convs)
+        if len(names) != len(convs):
+            raise RequestError(f"got {len(names)} prompt names for {len(convs)} conversations")
+        contexts: dict[int, list[int]] = {}
+        failed: dict[int, str] = {}
+        for i, conv in enumerate(convs):
+            try:
+                contexts[i] = self.chat_ids(conv, add_generation_prompt=add_generation_prompt)
+            except RequestError as e:
+                if errors == "raise":
+                    raise RequestError(str(e) if single else f"conversation {i}: {e}") from None
+                failed[i] = str(e)
+        done = iter(self._generate([names[i] for i in contexts], list(contexts.values()), params,
+                                   errors) if contexts else [])
+        out = [GenerateResult("", [], "error", error=failed[i]) if i in failed else next(done)
+               for i in range(len(convs))]
+        return out[0] if single else out
+
+    def stream_chat(self, prompt: str | None, messages: Any, *, add_generation_prompt: bool = True,
+                    **sampling: Any) -> Stream:
+        """:meth:`stream` over one conversation's :meth:`chat_ids` (what :meth:`chat` runs)."""
+        ids = self.chat_ids(messages, add_generation_prompt=add_generation_prompt)
+        return self.stream(prompt, ids, **sampling)
+
+    def stream_chat_async(self, prompt: str | None, messages: Any, *,
+                          add_generation_prompt: bool = True, **sampling: Any) -> AsyncStream:
+        """The asyncio form of :meth:`stream_chat` (as :meth:`stream_async`)."""
+        ids = self.chat_ids(messages, add_generation_prompt=add_generation_prompt)
+        return self.stream_async(prompt, ids, **sampling)
 
     # --------------------------------------------------------------------------- services
     @property

@@ -11,7 +11,8 @@ What a step holds (``StepPlan``):
 - the rows still generating (the backend's *decode state*): ``keep`` says which of them stay
   (finished and cancelled rows leave first), and each kept row brings one new token
   ``decode_ids[b]`` (one forward, L = 1);
-- newly admitted score rows (``scores``, a ``BatchPlan``): their target log-probs come back;
+- newly admitted score rows (``scores``, a ``BatchPlan``): their target log-probs come back
+  (with each row's ``top_n`` most likely alternatives per target when it asks for them);
 - newly admitted generations (``prefill``, a ``BatchPlan``): their tokens run once, their own
   K/V join the decode state, and their first new token is chosen.
 
@@ -41,7 +42,9 @@ from .stats import BackendStats
 
 TopAlternatives = list[list[tuple[int, float]]]  # per row: its top_n (id, log-prob), or []
 Picked = tuple[np.ndarray, np.ndarray, "TopAlternatives | None"]  # ids [B], log-probs [B], tops
-ScoredRow = tuple[np.ndarray, bool]  # (target log-probs [n], every target is the argmax)
+# (target log-probs [n], every target is the argmax, per target the row's Row.top_n most likely
+# (id, log-prob) or [] when it wants none)
+ScoredRow = tuple[np.ndarray, bool, TopAlternatives]
 
 
 @dataclass
@@ -74,7 +77,9 @@ class StepPlan:
 
 @dataclass
 class StepOutput:
-    """scores: per score row ``(target log-probs [n], is_greedy)``, in ``plan.scores`` order.
+    """scores: per score row ``(target log-probs [n], is_greedy, alternatives)`` (alternatives:
+    per target its ``Row.top_n`` most likely ``(id, log-prob)``, [] for none), in ``plan.scores``
+    order.
     next_ids / next_logprobs: ``[Bd + Bp]`` the chosen token of every decode-state row after
     the step (kept rows first, then the rows that joined) and its log-probability; next_top:
     per such row the most likely alternatives its sampler asked for (``Sampler.top_n``), or []."""
@@ -144,7 +149,8 @@ class StepperBackend(ABC, Generic[State]):
     # ---------------------------------------------------------------- per-backend primitives
     @abstractmethod
     def score(self, plan: BatchPlan) -> list[ScoredRow]:
-        """Per row of ``plan``: (log-probs of its targets in order, is_greedy)."""
+        """Per row of ``plan``: (log-probs of its targets in order, is_greedy, alternatives),
+        by ``plan.assemble`` (alternatives computed for ``plan.max_top_n`` when it is > 0)."""
 
     @abstractmethod
     def prefill(self, plan: BatchPlan, capacity: list[int]) -> tuple[State, Logits]:

@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from softprompt.models.files import loads_json
+
 from . import safetensors_np
 from .stats import CacheStats
 
@@ -273,7 +275,7 @@ _ENTRY_KEYS = {"digest", "kv_dtype", "sha256", *_ENTRY_INTS}
 def _entry_info(text, i: int) -> dict:
     """Parse and type-check entry ``i``'s record (a JSON string in the file's metadata)."""
     try:
-        info = json.loads(text)
+        info = loads_json(text)  # bounded nesting: a deep record is malformed, not a RecursionError
     except (TypeError, json.JSONDecodeError):
         raise CacheError(f"entry {i}: record missing or not JSON") from None
     if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:

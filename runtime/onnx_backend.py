@@ -24,7 +24,7 @@ from softprompt.models import display_name
 
 from .backend import StepperBackend
 from .cache import PrefixCache, PrefixEntry
-from .plan import BatchPlan
+from .plan import BatchPlan, top_alternatives
 from .requests import Tokenizer, log_softmax
 from .sampling import pick_numpy
 from .stats import BackendStats
@@ -156,13 +156,18 @@ class OnnxBackend(StepperBackend):
         # the k-th own target of row r sits at index[r, k]: its order in the plan's targets
         slot = np.concatenate([np.arange(len(c)) for c in per_row]).astype(np.int64)
         sel = logits[plan.target_rows, slot].astype(np.float64)  # [T, V]
-        own_lp = log_softmax(sel)[np.arange(len(sel)), plan.target_ids]
+        own_all = log_softmax(sel)
+        own_lp = own_all[np.arange(len(sel)), plan.target_ids]
         own_top = sel.argmax(-1) == plan.target_ids
         first = np.stack([entries[plan.prompt_idx[r]].first_logprobs for r in plan.first_rows]) \
             if len(plan.first_rows) else np.zeros((0, self.vocab_size), np.float32)
         first_lp = first[np.arange(len(first)), plan.first_ids]
         first_top = first.argmax(-1) == plan.first_ids if len(first) else np.zeros(0, bool)
-        return plan.assemble(own_lp, own_top, first_lp, first_top)
+        own_alt = first_alt = None
+        if plan.max_top_n:  # asked for: the same log-probs' most likely ids, as pick_numpy
+            own_alt = top_alternatives(own_all, plan.max_top_n)
+            first_alt = top_alternatives(first.astype(np.float64), plan.max_top_n)
+        return plan.assemble(own_lp, own_top, first_lp, first_top, own_alt, first_alt)
 
     # ------------------------------------------------------------------------- generation
     def prefill(self, plan: BatchPlan, capacity):

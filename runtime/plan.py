@@ -10,7 +10,9 @@ target j >= 1 is predicted by the row's own column j - 1 (``target_rows``/``targ
 first token (j = 0, only with a prompt) is predicted by the last virtual token, whose
 log-probabilities the prefix cache keeps (``first_rows``). Every backend computes the two
 kinds in this order and ``assemble`` turns them back into one array per row, so the arithmetic
-of targets and prefixes is written here once.
+of targets and prefixes is written here once. A row may also ask for the ``top_n`` most likely
+alternatives of each target position (``Row.top_n``): backends compute ``top_alternatives``
+of the same log-probs for ``max_top_n`` and ``assemble`` cuts each row's to its own n.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class BatchPlan:
     last_cols: ``[B]`` column of each row's last new token (its next-token logits).
     target_rows, target_cols, target_ids: ``[T]`` own targets (row, column predicting it, id).
     first_rows, first_ids: ``[F]`` rows whose first token is scored from the prefix, and that id.
+    top_n: ``[B]`` int64 alternatives each row wants per target (0: none).
     """
 
     rows: list
@@ -66,6 +69,7 @@ class BatchPlan:
     target_ids: np.ndarray
     first_rows: np.ndarray
     first_ids: np.ndarray
+    top_n: np.ndarray
 
     @property
     def B(self) -> int:
@@ -74,6 +78,11 @@ class BatchPlan:
     @property
     def L_max(self) -> int:
         return int(self.ids.shape[1])
+
+    @property
+    def max_top_n(self) -> int:
+        """The most alternatives any row wants per target (0: no row wants any)."""
+        return int(self.top_n.max(initial=0))
 
     @property
     def tokens(self) -> int:
@@ -110,20 +119,41 @@ class BatchPlan:
         as_i = lambda x: np.array(x, np.int64)  # noqa: E731
         return cls(list(rows), distinct, prompt_idx, empty, prefix_lens, past,
                    q_lens, ids, positions, q_lens - 1, as_i(t_rows), as_i(t_cols), as_i(t_ids),
-                   as_i(f_rows), as_i(f_ids))
+                   as_i(f_rows), as_i(f_ids), as_i([r.top_n for r in rows]))
 
     def assemble(self, own_lp: np.ndarray, own_top: np.ndarray, first_lp: np.ndarray,
-                 first_top: np.ndarray) -> list[tuple[np.ndarray, bool]]:
-        """Per row ``(log-probs of its targets in order, is_greedy)`` from the backend's
-        ``[T]`` own-target and ``[F]`` first-token log-probs and their argmax flags."""
+                 first_top: np.ndarray, own_alt: Alternatives | None = None,
+                 first_alt: Alternatives | None = None,
+                 ) -> list[tuple[np.ndarray, bool, list[list[tuple[int, float]]]]]:
+        """Per row ``(log-probs of its targets in order, is_greedy, alternatives)`` from the
+        backend's ``[T]`` own-target and ``[F]`` first-token log-probs, their argmax flags and
+        (when ``max_top_n``) their ``top_alternatives``; alternatives: per target the row's
+        ``top_n`` most likely ``(id, log-prob)``, or [] for a row that wants none."""
+        def pairs(a: Alternatives | None, lo: int, hi: int, k: int) -> list[list[tuple[int, float]]]:
+            if a is None:
+                raise ValueError("a row wants alternatives the backend did not compute")
+            return [list(zip(i, v)) for i, v in zip(a[0][lo:hi, :k].tolist(), a[1][lo:hi, :k].tolist())]
+
         out, t, f = [], 0, 0
         for r in self.rows:
             n = len(r.own_targets)
             lp, top = own_lp[t: t + n], own_top[t: t + n]
+            alts = pairs(own_alt, t, t + n, r.top_n) if r.top_n else []
             t += n
             if r.target_start == 0:
                 lp = np.concatenate([first_lp[f: f + 1], lp])
                 top = np.concatenate([first_top[f: f + 1], top])
+                alts = (pairs(first_alt, f, f + 1, r.top_n) + alts) if r.top_n else []
                 f += 1
-            out.append((np.asarray(lp, np.float64), bool(np.all(top))))
+            out.append((np.asarray(lp, np.float64), bool(np.all(top)), alts))
         return out
+
+
+Alternatives = tuple[np.ndarray, np.ndarray]  # ([T, n] ids int64, [T, n] log-probs), best first
+
+
+def top_alternatives(logprobs: np.ndarray, n: int) -> Alternatives:
+    """The ``n`` most likely ids and log-probs of each row of ``logprobs [T, V]`` (host arrays;
+    ties in id order, as ``sampling.pick_numpy``)."""
+    order = np.argsort(-logprobs, axis=-1, kind="stable")[:, :n]
+    return order.astype(np.int64), np.take_along_axis(logprobs, order, -1).astype(np.float64)

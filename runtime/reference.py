@@ -95,10 +95,16 @@ class ReferenceBackend(TorchModelMixin, StepperBackend):
                                              plan.prefix_lens[plan.first_rows] - 1]), device=dev)
         ids = torch.as_tensor(np.concatenate([plan.target_ids, plan.first_ids]), device=dev)
         sel = logits[rows, at].float()  # [T + F, V]
-        lp = sel.log_softmax(-1).gather(-1, ids[:, None])[:, 0].double().cpu().numpy()
+        all_lp = sel.log_softmax(-1)
+        lp = all_lp.gather(-1, ids[:, None])[:, 0].double().cpu().numpy()
         top = (sel.argmax(-1) == ids).cpu().numpy()
         T = len(plan.target_rows)
-        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:])
+        own_alt = first_alt = None
+        if plan.max_top_n:  # the same log-probs' most likely ids, as generation's pick_torch
+            val, idx = torch.topk(all_lp, min(plan.max_top_n, all_lp.shape[-1]), dim=-1)
+            val, idx = val.double().cpu().numpy(), idx.cpu().numpy().astype(np.int64)
+            own_alt, first_alt = (idx[:T], val[:T]), (idx[T:], val[T:])
+        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:], own_alt, first_alt)
 
     # generation: the state is the list of [prompt, ids so far], recomputed every step
     @torch.inference_mode()

@@ -9,11 +9,13 @@ context token, the first one predicted by the last virtual token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from .chat import ChatTemplate
     from .prompts import SoftPrompt
 
 
@@ -23,11 +25,13 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """prompt: soft-prompt name (``None`` = no prompt, P = 0); context / continuation: text or ids."""
+    """prompt: soft-prompt name (``None`` = no prompt, P = 0); context / continuation: text or
+    ids; top_logprobs: also return the n (0..20) most likely tokens of each scored position."""
 
     prompt: str | None
     context: str | Sequence[int]
     continuation: str | Sequence[int] | None = None
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class GenerateParams:
     """Decoding settings, validated on construction.
 
     max_new_tokens: tokens to generate at most (>= 1).
-    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature). A temperature
+        below ``sampling.GREEDY_BELOW`` (1e-5) is too small to tell from greedy and is greedy.
     top_k / top_p: optional sampling filters (top_k >= 1, 0 < top_p <= 1).
     seed: seeds the row's own generator, so a seeded row samples the same tokens alone, in any
         batch and any arrival order; None (default) draws a fresh seed per row.
@@ -84,13 +89,16 @@ class GenerateParams:
 class ScoreResult:
     """logprob: summed log-probability of the scored tokens; token_logprobs: one per token;
     tokens: the scored ids; is_greedy: whether greedy decoding would produce exactly them (every
-    scored token is the argmax of its position's distribution, from the same forward)."""
+    scored token is the argmax of its position's distribution, from the same forward);
+    top_logprobs: with the request's ``top_logprobs=n``, per scored token the n most likely
+    ``(id, log-prob)`` of its position, from the same forward (empty otherwise)."""
 
     logprob: float = float("nan")
     token_logprobs: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     error: str | None = None
     is_greedy: bool | None = None  # every scored token is the argmax at its position
+    top_logprobs: list = field(default_factory=list)  # per scored token [(id, log-prob)]
 
 
 @dataclass
@@ -122,12 +130,14 @@ class Row:
     """One prepared request as backends see it.
 
     prompt: the SoftPrompt (or None for P = 0); ids: ``[L]`` request token ids (context then
-    continuation); target_start: first index of ``ids`` whose log-probability is wanted.
+    continuation); target_start: first index of ``ids`` whose log-probability is wanted;
+    top_n: how many most likely alternatives to return per target (0: none).
     """
 
     prompt: SoftPrompt | None
     ids: list[int]
     target_start: int
+    top_n: int = 0
 
     @property
     def num_virtual(self) -> int:
@@ -151,11 +161,15 @@ class Tokenizer:
     bos_token_id / eos_token_id: the tokenizer's own BOS and EOS, as transformers declares
         them (``PreTrainedTokenizer.bos_token_id``); None when it has none.
     source: the model's name, for error messages.
+    chat_template: the model's chat template (``chat.ChatTemplate``), or None when it has none
+        (chat requests then get a RequestError saying so).
     """
 
     def __init__(self, tok, eos_token_ids: Sequence[int] = (), *, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None, source: str | None = None):
+                 eos_token_id: int | None = None, source: str | None = None,
+                 chat_template: ChatTemplate | None = None):
         self.tok = tok
+        self.chat_template = chat_template
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
         self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
@@ -166,27 +180,36 @@ class Tokenizer:
         """The tokenizer of a ``LoadedModel`` (tokenizer-less when it has none)."""
         from softprompt.models import display_name, eos_token_ids
 
+        from .chat import ChatTemplate
+
         t = lm.tokenizer
         return cls(None if t is None else t.backend_tokenizer, eos_token_ids(lm.model),
                    bos_token_id=getattr(t, "bos_token_id", None),
                    eos_token_id=getattr(t, "eos_token_id", None),
-                   source=display_name(lm.source))
+                   source=display_name(lm.source),
+                   chat_template=None if t is None else ChatTemplate.from_tokenizer(t))
 
     @classmethod
     def for_bundle(cls, bundle) -> "Tokenizer":
         """The tokenizer of an exported ``Bundle``: BOS/EOS read from the tokenizer_config.json
-        saved beside tokenizer.json (torch-free)."""
-        import json
+        saved beside tokenizer.json, the chat template from chat_template.jinja (or that
+        config) (torch-free)."""
+        from softprompt.export.errors import BundleError
+        from softprompt.models import read_json_object
+
+        from .chat import ChatTemplate
 
         special = {}
         cfg = bundle.path / "tokenizer_config.json"
-        if bundle.tokenizer is not None and cfg.is_file():
-            conf = json.loads(cfg.read_text())
+        if bundle.tokenizer is not None and cfg.is_file():  # bounded size and nesting
+            conf = read_json_object(cfg, 16 << 20, BundleError, "a tokenizer config")
             for key in ("bos_token", "eos_token"):
                 tok = conf.get(key)
                 tok = tok.get("content") if isinstance(tok, dict) else tok
                 special[key + "_id"] = bundle.tokenizer.token_to_id(tok) if tok else None
-        return cls(bundle.tokenizer, bundle.eos_token_ids, source=str(bundle.path), **special)
+        chat = None if bundle.tokenizer is None else ChatTemplate.from_dir(bundle.path)
+        return cls(bundle.tokenizer, bundle.eos_token_ids, source=str(bundle.path),
+                   chat_template=chat, **special)
 
     @property
     def prefix_token_id(self) -> int | None:
@@ -206,17 +229,86 @@ class Tokenizer:
                                f"has no tokenizer (none of "
                                f"{', '.join(TOKENIZER_FILES)} in its directory): send token ids "
                                "instead of text, or add its tokenizer files")
-        return self.tok.encode(text, add_special_tokens=special).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=special).ids
+        except (TypeError, UnicodeError) as e:  # e.g. a lone surrogate: tokenizers raises TypeError
+            raise RequestError(f"text cannot be tokenised ({type(e).__name__}: {e}); expected a "
+                               "string of Unicode characters") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return "" if self.tok is None else self.tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return "" if self.tok is None else self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    # How much a normalizer can shrink a text (None: it may drop characters, so no bound):
+    # NFC/NFKC compose at most 4 code points into one (U+1F82's decomposition is 4 long).
+    _SHRINK = {"NFD": 1, "NFKD": 1, "NFC": 4, "NFKC": 4, "Lowercase": 1, "Prepend": 1,
+               "Append": 1, "ByteLevel": 1}
+    # Pre-tokenizers that split or map a text but never drop a character of it.
+    _KEEPING = ("ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts")
+
+    @cached_property
+    def max_chars_per_token(self) -> int | None:
+        """At most how many characters of input text one token stands for (K), or None when the
+        tokenizer gives no such bound (no tokenizer; a normalizer or pre-tokenizer that drops
+        characters; an unknown-token, WordPiece or word-level model, where one token may stand
+        for a word of any length; truncation; an added token that absorbs spaces). K is the
+        longest vocabulary entry (byte-level entries are one character per byte, so at least
+        as long as the text they match) times what normalization can shrink a text by."""
+        import json
+
+        tok = self.tok
+        try:
+            if tok is None or tok.truncation is not None:
+                return None
+            shrink = 1
+            todo = [json.loads(tok.normalizer.__getstate__())] if tok.normalizer else []
+            while todo:
+                n = todo.pop()
+                kind = n.get("type")
+                if kind == "Sequence":
+                    todo += n["normalizers"]
+                elif kind == "Replace" and "String" in n["pattern"] and n["content"]:
+                    shrink *= -(-len(n["pattern"]["String"]) // len(n["content"]))
+                elif kind in self._SHRINK:
+                    shrink *= self._SHRINK[kind]
+                else:
+                    return None
+            todo = [json.loads(tok.pre_tokenizer.__getstate__())] if tok.pre_tokenizer else []
+            while todo:
+                pre = todo.pop()
+                if pre.get("type") == "Sequence":
+                    todo += pre["pretokenizers"]
+                elif pre.get("type") not in self._KEEPING or pre.get("behavior") == "Removed":
+                    return None
+            model = tok.model
+            if type(model).__name__ != "BPE" or (
+                    model.unk_token is not None and model.fuse_unk and not model.byte_fallback):
+                return None
+            if any(a.lstrip or a.rstrip for a in tok.get_added_tokens_decoder().values()):
+                return None
+            return max(map(len, tok.get_vocab(with_added_tokens=True))) * shrink
+        except Exception:  # noqa: BLE001 - a tokenizer we cannot inspect gets no bound
+            return None
+
+    def check_length(self, text: str, max_tokens: int, what: str = "text") -> None:
+        """RequestError, before any tokenising, when ``text`` is longer than ``max_tokens``
+        tokens can stand for (``max_chars_per_token``): it must tokenise to more than
+        ``max_tokens`` tokens, and tokenising it would cost memory and time for nothing."""
+        k = self.max_chars_per_token
+        if k is not None and len(text) > k * max_tokens:
+            raise RequestError(f"input too long: {what} is {len(text)} characters, more than the "
+                               f"{k * max_tokens} that {max_tokens} positions can hold (at most "
+                               f"{k} characters a token for this tokenizer)")
 
 
-def to_ids(value, tokenizer: Tokenizer, special: bool, what: str, vocab_size: int) -> list[int]:
+def to_ids(value, tokenizer: Tokenizer, special: bool, what: str, vocab_size: int,
+           max_tokens: int | None = None) -> list[int]:
     """Token ids of ``value``: text (valid Unicode) or a list of ints, checked against the
     vocabulary in both cases. Nothing is coerced: floats, booleans, digit strings and bytes are
-    refused, not converted."""
+    refused, not converted. max_tokens: text too long to fit in that many tokens is refused
+    before it is tokenised (``Tokenizer.check_length``)."""
     if isinstance(value, str):
+        if max_tokens is not None:
+            tokenizer.check_length(value, max_tokens, what)
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -243,18 +335,23 @@ def to_ids(value, tokenizer: Tokenizer, special: bool, what: str, vocab_size: in
 def as_request(r) -> ScoreRequest:
     """A ScoreRequest from a dict or ScoreRequest, its prompt name checked (str or None)."""
     if isinstance(r, dict):
-        unknown = set(r) - {"prompt", "context", "continuation"}
+        unknown = set(r) - {"prompt", "context", "continuation", "top_logprobs"}
         if unknown:
             raise RequestError(f"unknown request fields {sorted(map(str, unknown))}; expected "
-                               "prompt, context, continuation")
+                               "prompt, context, continuation, top_logprobs")
         if "context" not in r:
             raise RequestError("request has no 'context'; expected {prompt, context, continuation}")
-        r = ScoreRequest(r.get("prompt"), r["context"], r.get("continuation"))
+        r = ScoreRequest(r.get("prompt"), r["context"], r.get("continuation"),
+                         0 if r.get("top_logprobs") is None else r["top_logprobs"])
     elif not isinstance(r, ScoreRequest):
         raise RequestError(f"a request must be a dict or ScoreRequest, got {type(r).__name__}")
     if r.prompt is not None and not isinstance(r.prompt, str):
         raise RequestError(f"prompt must be a prompt name (a string) or None, got "
                            f"{type(r.prompt).__name__}")
+    n = r.top_logprobs
+    if (not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_))
+            or not 0 <= n <= 20):
+        raise RequestError(f"top_logprobs must be an integer in [0, 20], got {n!r}")
     return r
 
 
@@ -300,12 +397,12 @@ def make_row(request, prompts: Mapping[str, object], tokenizer: Tokenizer, model
         if prompt is None:
             raise RequestError(f"unknown prompt {r.prompt!r}; known: {sorted(prompts)}")
     V = model.vocab_size
-    ctx = to_ids(r.context, tokenizer, True, "context", V)
+    ctx = to_ids(r.context, tokenizer, True, "context", V, model.max_positions)
     if not ctx:
         raise RequestError("empty context: expected at least one token")
     cont = None
     if r.continuation is not None:
-        cont = to_ids(r.continuation, tokenizer, False, "continuation", V)
+        cont = to_ids(r.continuation, tokenizer, False, "continuation", V, model.max_positions)
         if not cont:
             raise RequestError("empty continuation: expected at least one token (or None "
                                "to score the context)")
@@ -320,7 +417,7 @@ def make_row(request, prompts: Mapping[str, object], tokenizer: Tokenizer, model
                            + (f" + {extra_positions} new" if extra_positions else "")
                            + f" = {total} positions, the model has {model.max_positions}")
     start = len(ctx) if cont is not None else (0 if P else 1)
-    return Row(prompt, ids, start)
+    return Row(prompt, ids, start, int(r.top_logprobs))
 
 
 def classify_requests(prompt: str | None, contexts, labels) -> tuple[list, list[str], list[ScoreRequest]]:

@@ -6,7 +6,8 @@ a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}
 raw little-endian bytes. bfloat16 is widened to float32 on read (numpy has no bfloat16).
 
 Reading is bounded: the header length is checked against a limit and the file size, the
-header alone is read and validated (known dtypes, sizes that match shapes, byte ranges that
+header alone is read and validated (JSON nested at most ``MAX_JSON_DEPTH`` deep, parsed
+without recursion into deep input; known dtypes, sizes that match shapes, byte ranges that
 tile the data section exactly: no gap, overlap, out-of-range offset or trailing byte), and
 only then is the data section memory-mapped. So a corrupt or hostile file costs at most its
 header in memory, and a valid one at most the tensors asked for (one copy, or none with
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from softprompt.models.files import loads_json
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -104,8 +107,8 @@ def read_header(f) -> Header:
         raise SafetensorsError(f"header claims {n} bytes but the file has {size - 8} after it")
     raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = loads_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # nested too deep included
         raise SafetensorsError(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"header is a JSON {type(header).__name__}, expected an object")

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
 @dataclass
 class Sampler:
-    """One row's sampling settings. ``temperature == 0``: greedy (argmax, no randomness)."""
+    """One row's sampling settings. ``temperature < GREEDY_BELOW`` (0 included): greedy (argmax,
+    no randomness); such a temperature is too small to tell from greedy, and dividing logits by
+    it would overflow (1e-320 turns every logit into inf). Sampling divides ``logits - max``,
+    never above 0, so no temperature overflows."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -40,7 +46,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def numpy_rng(self) -> np.random.Generator:
         if self._np is None:
@@ -88,7 +94,7 @@ def pick_numpy(logits: np.ndarray, samplers: list[Sampler]):
         if s.greedy:
             ids[b] = int(np.argmax(x[b]))
             continue
-        z = _filter_np(x[b] / s.temperature, s)
+        z = _filter_np((x[b] - x[b].max()) / s.temperature, s)  # <= 0: cannot overflow
         g = s.numpy_rng().gumbel(size=z.shape[-1])
         ids[b] = int(np.argmax(z + g))
     m = x.max(-1, keepdims=True)
@@ -106,7 +112,7 @@ def pick_torch(logits, samplers: list[Sampler]):
     for b, s in enumerate(samplers):
         if s.greedy:
             continue
-        z = x[b] / s.temperature
+        z = (x[b] - x[b].max()) / s.temperature  # <= 0: cannot overflow
         if s.top_k is not None and s.top_k < z.shape[-1]:
             kth = torch.topk(z, s.top_k).values[-1]
             z = torch.where(z >= kth, z, -torch.inf)

@@ -372,7 +372,8 @@ class TorchBackend(TorchModelMixin, StepperBackend):
         sel = torch.from_numpy(np.stack([plan.target_rows, plan.target_cols, plan.target_ids]))
         sel = sel.to(self.device)  # [3, T], one copy
         logits = self.lm_head(hidden[sel[0], sel[1]]).float()  # [T, V]
-        lp = logits.log_softmax(-1).gather(-1, sel[2][:, None])[:, 0]  # [T]
+        all_lp = logits.log_softmax(-1)  # [T, V]
+        lp = all_lp.gather(-1, sel[2][:, None])[:, 0]  # [T]
         top = logits.argmax(-1) == sel[2]
         # A row scored from its first token takes it from its prompt's cached first-token
         # log-probs (predicted by the last virtual token): gathered for all such rows at once.
@@ -383,10 +384,16 @@ class TorchBackend(TorchModelMixin, StepperBackend):
             first = table[at[0]].float()  # [F, V]
             lp = torch.cat([lp, first.gather(-1, at[1][:, None])[:, 0]])
             top = torch.cat([top, first.argmax(-1) == at[1]])
+            all_lp = torch.cat([all_lp, first]) if plan.max_top_n else all_lp
         out = torch.stack([lp.double(), top.double()]).cpu().numpy()  # the one device-to-host copy
         T = len(plan.target_rows)
         lp, top = out[0], out[1].astype(bool)
-        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:])
+        own_alt = first_alt = None
+        if plan.max_top_n:  # asked for: the same log-probs' most likely ids, as pick_torch
+            val, idx = torch.topk(all_lp, min(plan.max_top_n, all_lp.shape[-1]), dim=-1)
+            val, idx = val.double().cpu().numpy(), idx.cpu().numpy().astype(np.int64)
+            own_alt, first_alt = (idx[:T], val[:T]), (idx[T:], val[T:])
+        return plan.assemble(lp[:T], top[:T], lp[T:], top[T:], own_alt, first_alt)
 
     # ------------------------------------------------------------------------- generation
     @torch.inference_mode()

@@ -168,9 +168,9 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
     model, backend = resolve_model(model, backend, num_gpus_per_actor)
     fingerprint = None
     if (Path(model) / "bundle.json").is_file():
-        import json
+        from softprompt.models import loads_json
 
-        fingerprint = json.loads((Path(model) / "bundle.json").read_text()).get("fingerprint")
+        fingerprint = loads_json((Path(model) / "bundle.json").read_text()).get("fingerprint")
     identity = {"engine": "ray", "model": model, "backend": backend, "fingerprint": fingerprint,
                 "prompts": {n: SoftPrompt.load(s).digest for n, s in sorted(prompts.items())},
                 "batch_size": batch_size, "runtime_kwargs": dict(runtime_kwargs or {})}

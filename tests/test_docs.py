@@ -48,7 +48,15 @@ def test_readme_example_compiles():
 
 
 @pytest.mark.slow
-def test_readme_example_runs(monkeypatch):
-    """The README's example, run from the repository root (its prompt paths are relative)."""
+def test_readme_example_runs(monkeypatch, capsys):
+    """The README's example, run from the repository root (its prompt paths are relative), prints
+    what it promises: the generate line a non-empty text (a probe found it printing "" when the
+    first generated token was its stop string "\n"), the stream line the streamed text."""
     monkeypatch.chdir(ROOT)
-    exec(compile(readme_example(), "README.md example", "exec"), {"__name__": "readme_example"})
+    ns = {"__name__": "readme_example"}
+    exec(compile(readme_example(), "README.md example", "exec"), ns)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3, lines
+    assert lines[0].strip(), f"the generate example printed {lines[0]!r}"
+    assert lines[1].strip(), f"the stream example printed {lines[1]!r}"
+    assert all(isinstance(t, str) for t in ns["texts"]) and any(t.strip() for t in ns["texts"])

@@ -132,10 +132,12 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(files):
-    """Three servers started at once (their start-up, mostly imports, overlaps): the main one,
-    one with --max-queue 1 and a short --request-timeout, one to receive SIGTERM."""
+    """Four servers started at once (their start-up, mostly imports, overlaps): the main one,
+    one with --max-queue 1, one with a short --request-timeout (apart, so a request held to
+    fill the queue never races the timeout), one to receive SIGTERM."""
     args = {"main": ("--max-body-bytes", "200000"),
-            "queue": ("--max-queue", "1", "--request-timeout", "0.5"),
+            "queue": ("--max-queue", "1"),
+            "timeout": ("--request-timeout", "0.5"),
             "sigterm": ()}
     started = {}
     try:
@@ -374,12 +376,7 @@ def test_disconnect_mid_stream_frees_the_row(server):
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-    m = {}
-    for _ in range(100):  # the engine drops the row at its next step
-        m = server.metrics()
-        if m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0:
-            break
-        time.sleep(0.05)
+    m = _until_idle(server)  # the engine drops the row at its next step
     assert m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0
     assert m["softprompt:engine_generated_tokens_total"] - before < LONG
     ok = _post(server, "/v1/completions", {"model": "p5", "prompt": "hi", "max_tokens": 1})
@@ -398,9 +395,8 @@ def test_every_runtime_metric_is_exported_for_onnx(tiny_llama_bundle):
     rt = Runtime.load(tiny_llama_bundle, backend="onnx")
     rt.add_prompt("p4", SoftPrompt.random(4, rt.info.hidden_size, seed=3, std=0.5))
     with TestClient(create_app(rt, warmup=False)) as c:  # leaving it closes the runtime
-        for _ in range(100):
-            if c.get("/ready").status_code == 200:
-                break
+        deadline = time.monotonic() + 60  # bounded: fails an app that never gets ready
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         r = c.post("/v1/score", json={"requests": [{"prompt": "p4", "context": [5, 6, 7]}]})
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3, r.text
@@ -420,7 +416,21 @@ def test_every_runtime_metric_is_exported_for_onnx(tiny_llama_bundle):
 
 
 # --------------------------------------------------------------- servers of their own
-def test_full_queue_gets_429_and_timeout_frees_the_row(servers):
+def _until_idle(s) -> dict:
+    """/metrics once the server has no request in flight and no row running (bounded poll: the
+    deadline only fails a server that never gets there)."""
+    deadline = time.monotonic() + 60
+    while True:
+        m = s.metrics()
+        if (m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0) \
+                or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def test_full_queue_gets_429(servers):
+    """--max-queue 1: while one request is held (a stream that only ends when the client leaves),
+    the next is refused with 429; once it left, requests are served again."""
     s = servers["queue"]
     body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": LONG, "ignore_eos": True,
             "stream": True}
@@ -430,25 +440,45 @@ def test_full_queue_gets_429_and_timeout_frees_the_row(servers):
         busy = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
         _assert_error(busy, 429, code="queue_full")
         assert busy.headers["Retry-After"] == "1"
-        events = [ln for ln in lines if ln.startswith("data: ")]
-    # the held stream ran into --request-timeout: an error event, then [DONE]
+    m = _until_idle(s)  # the held stream's client went away: its row is dropped
+    assert m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0
+    ok = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
+    assert ok.status_code == 200
+
+
+def test_request_timeout_ends_a_long_request_and_frees_its_row(servers):
+    """--request-timeout 0.5 against requests of LONG tokens (seconds even on a fast machine):
+    a stream gets an error event then [DONE], a plain request 504; their rows are freed."""
+    s = servers["timeout"]
+    body = {"model": "p5", "prompt": TEXTS[0], "max_tokens": LONG, "ignore_eos": True,
+            "stream": True}
+    with s.client.stream("POST", "/v1/completions", json=body) as held:
+        events = [ln for ln in held.iter_lines() if ln.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["error"]["code"] == "timeout"
-    ok = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
-    assert ok.status_code == 200 and s.metrics()["softprompt:num_requests_running"] == 0
     slow = _post(s, "/v1/completions", dict(body, stream=False))
     _assert_error(slow, 504, code="timeout")
+    m = _until_idle(s)
+    assert m["softprompt:http_requests_in_flight"] == 0 and m["softprompt:num_requests_running"] == 0
+    ok = _post(s, "/v1/score", {"requests": [{"prompt": "p5", "context": "hi"}]})
+    assert ok.status_code == 200
 
 
 def test_sigterm_under_load_finishes_every_accepted_request(servers):
+    """12 requests (half streamed); SIGTERM once the server has accepted every one and at least
+    one is still running, as its /metrics says (in flight now, plus answered since the start:
+    the gauge drops before the counter rises, so a request is never counted twice), not after a
+    guessed delay: every accepted request gets its whole answer, then the server exits 0."""
     s = servers["sigterm"]
-    n, new = 12, 400  # long enough that all 12 are in flight together
+    n, new = 12, 400  # long enough that the 12 overlap
+    answered = 'softprompt:http_requests_total{endpoint="completions",status="200"}'
+    before = s.metrics().get(answered, 0.0)
     results: list = [None] * n
 
     def client(i):
         body = {"model": "p5", "prompt": TEXTS[i % len(TEXTS)], "max_tokens": new,
                 "ignore_eos": True, "temperature": 0, "stream": bool(i % 2)}
-        with httpx.Client(base_url=s.url, timeout=60, headers=s.client.headers) as c:
+        with httpx.Client(base_url=s.url, timeout=120, headers=s.client.headers) as c:
             if not body["stream"]:
                 results[i] = c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"]
                 return
@@ -460,15 +490,18 @@ def test_sigterm_under_load_finishes_every_accepted_request(servers):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    for _ in range(200):  # until every request is accepted
-        if s.metrics()["softprompt:http_requests_in_flight"] == n:
+    deadline = time.monotonic() + 120
+    while True:  # until every request is accepted (bounded: fails a server that stalls)
+        m = s.metrics()
+        in_flight, done = m["softprompt:http_requests_in_flight"], m.get(answered, 0.0) - before
+        if in_flight + done >= n or time.monotonic() > deadline:
             break
-        time.sleep(0.02)
-    assert s.metrics()["softprompt:http_requests_in_flight"] == n
+        time.sleep(0.01)
+    assert in_flight + done == n and in_flight >= 1, (in_flight, done)
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
-        t.join(60)
-    assert s.proc.wait(60) == 0, s.output()
+        t.join(120)
+    assert s.proc.wait(120) == 0, s.output()
     assert results == [new] * n  # every accepted request got its whole answer
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health", timeout=2)

@@ -11,8 +11,11 @@ whatever the input size. Records (JSONL; the same columns in CSV and Parquet)::
     {"line": n, "logprob": float, "token_logprobs": [float], "tokens": [int]}
     {"line": n, "error": "what is wrong"}
 
-``line`` is the line where the row starts in a JSONL or CSV file (CSV: the header is line 1) or
-the 1-based row index in a Parquet file. A bad row (not JSON, not an object, a field of the
+``line`` is the row's 1-based record number in every format: blank lines and the CSV header
+are not records, and a CSV record whose cells hold newlines is still one record, so record n
+is the n-th row a dataframe library reads from the input. With ``keep_columns``
+(``--keep-columns``) the input's other columns (an id...) follow ``line`` in each record, as
+``softprompt.ray.score_dataset`` keeps them. A bad row (not JSON, not an object, a field of the
 wrong type, an unknown prompt, too long...) gets an error record and never stops the job.
 
 Resume (an output file ``out``, not stdout). Until the job ends, ``out`` does not exist; the
@@ -32,8 +35,11 @@ seeks the input to the checkpoint's offset and continues. Chunks are the same as
 uninterrupted run, so every batch is the same and the output is byte-identical. At the end
 ``out.partial`` is renamed to ``out`` (Parquet: the parts are copied into ``out``, one row group
 per chunk, then removed). The checkpoint stays, marked done, as the output's provenance: a
-rerun of a finished job with ``resume`` does nothing, and a checkpoint that does not match the
-input, model, prompts or options is refused with the fields that differ.
+rerun of a finished job, with or without ``resume``, says it is complete (``already_done`` in
+the summary) and scores nothing (``overwrite`` scores it again), and a checkpoint that does not
+match the input, model, prompts or options is refused with the fields that differ. A failed
+read or write (a missing directory, a full disk) is a one-line ``JobError``; after a full disk,
+``resume`` continues from the last chunk written.
 
 Modules, one concern each: ``formats`` (readers and writers of JSONL, CSV, Parquet),
 ``checkpoint`` (the checkpoint, resume and finishing), ``run`` (the job driver).
@@ -41,9 +47,9 @@ Modules, one concern each: ``formats`` (readers and writers of JSONL, CSV, Parqu
 
 from softprompt.jobs.errors import JobError
 from softprompt.jobs.formats import (FORMATS, OUTPUT_COLUMNS, REQUEST_FIELDS, check_request,
-                                     detect_format, read_jsonl, record)
+                                     detect_format, jsonl_rows, read_jsonl, record)
 from softprompt.jobs.run import runtime_identity, score_chunk, score_file
 
 __all__ = ["FORMATS", "OUTPUT_COLUMNS", "REQUEST_FIELDS", "JobError", "check_request",
-           "detect_format", "read_jsonl", "record", "runtime_identity", "score_chunk",
-           "score_file"]
+           "detect_format", "jsonl_rows", "read_jsonl", "record", "runtime_identity",
+           "score_chunk", "score_file"]

@@ -7,7 +7,8 @@ ends, how a rerun resumes from it, and how the job finishes.
   bytes, input position), replaced atomically after each chunk (``save_checkpoint``).
 
 ``open_checkpoint`` starts a job or, resuming, checks the checkpoint matches the job and drops
-whatever a killed run wrote after it; ``finish`` makes ``out`` and marks the checkpoint done
+whatever a killed run wrote after it; a job found complete (the same job, scored to the end) is
+returned as is, with or without resume; ``finish`` makes ``out`` and marks the checkpoint done
 (idempotent, so a crash while finishing is finished by the next run).
 """
 
@@ -21,8 +22,12 @@ from pathlib import Path
 
 from softprompt.jobs.errors import JobError
 from softprompt.jobs.formats import merge_parquet_parts
+from softprompt.models.files import loads_json
 
-CHECKPOINT_VERSION = 1
+# 2: ``line`` is the record number in every format (was the physical line in JSONL and CSV),
+# positions carry the records consumed, and the job records ``keep_columns``.
+CHECKPOINT_VERSION = 2
+MAX_CHECKPOINT_BYTES = 16 << 20
 _HEAD_BYTES = 1 << 20  # the input's identity: its size and the sha256 of its first MiB
 
 
@@ -51,11 +56,11 @@ def input_identity(path: str) -> dict:
 
 
 def job_spec(input: str, input_format: str, output_format: str, chunk_rows: int,
-             model: dict) -> dict:
+             model: dict, keep_columns: bool = False) -> dict:
     """What makes a job the same job: a resumed run must match every field."""
     return {"version": CHECKPOINT_VERSION, "input": input_identity(input),
             "input_format": input_format, "output_format": output_format,
-            "chunk_rows": chunk_rows, "model": model}
+            "chunk_rows": chunk_rows, "keep_columns": keep_columns, "model": model}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,16 +106,46 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _read_checkpoint(ck: Path, job: dict) -> tuple[dict, dict]:
+    """(the checkpoint's state, its job fields); JobError if it is unreadable."""
+    try:
+        if ck.stat().st_size > MAX_CHECKPOINT_BYTES:
+            raise ValueError(f"{ck.stat().st_size} bytes, above {MAX_CHECKPOINT_BYTES}")
+        state = loads_json(ck.read_bytes().decode("utf-8"))  # bounded nesting
+        old = {k: state[k] for k in job}
+        if state.get("stage") not in ("scoring", "finishing", "done"):
+            raise ValueError(f"unknown stage {state.get('stage')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise JobError(f"checkpoint {ck} is unreadable ({e}); pass --overwrite to start "
+                       "again") from None
+    return state, old
+
+
+def complete(out: Path, job: dict) -> dict | None:
+    """The checkpoint's state if ``out`` is this very job, scored to its end (``finishing`` or
+    ``done``), else None: rerunning a finished job is not an error, it is already done."""
+    ck = checkpoint_path(out)
+    if not ck.exists():
+        return None
+    try:
+        state, old = _read_checkpoint(ck, job)
+    except JobError:
+        return None
+    if _differences(old, job) or state["stage"] == "scoring":
+        return None
+    if state["stage"] == "done" and not out.exists():
+        return None
+    return state
+
+
 def open_checkpoint(out: Path, job: dict, resume: bool, overwrite: bool) -> dict:
-    """The state to continue from: a fresh one, or the checkpoint's after checking it matches."""
+    """The state to continue from: a fresh one, or the checkpoint's after checking it matches;
+    the checkpoint's state, ``finishing`` or ``done``, for a job already scored to its end."""
     ck, companions = checkpoint_path(out), (partial_path(out), parts_dir(out))
+    if not overwrite and (state := complete(out, job)) is not None:
+        return state
     if ck.exists() and resume and not overwrite:
-        try:
-            state = json.loads(ck.read_text(encoding="utf-8"))
-            old = {k: state[k] for k in job}
-        except (ValueError, KeyError) as e:
-            raise JobError(f"checkpoint {ck} is unreadable ({e}); pass --overwrite to start "
-                           "again") from None
+        state, old = _read_checkpoint(ck, job)
         diff = _differences(old, job)
         if diff:
             raise JobError(f"checkpoint {ck} belongs to another job: {'; '.join(diff)}. Rerun "

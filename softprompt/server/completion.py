@@ -16,24 +16,27 @@ import asyncio
 import secrets
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from softprompt.runtime.prompts import SoftPromptError
-from softprompt.runtime.requests import RequestError, Row
+from softprompt.runtime.requests import GenerateParams, RequestError, Row
 
 from .errors import APIError, error_event
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, Logprobs, Usage
 from .state import ServerState
 
 FINISH = {"stop": "stop", "eos": "stop", "length": "length"}  # engine -> OpenAI
+PARAMS = {"max_new_tokens": "max_tokens", "stop_at_eos": "ignore_eos"}  # runtime -> OpenAI names
 
 
 def prompt_rows(rt, prompt: str | None, body: CompletionRequest) -> list[tuple[str, Row]]:
     """(text, Row) per prompt of the request (a text, texts, ids, or id lists), each validated
-    by the runtime as it will run: under ``prompt``, with ``max_tokens`` new positions."""
+    by the runtime as it will run: under ``prompt``, with ``max_tokens`` new positions (so every
+    path, ``max_tokens: 0`` and echo included, is checked against the model's positions)."""
     prompts = body.prompts()
     if not prompts:
         raise APIError(400, "prompt is empty: expected a string, a list of strings, or token ids",
@@ -48,69 +51,111 @@ def prompt_rows(rt, prompt: str | None, body: CompletionRequest) -> list[tuple[s
     return out
 
 
+def sampling_params(body, max_tokens: int, logprobs: int | None) -> dict:
+    """The runtime's generation arguments of a completions or chat body (its ``stop``,
+    ``seed``, ``temperature``, ``top_k``, ``top_p``, ``ignore_eos``): without a seed, a sampled
+    request draws a fresh one."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    seed = body.seed if body.seed is not None else (
+        secrets.randbits(31) if body.temperature > 0 else 0)
+    return dict(max_new_tokens=max_tokens, temperature=body.temperature,
+                top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+                top_p=body.top_p if body.top_p < 1 else None, seed=seed, stop=stop,
+                stop_at_eos=not body.ignore_eos, logprobs=logprobs)
+
+
+@dataclass
+class Generated:
+    """Everything one row generated (``CompletionJob._collect``)."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    tops: list = field(default_factory=list)
+    finish: str = "length"
+
+
 class CompletionJob:
-    """One /v1/completions request: echo scoring, the engine's token stream, usage, metrics."""
+    """One /v1/completions request: echo scoring, the engine's token stream, usage, metrics.
+    ``ChatJob`` (chat.py) reuses it, changing only what goes out (``_params``, ``complete``,
+    ``response``, and the streamed events: ``_head``, ``_head_events``, ``_chunk_event``,
+    ``_usage_event``)."""
+
+    endpoint = "completions"  # the metrics' endpoint label
+    id_prefix = "cmpl-"
+    param = "prompt"  # the field a request error names
 
     def __init__(self, st: ServerState, rt, prompt: str | None, body: CompletionRequest, t0: float):
         self.st, self.rt, self.prompt, self.body, self.t0 = st, rt, prompt, body, t0
         self.label = prompt or st.base_id
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.first_token: float | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.it = None
         self._finished = False
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        seed = body.seed if body.seed is not None else (
-            secrets.randbits(31) if body.temperature > 0 else 0)
-        self.params = dict(max_new_tokens=body.max_tokens, temperature=body.temperature,
-                           top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-                           top_p=body.top_p if body.top_p < 1 else None, seed=seed, stop=stop,
-                           stop_at_eos=not body.ignore_eos, logprobs=body.logprobs)
+        self.params = self._params()
+        if self.params["max_new_tokens"] > 0:  # the runtime's own check of the settings, before any work
+            try:
+                GenerateParams(**self.params)
+            except RequestError as e:
+                name = str(e).split(" ", 1)[0]
+                raise APIError(400, str(e), param=PARAMS.get(name, name)) from None
+
+    def _params(self) -> dict:
+        return sampling_params(self.body, self.body.max_tokens, self.body.logprobs)
 
     # ------------------------------------------------------------------------ metrics
     def _generated(self, n: int) -> None:
         if n and self.first_token is None:
             self.first_token = time.perf_counter()
-            self.st.metrics.ttft.labels("completions", self.label).observe(self.first_token - self.t0)
+            self.st.metrics.ttft.labels(self.endpoint, self.label).observe(self.first_token - self.t0)
         self.completion_tokens += n
-        self.st.metrics.generation_tokens.labels("completions", self.label).inc(n)
+        self.st.metrics.generation_tokens.labels(self.endpoint, self.label).inc(n)
 
     def _queued(self) -> None:
-        self.st.metrics.queue.labels("completions", self.label).observe(time.perf_counter() - self.t0)
+        self.st.metrics.queue.labels(self.endpoint, self.label).observe(time.perf_counter() - self.t0)
 
     def done(self) -> None:
         m = self.st.metrics
-        m.latency.labels("completions", self.label).observe(time.perf_counter() - self.t0)
-        m.prompt_tokens.labels("completions", self.label).inc(self.prompt_tokens)
+        m.latency.labels(self.endpoint, self.label).observe(time.perf_counter() - self.t0)
+        m.prompt_tokens.labels(self.endpoint, self.label).inc(self.prompt_tokens)
 
     # ----------------------------------------------------------------------- pieces
-    def _logprobs(self, ids: list[int], lps: list, offset: int, tops=None) -> Logprobs:
-        """OpenAI's logprobs object; tops: per token [(id, log-prob)] (None: echoed tokens)."""
+    def _logprobs(self, ids: list[int], lps: list, offset: int, tops: list) -> Logprobs:
+        """OpenAI's logprobs object; tops: per token its [(id, log-prob)] alternatives, or None
+        (a first prompt token nothing predicts); empty with ``logprobs: 0``."""
         decode = self.rt.tokenizer.decode
+        tops = tops or [[] for _ in ids]  # logprobs=0: no alternatives, an empty dict per token
         tokens = [decode([i]) for i in ids]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        top = [None] * len(ids) if tops is None else [{decode([i]): v for i, v in t} for t in tops]
+        top = [None if t is None else {decode([i]): v for i, v in t} for t in tops]
         return Logprobs(tokens=tokens, token_logprobs=lps, text_offset=offsets, top_logprobs=top)
 
     async def _echo(self, text: str, row: Row) -> tuple[str, Logprobs | None]:
-        """The prompt's own text and (with logprobs) its per-token log-probs, as OpenAI's echo
-        returns them: null for a first token nothing predicts (no soft prompt)."""
-        if self.body.logprobs is None:
+        """The prompt's own text and (with logprobs) its per-token log-probs and ``logprobs``
+        most likely alternatives, from one scoring forward, as OpenAI's echo returns them: null
+        for a first token nothing predicts (no soft prompt)."""
+        n = self.body.logprobs
+        if n is None:
             return text, None
         P = row.num_virtual
         lps: list = [None] * len(row.ids)
+        tops: list = [None] * len(row.ids)
         if P or len(row.ids) > 1:
             self._queued()
-            res = (await self.rt.score_async([{"prompt": self.prompt, "context": row.ids}],
-                                             errors="return"))[0]
+            res = (await self.rt.score_async(
+                [{"prompt": self.prompt, "context": row.ids, "top_logprobs": n}],
+                errors="return"))[0]
             if res.error:
                 raise APIError(400, res.error, param="prompt")
+            alts = res.top_logprobs or [[] for _ in res.token_logprobs]  # logprobs=0: none
             lps = ([] if P else [None]) + list(res.token_logprobs)
-        return text, self._logprobs(row.ids, lps, 0)
+            tops = ([] if P else [None]) + list(alts)
+        return text, self._logprobs(row.ids, lps, 0, tops)
 
     def _stream(self, row: Row):
         self._queued()
@@ -121,30 +166,39 @@ class CompletionJob:
                      total_tokens=self.prompt_tokens + self.completion_tokens)
 
     # --------------------------------------------------------------- non-streaming
+    async def _collect(self, row: Row) -> Generated:
+        """Every token the row generates (none with ``max_tokens: 0``), consumed from its
+        engine stream."""
+        g = Generated()
+        if self.params["max_new_tokens"] > 0:
+            it = self._stream(row)
+            try:
+                async for chunk in it:
+                    _check(chunk)
+                    self._generated(len(chunk.token_ids))
+                    g.text += chunk.text
+                    g.ids += chunk.token_ids
+                    g.lps += chunk.token_logprobs
+                    g.tops += chunk.top_logprobs
+                    g.finish = chunk.finish_reason or g.finish
+            except (RequestError, SoftPromptError) as e:
+                raise APIError(400, str(e), param=self.param) from None
+            finally:
+                await _aclose(it)
+        return g
+
     async def complete(self, index: int, text: str, row: Row) -> CompletionChoice:
         """One prompt's choice: echo, then every generated token."""
         self.prompt_tokens += len(row.ids)
         out, lp = ("", None)
         if self.body.echo:
             out, lp = await self._echo(text, row)
-        finish, gen_ids, gen_lps, gen_tops, gen_start = "length", [], [], [], len(out)
-        if self.body.max_tokens > 0:
-            it = self._stream(row)
-            try:
-                async for chunk in it:
-                    _check(chunk)
-                    self._generated(len(chunk.token_ids))
-                    out += chunk.text
-                    gen_ids += chunk.token_ids
-                    gen_lps += chunk.token_logprobs
-                    gen_tops += chunk.top_logprobs
-                    finish = chunk.finish_reason or finish
-            except (RequestError, SoftPromptError) as e:
-                raise APIError(400, str(e), param="prompt") from None
-            finally:
-                await _aclose(it)
+        gen_start = len(out)
+        g = await self._collect(row)
+        out += g.text
+        finish = g.finish
         if self.body.logprobs is not None:
-            gen = self._logprobs(gen_ids, gen_lps, gen_start, gen_tops)
+            gen = self._logprobs(g.ids, g.lps, gen_start, g.tops)
             lp = gen if lp is None else Logprobs(
                 tokens=lp.tokens + gen.tokens, token_logprobs=lp.token_logprobs + gen.token_logprobs,
                 text_offset=lp.text_offset + gen.text_offset,
@@ -167,15 +221,15 @@ class CompletionJob:
         """Echo, then the first engine chunk (so a bad request still gets its 4xx status);
         returns the event generator."""
         self.prompt_tokens += len(row.ids)
-        head = await self._echo(text, row) if self.body.echo else ("", None)
+        head = await self._head(text, row)
         first = None
-        if self.body.max_tokens > 0:
+        if self.params["max_new_tokens"] > 0:
             self.it = self._stream(row)
             try:
                 first = await asyncio.wait_for(anext(self.it), self.st.timeout)
             except (RequestError, SoftPromptError) as e:
                 await self.aclose()
-                raise APIError(400, str(e), param="prompt") from None
+                raise APIError(400, str(e), param=self.param) from None
             except (asyncio.TimeoutError, StopAsyncIteration):
                 await self.aclose()
                 raise APIError(504, f"no token within {self.st.timeout:g} s (--request-timeout)",
@@ -185,24 +239,41 @@ class CompletionJob:
                 raise
         return self._events(head, first)
 
+    async def _head(self, text: str, row: Row) -> tuple[str, Logprobs | None]:
+        """What is computed before the first engine chunk: the echo."""
+        return await self._echo(text, row) if self.body.echo else ("", None)
+
+    def _head_events(self, head, first) -> list[str]:
+        """The events before the first engine chunk's: the echo."""
+        return [self._event(head[0], head[1], None if first else "length")] if self.body.echo else []
+
+    def _chunk_event(self, chunk, offset: int, finish: str | None) -> str:
+        """The event of one engine chunk (``offset``: its first character in the text)."""
+        lp = None
+        if self.body.logprobs is not None:
+            lp = self._logprobs(chunk.token_ids, list(chunk.token_logprobs), offset,
+                                chunk.top_logprobs)
+        return self._event(chunk.text, lp, finish)
+
+    def _usage_event(self) -> str:
+        usage = CompletionResponse(id=self.id, created=self.created, model=self.body.model,
+                                   choices=[], usage=self._usage())
+        return f"data: {usage.model_dump_json()}\n\n"
+
     async def _events(self, head, first):
         deadline = self.t0 + self.st.timeout
         offset = len(head[0])
-        if self.body.echo:
-            yield self._event(head[0], head[1], None if first else "length")
+        for event in self._head_events(head, first):
+            yield event
         chunk = first
         while chunk is not None:
             if chunk.finish_reason in ("error", "cancelled"):
                 yield error_event(_engine_error(chunk).info())
                 break
             self._generated(len(chunk.token_ids))
-            lp = None
-            if self.body.logprobs is not None:
-                lp = self._logprobs(chunk.token_ids, list(chunk.token_logprobs), offset,
-                                    chunk.top_logprobs)
-            offset += len(chunk.text)
             finish = FINISH.get(chunk.finish_reason, "stop") if chunk.finish_reason else None
-            yield self._event(chunk.text, lp, finish)
+            yield self._chunk_event(chunk, offset, finish)
+            offset += len(chunk.text)
             if finish:
                 break
             try:
@@ -215,9 +286,7 @@ class CompletionJob:
                     type="timeout", code="timeout"))
                 break
         if self.body.stream_options and self.body.stream_options.include_usage:
-            usage = CompletionResponse(id=self.id, created=self.created, model=self.body.model,
-                                       choices=[], usage=self._usage())
-            yield f"data: {usage.model_dump_json()}\n\n"
+            yield self._usage_event()
         await self.finish()  # the slot is free before the client can see [DONE] and send again
         yield "data: [DONE]\n\n"
 

@@ -48,6 +48,37 @@ def error_event(info: ErrorInfo) -> str:
     return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n"
 
 
+# pydantic names a union's members in an error's location; what they mean, in words
+UNION_MEMBERS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                 "list[str]": "a list of strings", "list[int]": "a list of token ids (integers)",
+                 "list[list[int]]": "a list of token-id lists",
+                 "list[union[str,list[int]]]": "a list of strings or token-id lists"}
+
+
+def _is_member(x) -> bool:
+    return isinstance(x, str) and (x in UNION_MEMBERS or "[" in x)
+
+
+def _union_message(errors: list[dict]) -> str | None:
+    """For a value no member of a union accepts: ``field: expected A, B or C (got ...)``."""
+    loc = [x for x in errors[0].get("loc", ()) if x != "body"]
+    at = next((i for i, x in enumerate(loc) if _is_member(x)), None)
+    if at is None:
+        return None
+    prefix, members = loc[:at], []
+    for e in errors:
+        other = [x for x in e.get("loc", ()) if x != "body"]
+        if other[:at] == prefix and len(other) > at and _is_member(other[at]):
+            name = UNION_MEMBERS.get(other[at], other[at])
+            if name not in members:
+                members.append(name)
+    got = repr(errors[0].get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    expected = members[0] if len(members) == 1 else ", ".join(members[:-1]) + " or " + members[-1]
+    return (f"{'.'.join(map(str, prefix))}: expected {expected}, got {got} (values are not "
+            "converted)")
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str, str | None]:
     """(message, type, param) for the first pydantic error, naming the field."""
     e = errors[0]
@@ -64,6 +95,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str, str | None]:
     if field is None:
         return ("request body must be a JSON object sent with 'Content-Type: application/json'",
                 "invalid_request_error", None)
+    union = _union_message(errors)
+    if union is not None:
+        return union, "invalid_request_error", loc[0]
     got = repr(e.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
     return f"{field}: {e.get('msg')} (got {got})", "invalid_request_error", loc[0] if loc else None
@@ -74,6 +108,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, APIError):
         return error_response(exc.status_code, exc.detail, exc.type, exc.param, exc.code,
                               exc.headers)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:  # no route matched: OpenAI's answer to an unknown URL
+        return error_response(404, f"Invalid URL ({where})", code="unknown_url", headers=exc.headers)
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow")
+        return error_response(405, f"Method not allowed ({where})"
+                              + (f"; allowed: {allow}" if allow else ""), code="method_not_allowed",
+                              headers=exc.headers)
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 

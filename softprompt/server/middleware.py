@@ -9,7 +9,8 @@ from .metrics import Metrics
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/score": "score", "/v1/classify": "classify",
              "/v1/models": "models", "/v1/prompts": "prompts", "/health": "health",
-             "/ready": "ready", "/metrics": "metrics"}
+             "/ready": "ready", "/metrics": "metrics", "/v1/chat/completions": "chat",
+             "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
 
 def endpoint_of(path: str) -> str:

@@ -1,18 +1,23 @@
 """Request and response bodies (pydantic): OpenAI's legacy completions dialect plus the
 native score / classify calls. Unknown fields are refused (400 naming the field), as OpenAI
-does, so a misspelt parameter never passes silently."""
+does, so a misspelt parameter never passes silently. Request bodies are strict (``_Body``):
+nothing is converted, so ``2.0`` or ``"2"`` for an integer, ``true`` for a token id or ``"0"``
+for a number is a 400, as the runtime refuses them in Python (an integer is accepted for a
+number), and NaN/Infinity are refused."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 Text = Union[str, list[int]]  # text, or token ids
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, strict types (no conversion), finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -67,9 +72,9 @@ class CompletionRequest(_Body):
 
 
 class Logprobs(BaseModel):
-    """OpenAI's legacy logprobs object. ``top_logprobs``: per generated token the ``logprobs``
-    most likely tokens and their log-probs; null for echoed prompt tokens (scoring returns each
-    prompt token's own log-prob, not its alternatives)."""
+    """OpenAI's legacy logprobs object. ``top_logprobs``: per token the ``logprobs`` most likely
+    tokens and their log-probs, echoed prompt tokens included (from the scoring forward); null
+    for a first prompt token nothing predicts (no soft prompt), as OpenAI and vLLM give it."""
 
     tokens: list[str]
     token_logprobs: list[Optional[float]]
@@ -126,7 +131,10 @@ class ScoreItem(_Body):
 
 
 class ScoreBody(_Body):
-    requests: list[ScoreItem] = Field(min_length=1)
+    """``POST /v1/score``: each of ``requests`` is validated on its own as a ``ScoreItem`` (by
+    the route), so an item of the wrong shape gets its own error and its neighbours are scored."""
+
+    requests: list[Any] = Field(min_length=1)
 
 
 class ScoreItemResult(BaseModel):
@@ -145,11 +153,15 @@ class ScoreResponse(BaseModel):
 
 
 class ClassifyBody(_Body):
-    """``Runtime.classify(prompt, contexts, labels)``."""
+    """``Runtime.classify(prompt, contexts, labels)``: each of ``contexts`` is validated on its
+    own as ``Text`` (by the route, ``CONTEXT``), so a bad one gets its own error."""
 
     prompt: Optional[str] = None
-    contexts: Union[str, list[Text]]
+    contexts: Union[str, list[Any]]
     labels: list[str]
+
+
+CONTEXT: TypeAdapter = TypeAdapter(Text, config=ConfigDict(strict=True))  # one classify context
 
 
 class ClassifyItemResult(BaseModel):

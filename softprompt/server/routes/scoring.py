@@ -2,20 +2,25 @@
 (``Runtime.classify_async``). A bad item gets its own ``error`` in the answer; the others are
 computed. Both are admitted against the queue limit and awaited under the request timeout
 (``ServerState.batch_call``), so a client that leaves or times out drops its uncomputed rows.
-Token counts come from the runtime's own validation (``Runtime.check``)."""
+Every item is validated by the runtime's own function (``Runtime.check``, which the runtime's
+call runs again), so an item it refuses gets its own error and never touches its neighbours;
+token counts come from the rows it returns (they cannot fail on a checked item)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 
 from softprompt.runtime.prompts import SoftPromptError
-from softprompt.runtime.requests import RequestError, ScoreRequest
+from softprompt.runtime.requests import RequestError, ScoreRequest, classify_requests
 
 from ..deps import require_key, server_state
-from ..protocol import (ClassifyBody, ClassifyItemResult, ClassifyResponse, ScoreBody,
-                        ScoreItemResult, ScoreResponse, Usage)
+from ..errors import APIError, validation_message
+from ..protocol import (CONTEXT, ClassifyBody, ClassifyItemResult, ClassifyResponse, ScoreBody,
+                        ScoreItem, ScoreItemResult, ScoreResponse, Usage)
 from ..state import ServerState
 
 router = APIRouter()
@@ -30,26 +35,61 @@ def _row_or_none(rt, request):
         return None
 
 
+def _shape_error(e: ValidationError, field: str | None = None) -> str:
+    """The one-line message of an item's pydantic error (``field`` names a bare value)."""
+    errors = [dict(x, loc=((field,) if field else ()) + tuple(x.get("loc", ()))) for x in e.errors()]
+    return validation_message(errors)[0]
+
+
+def _score_item(raw: Any) -> tuple[dict | None, str | None]:
+    """(the item as a runtime request, None) or (None, why it is not one)."""
+    if not isinstance(raw, dict):
+        return None, (f"a request must be an object {{prompt, context, continuation}}, got "
+                      f"{type(raw).__name__}")
+    try:
+        return ScoreItem.model_validate(raw).model_dump(), None
+    except ValidationError as e:
+        return None, _shape_error(e)
+
+
+def _context(raw: Any) -> tuple[Any, str | None]:
+    """(a classify context, None) or (None, why it is not one)."""
+    try:
+        return CONTEXT.validate_python(raw), None
+    except ValidationError as e:
+        return None, _shape_error(e, "context")
+
+
+def _label(rt, st: ServerState, prompts: set) -> str:
+    """The metric label of a call: its one prompt (or the base model), ``mixed`` or ``unknown``
+    (values stay bounded by the registered prompts)."""
+    if len(prompts) > 1:
+        return "mixed"
+    label = next(iter(prompts), None) or st.base_id
+    return label if label in rt.prompts or label == st.base_id else "unknown"
+
+
 @router.post("/v1/score", dependencies=[Depends(require_key)])
 async def score(body: ScoreBody, request: Request,
                 st: ServerState = Depends(server_state)) -> ScoreResponse:
     """``Runtime.score`` over the items (its asyncio form: no worker thread)."""
     rt = st.runtime()
     t0 = time.perf_counter()
-    names = {r.prompt for r in body.requests}
-    label = "mixed" if len(names) > 1 else (names.pop() or st.base_id)
-    if label not in rt.prompts and label not in ("mixed", st.base_id):
-        label = "unknown"  # metric labels stay bounded by the registered prompts
-    items = [r.model_dump() for r in body.requests]
+    parsed = [_score_item(raw) for raw in body.requests]
+    items = [item for item, _ in parsed if item is not None]
     rows = [_row_or_none(rt, item) for item in items]
     n_tokens = sum(len(row.ids) for row in rows if row is not None)
-    res = await st.batch_call(request, "score", label, t0, n_tokens,
-                              lambda: rt.score_async(items, errors="return"))
-    return ScoreResponse(data=[
-        ScoreItemResult(index=i, error=r.error) if r.error else
-        ScoreItemResult(index=i, logprob=r.logprob, token_logprobs=r.token_logprobs,
-                        tokens=r.tokens, is_greedy=r.is_greedy)
-        for i, r in enumerate(res)], usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens))
+    label = _label(rt, st, {item["prompt"] for item in items})
+    res = iter(await st.batch_call(request, "score", label, t0, n_tokens,
+                                   lambda: rt.score_async(items, errors="return")))
+    data = []
+    for i, (item, shape) in enumerate(parsed):
+        r = next(res) if item is not None else None
+        error = shape if r is None else r.error
+        data.append(ScoreItemResult(index=i, error=error) if error or r is None else
+                    ScoreItemResult(index=i, logprob=r.logprob, token_logprobs=r.token_logprobs,
+                                    tokens=r.tokens, is_greedy=r.is_greedy))
+    return ScoreResponse(data=data, usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens))
 
 
 @router.post("/v1/classify", dependencies=[Depends(require_key)])
@@ -60,15 +100,23 @@ async def classify(body: ClassifyBody, request: Request,
     t0 = time.perf_counter()
     prompt = None if body.prompt is None else st.prompt_for(body.prompt, "prompt")
     label = prompt or st.base_id
-    contexts = [body.contexts] if isinstance(body.contexts, str) else body.contexts
+    parsed = [_context(c) for c in ([body.contexts] if isinstance(body.contexts, str)
+                                    else body.contexts)]
+    contexts = [c for c, shape in parsed if shape is None]
+    try:  # the call's labels, checked before it is admitted (the contexts are per item)
+        classify_requests(prompt, contexts, body.labels)
+    except RequestError as e:
+        raise APIError(400, str(e), param="labels") from None
     # context tokens: a (context, label) row's targets start right after its context
-    rows = [_row_or_none(rt, ScoreRequest(prompt, c, body.labels[0])) if body.labels else None
-            for c in contexts]
+    rows = [_row_or_none(rt, ScoreRequest(prompt, c, body.labels[0])) for c in contexts]
     n_tokens = sum(row.target_start for row in rows if row is not None)
-    res = await st.batch_call(request, "classify", label, t0, n_tokens,
-                              lambda: rt.classify_async(prompt, contexts, body.labels,
-                                                        errors="return"))
-    return ClassifyResponse(data=[
-        ClassifyItemResult(index=i, error=r.error) if r.error else
-        ClassifyItemResult(index=i, label=r.label, probs=r.probs, logprobs=r.logprobs)
-        for i, r in enumerate(res)])
+    res = iter(await st.batch_call(request, "classify", label, t0, n_tokens,
+                                   lambda: rt.classify_async(prompt, contexts, body.labels,
+                                                             errors="return")))
+    data = []
+    for i, (_, shape) in enumerate(parsed):
+        r = next(res) if shape is None else None
+        error = shape if r is None else r.error
+        data.append(ClassifyItemResult(index=i, error=error) if error or r is None else
+                    ClassifyItemResult(index=i, label=r.label, probs=r.probs, logprobs=r.logprobs))
+    return ClassifyResponse(data=data)
