@@ -1,4 +1,4 @@
-"""``softprompt <verb>``: info, demo, score, generate, serve, export, bench, eval."""
+"""``softprompt <verb>``: info, demo, score, generate, serve, export, bench, eval, train, inspect."""
 
 from __future__ import annotations
 
@@ -58,12 +58,13 @@ def _write(out, obj) -> None:
 def cmd_score(args) -> int:
     """Rows {prompt, context, continuation} in (JSONL, CSV or Parquet), score records out, chunk
     by chunk with a checkpoint beside the output (softprompt/jobs/). A bad row gets
-    {"line": n, "error": ...}; the others are still scored."""
+    {"line": n, "error": ...}; the others are still scored. A job whose output is complete
+    already says so and exits 0; anything that stops a job is one line and exit status 1."""
     from softprompt.jobs import JobError, score_file
 
     opts = dict(chunk_rows=args.chunk_rows, resume=args.resume, overwrite=args.overwrite,
                 input_format=args.input_format, output_format=args.output_format,
-                progress=not args.no_progress)
+                progress=not args.no_progress, keep_columns=args.keep_columns)
     try:
         if args.ray:
             from softprompt import ray as sp_ray
@@ -79,7 +80,10 @@ def cmd_score(args) -> int:
             summary = score_file(_runtime(args), args.input, args.output, **opts)
     except JobError as e:
         raise SystemExit(f"softprompt score: {e}") from None
-    if not args.no_progress:
+    if summary.get("already_done"):
+        print(f"softprompt score: {args.output} is complete already ({summary['rows_done']} rows, "
+              "the same job); nothing to do (--overwrite scores it again)", file=sys.stderr)
+    elif not args.no_progress:
         print(f"softprompt score: {summary['rows']} rows ({summary['errors']} errors) in "
               f"{summary['seconds']:.1f} s", file=sys.stderr)
     return 0
@@ -126,6 +130,8 @@ def cmd_info(args) -> int:
         print(f"  cuda          {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     except ImportError:
         pass
+    from softprompt.models import loads_json
+
     home = models.softprompt_home()
     print(f"SOFTPROMPT_HOME {home}")
     d = models.default_model_dir(convert=False)
@@ -135,7 +141,7 @@ def cmd_info(args) -> int:
         from softprompt.export import bundle_for
 
         b = bundle_for("default", create=False)
-        m = json.loads((b / "bundle.json").read_text()) if b else {}
+        m = loads_json((b / "bundle.json").read_text()) if b else {}
         s = (m.get("validation") or {}).get("scores") or {}
         ms = (m.get("weights") or {}).get("request_ms") or {}
         what = (f"int4 weights, mean |dlogprob| {s.get('mean_abs_dlogprob')} vs float32 "
@@ -149,7 +155,7 @@ def cmd_info(args) -> int:
 
         p = Path(args.model)
         if (p / "bundle.json").is_file():
-            m = json.loads((p / "bundle.json").read_text())
+            m = loads_json((p / "bundle.json").read_text())
             keys = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                     "hidden_size", "vocab_size", "dtype", "quantization", "opset", "fingerprint")
             print("bundle", p, {k: m.get(k) for k in keys})
@@ -223,6 +229,9 @@ def cmd_serve(args) -> int:
         if not sep or not name or not source:
             raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
     dir_prompts = prompt_dir_sources(args.prompt_dir) if args.prompt_dir else []
+    if args.watch:  # served from the start, then kept in step with the directory
+        os.makedirs(args.watch, exist_ok=True)
+        dir_prompts += prompt_dir_sources(args.watch)
     api_keys = args.api_key or [k for k in os.environ.get("SOFTPROMPT_API_KEY", "").split(",") if k]
     admin_key = args.admin_key or os.environ.get("SOFTPROMPT_ADMIN_KEY")
 
@@ -235,7 +244,8 @@ def cmd_serve(args) -> int:
     app = create_app(loader=load, api_keys=api_keys, admin_keys=[admin_key] if admin_key else [],
                      max_queue=args.max_queue, request_timeout=args.request_timeout,
                      max_body_bytes=args.max_body_bytes,
-                     served_model_name=args.served_model_name, warmup=not args.no_warmup)
+                     served_model_name=args.served_model_name, warmup=not args.no_warmup,
+                     watch_dir=args.watch, watch_interval=args.watch_interval)
     return serve(app, args.host, args.port, log_level=args.log_level,
                  access_log=args.access_log, graceful_timeout=args.request_timeout + 5)
 
@@ -293,6 +303,10 @@ LAZY_VERBS = {
                "export a causal LM to an ONNX bundle (soft prompts as graph input)"),
     "bench": ("softprompt.bench.driver",
               "benchmark backends over prompt length x batch x request length (CSV, JSON, plots)"),
+    "train": ("softprompt.train.cli", "train a soft prompt with PEFT, evaluated on the runtime "
+              "every epoch (resumable; --serve-url uploads it)"),
+    "inspect": ("softprompt.train.inspect_prompt", "a soft prompt's virtual tokens against the "
+                "vocabulary: nearest tokens, norms, init distance, --compare, --plot"),
 }
 
 
@@ -338,6 +352,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                    "chunk of an interrupted run of the same job (starts if there is none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output and its checkpoint")
+    p.add_argument("--keep-columns", action="store_true",
+                   help="carry the input's other columns (an id...) into each output record, "
+                        "after 'line' (the record number); JSONL input needs JSONL output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="score each chunk on a Ray cluster (ADDRESS, e.g. ray://head:10001 or "
@@ -367,6 +384,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt-dir", default=None, metavar="DIR",
                    help="register every PEFT adapter subdirectory and .safetensors/.npy file "
                         "in DIR, named after it")
+    p.add_argument("--watch", default=None, metavar="DIR",
+                   help="as --prompt-dir, then keep serving DIR as it changes: new and changed "
+                        "prompts are validated and swapped in, removed ones removed")
+    p.add_argument("--watch-interval", type=float, default=2.0, metavar="S",
+                   help="seconds between two scans of --watch DIR (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -392,6 +414,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     _add_lazy_parser(sub, "export", verb)
     _add_lazy_parser(sub, "bench", verb)
+    _add_lazy_parser(sub, "train", verb)
+    _add_lazy_parser(sub, "inspect", verb)
     _add_eval_parser(sub)
     return parser
 

@@ -23,7 +23,8 @@ CHECK = """
 import contextlib, io, json, sys
 import softprompt.cli as cli
 cli.build_parser()
-for argv in (["--help"], ["score", "--help"], ["serve", "--help"], ["eval", "--help"]):
+for argv in (["--help"], ["score", "--help"], ["serve", "--help"], ["eval", "--help"],
+             ["train", "--help"], ["inspect", "--help"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         cli.main(argv)
 heavy = sorted(m for m in sys.modules
@@ -46,7 +47,7 @@ def _listing(parser) -> dict[str, str]:
 
 def test_help_lists_every_verb():
     assert list(_listing(cli.build_parser())) == ["info", "demo", "score", "generate", "serve",
-                                                  "export", "bench", "eval"]
+                                                  "export", "bench", "train", "inspect", "eval"]
 
 
 @pytest.mark.parametrize("verb", sorted(cli.LAZY_VERBS))
@@ -55,7 +56,9 @@ def test_a_lazy_verb_is_listed_with_its_own_help_and_parsed_by_its_own_parser(ve
     running the verb builds that parser (its options parse)."""
     real = cli.build_parser(verb)
     assert _listing(real)[verb] == _listing(cli.build_parser())[verb] == cli.LAZY_VERBS[verb][1]
-    argv = {"export": ["export", "m", "out", "--dtype", "fp16"], "bench": ["bench", "--quick"]}
+    argv = {"export": ["export", "m", "out", "--dtype", "fp16"], "bench": ["bench", "--quick"],
+            "train": ["train", "--data", "d.jsonl", "--out", "o", "--labels"],
+            "inspect": ["inspect", "p", "--json"]}
     args = real.parse_args(argv[verb])
     assert args.verb == verb and callable(args.func)
     with pytest.raises(SystemExit):  # the listing alone takes no options

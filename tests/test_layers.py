@@ -4,7 +4,7 @@ Serving loads (or builds once) the bundle it serves, so runtime sits above expor
 Hugging Face model, which both need, is its own part below them. The order, lowest first:
 
     tolerances, machine (leaf modules) ; kernels, models ; export ; runtime ;
-    (the facade ``softprompt/__init__.py``) ; server, cli, jobs/scoring, ray, lm_eval, bench
+    (the facade ``softprompt/__init__.py``) ; server, cli, jobs/scoring, ray, lm_eval, bench, train
 
 Every module of the installed package is read (its source, parsed, not imported), and every
 import in it is checked, those inside functions too: a part imports only parts of lower
@@ -31,7 +31,7 @@ LAYERS = [
     ["export"],
     ["runtime"],
     [FACADE],
-    ["server", "cli", "jobs", "scoring", "ray", "lm_eval", "bench"],  # may import each other
+    ["server", "cli", "jobs", "scoring", "ray", "lm_eval", "bench", "train"],  # may import each other
 ]
 LEAVES = {f"{PKG}.{p}" for p in LAYERS[0]}
 RANK = {(p if p == FACADE else f"{PKG}.{p}"): i for i, layer in enumerate(LAYERS) for p in layer}

@@ -4,7 +4,8 @@ Two small classification tasks, each with a hand-written labelled data set in th
 (``<task>_train.jsonl`` / ``<task>_test.jsonl``, one ``{"text": ..., "label": ...}`` per line)
 and a 20-token soft prompt trained on it with PEFT, shipped under ``prompts/<task>/`` as a
 PEFT ``PROMPT_TUNING`` adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
-Retrain them with ``python -m softprompt.runtime.demo.train_prompts``.
+Retrain them with ``python -m softprompt.train.demo`` (``softprompt train`` on each task; the
+trainer lives in the top layer, which this package must not import).
 
 A request is classified by scoring each label's continuation after ``Task.format(text)``
 (with the soft prompt in front) and picking the highest summed log-probability. Every

@@ -37,7 +37,8 @@ def create_app(runtime=None, *, loader: Callable[[], Any] | None = None,
                api_keys: Sequence[str] = (), admin_keys: Sequence[str] = (),
                max_queue: int = 256, request_timeout: float = 600.0,
                max_body_bytes: int = 8 << 20, served_model_name: str | None = None,
-               warmup: bool = True) -> FastAPI:
+               warmup: bool = True, watch_dir: str | Path | None = None,
+               watch_interval: float = 2.0) -> FastAPI:
     """The FastAPI app over one Runtime.
 
     runtime: a loaded Runtime, or loader: a callable that returns one (run in a thread after
@@ -50,10 +51,18 @@ def create_app(runtime=None, *, loader: Callable[[], Any] | None = None,
     max_body_bytes: larger request bodies get 413.
     served_model_name: the base model's id in /v1/models (default: the runtime's model name).
     warmup: run ``Runtime.warmup()`` before /ready turns 200.
+    watch_dir: serve the prompts in this directory as it changes, polled every
+        ``watch_interval`` seconds once ready (``watch.py``).
     """
     st = ServerState(runtime, loader, api_keys=api_keys, admin_keys=admin_keys,
                      max_queue=max_queue, request_timeout=request_timeout,
                      served_model_name=served_model_name, warmup=warmup)
+
+    watcher = None
+    if watch_dir is not None:
+        from .watch import PromptWatcher
+
+        watcher = PromptWatcher(st, watch_dir, watch_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,14 +70,18 @@ def create_app(runtime=None, *, loader: Callable[[], Any] | None = None,
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
         loading = asyncio.ensure_future(st.start())
+        watching = asyncio.ensure_future(watcher.run()) if watcher is not None else None
         try:
             yield
         finally:
             loading.cancel()
+            if watching is not None:
+                watching.cancel()
             await st.close()
 
     app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = st
+    app.state.watcher = watcher
     app.add_middleware(Edge, max_body_bytes=max_body_bytes, metrics=st.metrics)
     errors.install(app)
     for router in ROUTERS:
