@@ -2,7 +2,8 @@
 
     python -m softprompt.bench.concurrency --model default --backends onnx,torch --out bench/out/concurrency
 
-For each backend, on one Runtime with the demo sentiment prompt (P = 20):
+For each backend, on one Runtime with the demo sentiment prompt (its P, the backend's device and
+dtype are read from the runtime and printed with the figures):
 
 - generation: ``--gen-callers`` threads each call ``rt.generate`` for one row of
   ``--new-tokens`` greedy tokens, against one ``rt.generate`` call with the same rows, and
@@ -123,12 +124,14 @@ def measure(rt, prompt: str, gen_callers: int, new_tokens: int, score_callers: i
 
 
 def markdown(results: dict, env: dict, args) -> str:
-    lines = [f"Device: {env['device_name']} ({env['cpu_count']} cores), float32, model "
-             f"`{args.model}`, prompt P=20 (demo sentiment), load average at start "
+    ran = "; ".join(f"{r['runtime']}, prompt {r['prompt']} (demo sentiment)" for r in results.values())
+    lines = [f"Device: {env['device_name']} ({env['cpu_count']} cores); {ran}; model "
+             f"`{args.model}`, load average at start "
              f"{env['load_average'][0]:.1f}. {args.gen_callers} generations x {args.new_tokens} "
              f"greedy tokens; {args.score_callers} scores of ~16 context tokens + 1 label; "
              f"median of {args.repeats} (min-max).", "",
-             "| backend | 1 call, all rows | concurrent callers | ratio | one after another | ratio |",
+             "| backend | 1 call, all rows | concurrent callers | concurrent / 1 call | one after another "
+             "| one after another / 1 call |",
              "|---|---|---|---|---|---|"]
     for be, r in results.items():
         m, mm = r["median_s"], r["min_max_s"]
@@ -141,8 +144,8 @@ def markdown(results: dict, env: dict, args) -> str:
                      f"{r['gen_sequential_ratio']:.2f}x |")
         lines.append(f"| {be} score | {cell('score_batched')} | {cell('score_concurrent')} | "
                      f"**{r['score_ratio']:.2f}x** | | |")
-    lines += ["", "| backend | a generation joining 8 running ones: engine steps to first token "
-                  "| time to first token |", "|---|---|---|"]
+    lines += ["", f"| backend | a generation joining {args.gen_callers} running ones: engine steps to "
+                  "first token | time to first token |", "|---|---|---|"]
     for be, r in results.items():
         lines.append(f"| {be} | {r['join_steps']} | {r['join_ttft_s'] * 1e3:.0f} ms |")
     return "\n".join(lines) + "\n"
@@ -186,17 +189,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from softprompt import Runtime
     from softprompt.bench.driver import environment
+    from softprompt.bench.labels import prompt_lengths, runtime_label
     from softprompt.runtime.demo import PROMPTS_DIR
+    from softprompt.runtime.factory import default_device, default_dtype
 
-    env = environment("cpu", "float32")
+    env = environment(default_device(), default_dtype(default_device()))
     results = {}
     for be in args.backends.split(","):
         rt = Runtime.load(args.model, backend=be)
         rt.add_prompt("sentiment", PROMPTS_DIR / "sentiment")
         results[be] = measure(rt, "sentiment", args.gen_callers, args.new_tokens,
                               args.score_callers, args.repeats)
+        results[be].update(runtime=runtime_label(rt), prompt=prompt_lengths(rt, ["sentiment"]))
         rt.close()
-        print(be, json.dumps({k: v for k, v in results[be].items() if "ratio" in k or "join" in k}),
+        print(be, json.dumps({k: v for k, v in results[be].items() if "ratio" in k or "join" in k
+                              or k in ("runtime", "prompt")}),
               file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,17 +4,25 @@
         --against bench/out/cpu-xeon-idle/results.json
 
 For each bundle (the default model's float32 and 4-bit bundles unless ``--bundle`` is given)
-and each (B, P, L) it times the request use (B rows of L tokens on a cached P-token prefix,
-logits at one position per row, as ``softprompt bench`` scores), then runs it again under ONNX
-Runtime's profiler and sums kernel time per operator type. The linear layers (``MatMul``,
-``MatMulNBits``) are most of it; their time is a floor no graph rewrite removes at this
-precision, so ``ceiling`` = PEFT's median (from ``--against``, a ``softprompt bench``
-results.json measured at the same points) / the GEMM time is the largest speedup over PEFT
-ONNX Runtime's kernels allow without changing the arithmetic. The profiler adds a little time
-to every kernel, so GEMM ms is an upper estimate; a hard lower bound is ``peak floor`` = the
-batch's FLOPs (``softprompt bench``'s FLOP model) at the best float32 GEMM rate this machine
-reaches on large matrices (``peak GFLOP/s``: numpy's ``2048 x 2048`` float32 matmul, best of
-5), and ``peak ceiling`` = PEFT / that floor.
+and each (B, P, L) it times the bare graph call of the request use (``Bundle.run``: B rows of L
+tokens on a cached P-token prefix, logits at one position per row, as ``softprompt bench``
+scores, but without the runtime's validation, batching or past assembly), then runs it again
+under ONNX Runtime's profiler and sums kernel time per operator type. The linear layers
+(``MatMul``, ``MatMulNBits``) are most of it; their time is a floor no graph rewrite removes at
+this precision. The profiler adds a little time to every kernel, so GEMM ms is an upper
+estimate; a hard lower bound is ``peak floor`` = the batch's FLOPs (``softprompt bench``'s FLOP
+model) at the best float32 GEMM rate this machine reaches on large matrices (numpy's
+``2048 x 2048`` float32 matmul, best of 5).
+
+Every ratio names what it divides; PEFT ms and end-to-end ms come from ``--against`` (a
+``softprompt bench`` results.json measured at the same points, its ``peft`` rows and the
+bundle's own ``onnx`` / ``onnx-int4`` rows):
+
+    end to end vs PEFT       PEFT ms / the bundle's Runtime.score ms (both from --against)
+    graph-only bound         PEFT ms / graph ms: an upper bound on the end-to-end ratio (the
+                             runtime's own work is left out), not a speedup
+    GEMM ceiling             PEFT ms / GEMM ms: the most ONNX Runtime's kernels allow
+    peak ceiling             PEFT ms / peak floor ms: the most float32 arithmetic allows
 """
 
 from __future__ import annotations
@@ -141,14 +149,25 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def peft_ms(path: str | None) -> dict:
-    """(B, L, P) -> PEFT's median ms from a ``softprompt bench`` results.json."""
+def bench_ms(path: str | None, backend: str) -> dict:
+    """(B, L, P) -> ``backend``'s median ms from a ``softprompt bench`` results.json."""
     if not path:
         return {}
     data = json.loads(Path(path).read_text())
     rows = data["results"] if isinstance(data, dict) else data
     return {(r["B"], r["L"], r["P"]): r["median_ms"] for r in rows
-            if r["backend"] == "peft" and r.get("status", "ok") == "ok"}
+            if r["backend"] == backend and r.get("status", "ok") == "ok"}
+
+
+def peft_ms(path: str | None) -> dict:
+    """(B, L, P) -> PEFT's median ms from a ``softprompt bench`` results.json."""
+    return bench_ms(path, "peft")
+
+
+def bench_backend(bundle_dir: Path) -> str:
+    """The ``softprompt bench`` backend that serves this bundle: onnx-int4 or onnx."""
+    manifest = json.loads((Path(bundle_dir) / "bundle.json").read_text())
+    return "onnx-int4" if manifest.get("quantization") == "int4" else "onnx"
 
 
 def main(argv=None) -> int:
@@ -192,30 +211,35 @@ def main(argv=None) -> int:
     command = "python -m softprompt.bench.cpu_floor " + shlex.join(argv or sys.argv[1:])
     print(f"command: {command}\ndevice: {cpu_model()}, float32 activations, "
           f"load average {os.getloadavg()[0]:.2f}, peak float32 GEMM {peak:.0f} GFLOP/s")
-    print("| bundle | B | L | P | median ms | min-max ms | GEMM ms | other ms | PEFT ms | "
-          "speedup vs PEFT | ceiling (PEFT / GEMM) | GFLOP | peak floor ms | peak ceiling | "
-          "top ops (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| bundle | B | L | P | graph ms (median) | min-max ms | GEMM ms | other ms | PEFT ms "
+          "(--against) | end-to-end ms (--against) | end to end vs PEFT (PEFT / end-to-end ms) | "
+          "graph-only bound (PEFT / graph ms) | GEMM ceiling (PEFT / GEMM ms) | GFLOP | "
+          "peak floor ms | peak ceiling (PEFT / peak floor ms) | top ops (ms) |")
+    print("|" + "---|" * 17)
     figures = []
     for d in bundles:
+        e2e = bench_ms(args.against, bench_backend(d))
         for B in args.B:
             for L in args.L:
                 for P in args.P:
                     f = profile(d, B, P, L, args.repeats)
-                    base = peft.get((B, L, P))
+                    base, whole = peft.get((B, L, P)), e2e.get((B, L, P))
                     gflop = flops(dims, "onnx", B, P, L, 1) / 1e9
-                    f.update(bundle=d.name, B=B, L=L, P=P, peft_ms=base, gflop=gflop,
-                             peak_gflops=peak, peak_floor_ms=gflop / peak * 1e3)
+                    f.update(bundle=d.name, B=B, L=L, P=P, peft_ms=base, end_to_end_ms=whole,
+                             gflop=gflop, peak_gflops=peak, peak_floor_ms=gflop / peak * 1e3)
                     figures.append(f)
-                    ratio = f"{base / f['median_ms']:.2f}x" if base else "-"
-                    ceil = f"{base / f['gemm_ms']:.2f}x" if base else "-"
-                    peak_ceil = f"{base / f['peak_floor_ms']:.2f}x" if base else "-"
+
+                    def over(ms, base=base):
+                        return f"{base / ms:.2f}x" if base and ms else "-"
+
                     ops = ", ".join(f"{k} {v:.1f}" for k, v in list(f["top_ops"].items())[:4])
                     print(f"| {d.name} | {B} | {L} | {P} | {f['median_ms']:.1f} | "
                           f"{f['min_ms']:.1f}-{f['max_ms']:.1f} | {f['gemm_ms']:.1f} | "
                           f"{f['kernel_ms'] - f['gemm_ms']:.1f} | "
-                          f"{'-' if base is None else f'{base:.1f}'} | {ratio} | {ceil} | "
-                          f"{gflop:.1f} | {f['peak_floor_ms']:.1f} | {peak_ceil} | {ops} |",
+                          f"{'-' if base is None else f'{base:.1f}'} | "
+                          f"{'-' if whole is None else f'{whole:.1f}'} | {over(whole)} | "
+                          f"{over(f['median_ms'])} | {over(f['gemm_ms'])} | "
+                          f"{gflop:.1f} | {f['peak_floor_ms']:.1f} | {over(f['peak_floor_ms'])} | {ops} |",
                           flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "device": cpu_model(),

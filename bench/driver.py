@@ -39,10 +39,11 @@ Timing: per point, each backend in turn runs ``--warmup`` untimed calls and then
 timed calls back to back (``--interleave`` instead alternates the backends call by call, so slow
 drifts of machine load hit all alike; but ONNX Runtime's spinning worker threads then steal the
 cores from the next torch call, so it is off by default). Reported: median and min/max/IQR of
-wall ms per batch, sequences/s, request tokens/s, achieved GFLOP/s (see :func:`flops`), speedup
-over ``reference`` (of medians; ``speedup_best`` of minima, robust to bursts of load from other
-processes) and the ideal speedup (P + L) / L of not recomputing the prompt. The speedups are
-over ``peft`` (empty when peft is not among the backends).
+wall ms per batch, sequences/s, request tokens/s, achieved GFLOP/s (see :func:`flops`), the
+speedup over ``peft`` (``speedup_vs_peft``: peft's median ms / the backend's median ms;
+``speedup_best``: the same of minima, robust to bursts of load from other processes) and the
+ideal speedup (P + L) / L of not recomputing the prompt. ``peft`` is the only baseline: without
+it among ``--backends`` the speedup columns stay empty (and the run says so).
 
 ``--refcheck``: before timing, every backend's log-probs on the point's batch are compared with
 the float32 ``reference`` backend on the same batch and device; tolerance = the project's SCORE
@@ -125,8 +126,10 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    from softprompt.runtime.factory import default_device, default_dtype
+
+    device = args.device or default_device()
+    dtype = args.dtype or default_dtype(device)
     env = environment(device, dtype)
     max_b = max(args.B)
     max_tokens = max(args.B) * max(args.L)
@@ -283,7 +286,8 @@ def command_line(args) -> str:
 
 def table(results: list[Result]) -> str:
     head = ("| backend | B | L | P | status | median ms | min-max ms | seq/s | tok/s | GFLOP/s "
-            "| speedup vs peft (median) | speedup vs peft (min) | ideal | max abs diff |")
+            "| speedup vs peft (peft median / median) | speedup vs peft (peft min / min) "
+            "| ideal (P+L)/L | max abs diff vs reference |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         def f(x, fmt):
@@ -432,6 +436,8 @@ def run(args) -> int:
           f"{env['torch_threads']}, load average {env['load_average']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(table(results))
+    if BASELINE not in args.backends:
+        print(f"no speedups: the speedup columns divide by {BASELINE}, which was not among --backends")
     files = write_outputs(results, env, cmd, Path(args.out))
     print("wrote " + ", ".join(str(f) for f in files))
     bad = [r for r in results if r.status != "ok"]

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 6 minutes at most): device and versions, the kernel checks and
-# timings (bench/gpu_kernels.py), then the end-to-end benchmark (bench/gpu_e2e.py) if it exists.
+# The one prepared GPU check (9.5 minutes at most, one call): device and versions, the CUDA tests
+# (`pytest -m cuda tests/test_cuda.py`: compiled kernels, CUDA graphs, the cascade choice, the
+# torch backend and ORT's CUDA provider against their references), the kernel checks and timings
+# with the cascade crossover that sets use_cascade (bench/gpu_kernels.py), then end to end
+# (bench/gpu_e2e.py: float32 checks against PEFT with their mutation self-test, then bf16 timings).
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root; results in $OUT
-#   bash bench/gpu_check.sh --cpu-smoke     # the same steps on a CPU machine (tiny sizes, Triton interpreter)
+#   bash bench/gpu_check.sh --cpu-smoke     # the same steps on a CPU machine (tiny sizes, Triton
+#                                           # interpreter; the CUDA tests are collected and skipped)
 #
 # Installs this checkout editable without dependencies (`pip install --no-deps -e .`) unless
 # `softprompt` already imports from it; where that install fails, the checkout is imported through a
 # temporary folder of links (a failed install leaves an installed copy as it was).
-# Extra arguments go to both Python scripts. PYTHON, KERNELS_TIMEOUT and E2E_TIMEOUT can be overridden.
+# Extra arguments go to both Python scripts. PYTHON, TESTS_TIMEOUT (150 s), KERNELS_TIMEOUT (150 s)
+# and E2E_TIMEOUT (240 s) can be overridden.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,12 +86,21 @@ EOF
 ) || echo "import softprompt.kernels failed (see above); gpu_kernels.py falls back to loading kernels/ by path"
 
 status=0
-echo "=== kernels: checks against the reference, then timings"
-timeout "${KERNELS_TIMEOUT:-210}" "$PYTHON" bench/gpu_kernels.py --out "$OUT/kernels.json" "$@" || status=$?
+echo "=== CUDA tests: pytest -m cuda tests/test_cuda.py (skipped, with the reason, without a GPU)"
+if "$PYTHON" -c "import pytest" >/dev/null 2>&1; then
+    timeout "${TESTS_TIMEOUT:-150}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -q -rs \
+        -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" || status=$?
+else
+    echo "pytest is not installed: the CUDA tests did not run (pip install pytest)"
+    status=1
+fi
+
+echo "=== kernels: checks against the reference, then timings and the cascade crossover"
+timeout "${KERNELS_TIMEOUT:-150}" "$PYTHON" bench/gpu_kernels.py --out "$OUT/kernels.json" "$@" || status=$?
 
 if [ -f bench/gpu_e2e.py ]; then
     echo "=== end to end"
-    timeout "${E2E_TIMEOUT:-150}" "$PYTHON" bench/gpu_e2e.py --out "$OUT/e2e.json" "$@" || status=$?
+    timeout "${E2E_TIMEOUT:-240}" "$PYTHON" bench/gpu_e2e.py --out "$OUT/e2e.json" "$@" || status=$?
 else
     echo "=== end to end: bench/gpu_e2e.py not present, skipped"
 fi

@@ -14,8 +14,14 @@
    mask (full over the prefix, causal over own tokens), both with enable_gqa (K/V at Hkv heads)
    and with K/V heads repeated to H. Median of CUDA-event times after warm-up; achieved bandwidth
    against the bytes floor (formula in `bytes_floor`).
-3. Dispatch: the points where the cascade beats the fused kernel, and how often `use_cascade`
-   (the rule plan_attention(kernel="auto") follows) picks the faster one: the figure that sets it.
+3. Dispatch, the measurement that sets `use_cascade` (kernels/cascade.py): the points where the
+   cascade beats the fused kernel; for each rule (none, which the default path follows until a
+   rule is measured; the untimed candidate ``CANDIDATE_RULE``; and the best ``CascadeRule`` over
+   a small grid of thresholds fitted to these timings) how often it picks the faster kernel and
+   the ms it loses against always picking the faster one. The fitted rule is printed as the line
+   to put into kernels/cascade.py (``MEASURED_RULE``) when it loses less than "none".
+
+Speedup columns name what they divide: "kernel vs SDPA" is the faster SDPA's ms / the kernel's ms.
 
 Needs torch, triton and this package installed (``pip install -e .``): it imports
 ``softprompt.kernels`` and the tolerance table ``softprompt.tolerances``.
@@ -99,6 +105,7 @@ def check_cases(small: bool):
 
 def run_checks(torch, pa, kernel_tol, device, dtypes, small: bool) -> list[dict]:
     results = []
+    torch.manual_seed(0)  # the few inputs drawn from the global generator below
 
     def record(name, dtype, fn_name, got, want, tol):
         err = (got.float() - want.float()).abs()
@@ -218,15 +225,16 @@ def sdpa_inputs(torch, x, H, Hkv, P):
     return k, v, mask, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
-def time_point(torch, pa, measure, *, B, P, L, H, Hkv, D, dtype, device) -> tuple[dict, object]:
-    """{name: median ms} of every contender at one (B, P, L), and the auto plan. Its inputs are
-    locals, freed when it returns (before the next point allocates its own)."""
+def time_point(torch, pa, measure, *, B, N, P, L, H, Hkv, D, dtype, device) -> tuple[dict, object]:
+    """{name: median ms} of every contender at one (B, N prompts, P, L), and the auto plan. Its
+    inputs are locals, freed when it returns (before the next point allocates its own)."""
     F = torch.nn.functional
-    x = make_inputs(torch, B=B, H=H, Hkv=Hkv, D=D, Lq=L, Lk=L, prefix_lens=[P], prompt_idx=[0] * B,
-                    q_lens=[L] * B, kv_lens=[L] * B, dtype=dtype, device=device, noncontig=True)
+    x = make_inputs(torch, B=B, H=H, Hkv=Hkv, D=D, Lq=L, Lk=L, prefix_lens=[P] * N,
+                    prompt_idx=[i % N for i in range(B)], q_lens=[L] * B, kv_lens=[L] * B, dtype=dtype,
+                    device=device, noncontig=True)
     k, v, mask, k_rep, v_rep = sdpa_inputs(torch, x, H, Hkv, P)
     q = x["q"]
-    plan = pa.plan_cascade(x["prompt_idx"], 1, L, H // Hkv)
+    plan = pa.plan_cascade(x["prompt_idx"], N, L, H // Hkv)
     # once per forward in the torch backend (checks, cascade or not); each layer then only runs it
     auto = pa.plan_attention(q.shape, x["k"].shape, x["prefix_k"].shape, x["prefix_lens"],
                              x["prompt_idx"], x["kv_lens"], x["q_lens"], dtype=dtype)
@@ -246,47 +254,91 @@ def run_timings(torch, pa, device, dtype, sizes, runs, warmup) -> list[dict]:
     measure = timer(torch, device, runs, warmup)
     elt = torch.empty((), dtype=dtype).element_size()
     rows = []
-    for P in sizes["P"]:
-        for L in sizes["L"]:
-            for B in sizes["B"]:
-                ms, auto = time_point(torch, pa, measure, B=B, P=P, L=L, H=H, Hkv=Hkv, D=D, dtype=dtype,
-                                      device=device)
-                floor_b = bytes_floor(B, P, L, H, Hkv, D, elt)
-                best_sdpa = min(ms["sdpa_gqa"], ms["sdpa_expanded"])
-                row = dict(B=B, P=P, L=L, H=H, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
-                           **{f"{n}_ms": round(t, 4) for n, t in ms.items()},
-                           auto_choice="cascade" if auto.kernel == "cascade" else "kernel",
-                           speedup_kernel=round(best_sdpa / ms["kernel"], 2),
-                           speedup_cascade=round(best_sdpa / ms["cascade"], 2),
-                           floor_bytes=floor_b,
-                           kernel_GBps=round(floor_b / ms["kernel"] / 1e6, 1),
-                           cascade_GBps=round(floor_b / ms["cascade"] / 1e6, 1))
-                rows.append(row)
-                print(f"  B={B:3d} P={P:5d} L={L:3d}  sdpa={best_sdpa:.4f}  kernel={ms['kernel']:.4f}  "
-                      f"cascade={ms['cascade']:.4f}  auto={ms['auto']:.4f} ms", flush=True)
+    points = [(B, N, P, L) for P in sizes["P"] for L in sizes["L"] for B in sizes["B"]
+              for N in sizes["N"] if N == 1 or B >= 2 * N]  # several prompts only where rows share them
+    for B, N, P, L in points:
+        ms, auto = time_point(torch, pa, measure, B=B, N=N, P=P, L=L, H=H, Hkv=Hkv, D=D,
+                              dtype=dtype, device=device)
+        floor_b = N * bytes_floor(B // N, P, L, H, Hkv, D, elt)
+        best_sdpa = min(ms["sdpa_gqa"], ms["sdpa_expanded"])
+        row = dict(B=B, N=N, P=P, L=L, H=H, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
+                   **{f"{n}_ms": round(t, 4) for n, t in ms.items()},
+                   auto_choice="cascade" if auto.kernel == "cascade" else "kernel",
+                   speedup_kernel=round(best_sdpa / ms["kernel"], 2),
+                   speedup_cascade=round(best_sdpa / ms["cascade"], 2),
+                   floor_bytes=floor_b,
+                   kernel_GBps=round(floor_b / ms["kernel"] / 1e6, 1),
+                   cascade_GBps=round(floor_b / ms["cascade"] / 1e6, 1))
+        rows.append(row)
+        print(f"  B={B:3d} N={N} P={P:5d} L={L:3d}  sdpa={best_sdpa:.4f}  kernel={ms['kernel']:.4f}  "
+              f"cascade={ms['cascade']:.4f}  auto={ms['auto']:.4f} ms", flush=True)
     return rows
 
 
-def dispatch_summary(rows) -> dict:
-    """Where the cascade beats the fused kernel, and whether use_cascade (what `auto` picked)
-    agrees: the measurement that sets the rule (use_cascade in kernels/cascade.py)."""
-    wins = [(r["B"], r["P"], r["L"]) for r in rows if r["cascade_ms"] < r["kernel_ms"]]
-    agree = sum((r["cascade_ms"] < r["kernel_ms"]) == (r["auto_choice"] == "cascade") for r in rows)
-    # time lost by the rule's choice against the better of the two, summed over the grid
-    lost = sum(r[f"{r['auto_choice']}_ms"] - min(r["kernel_ms"], r["cascade_ms"]) for r in rows)
-    summary = (f"dispatch: cascade faster than the fused kernel at (B, P, L) = {wins or 'none'}; "
-               f"use_cascade picks the faster one at {agree}/{len(rows)} points, "
-               f"{lost:.4f} ms lost over the grid")
-    return dict(cascade_wins=wins, rule_agrees=agree, points=len(rows), ms_lost=round(lost, 4),
-                summary=summary)
+def rule_cost(rows, rule) -> tuple[int, float]:
+    """(points where ``rule`` picks the faster of fused and cascade, ms it loses over the grid
+    against always picking the faster one); rule None: always fused (the default path)."""
+    from softprompt.kernels.cascade import use_cascade
+
+    agree, lost = 0, 0.0
+    for r in rows:
+        pick = "cascade" if rule is not None and use_cascade(r["B"], r["N"], r["P"], r["L"], rule) else "kernel"
+        faster = "cascade" if r["cascade_ms"] < r["kernel_ms"] else "kernel"
+        agree += pick == faster
+        lost += r[f"{pick}_ms"] - min(r["kernel_ms"], r["cascade_ms"])
+    return agree, lost
+
+
+def fit_rule(rows):
+    """The CascadeRule over a small grid of thresholds that loses the least time on ``rows``."""
+    import itertools
+
+    from softprompt.kernels.cascade import CascadeRule
+
+    best = None
+    for t in itertools.product((1, 4, 16, 64), (1, 2, 4, 8), (0, 64, 256, 1024), (1, 4, 16)):
+        rule = CascadeRule(*t)
+        agree, lost = rule_cost(rows, rule)
+        if best is None or lost < best[2] - 1e-9:
+            best = (rule, agree, lost)
+    return best
+
+
+def dispatch_summary(rows, device: str = "cuda") -> dict:
+    """Where the cascade beats the fused kernel, and what each rule for use_cascade would cost:
+    the measurement that sets MEASURED_RULE in kernels/cascade.py."""
+    from softprompt.kernels.cascade import CANDIDATE_RULE, MEASURED_RULE
+
+    wins = [(r["B"], r["N"], r["P"], r["L"]) for r in rows if r["cascade_ms"] < r["kernel_ms"]]
+    rules = {"default (MEASURED_RULE)": MEASURED_RULE, "none (always fused)": None,
+             "CANDIDATE_RULE (untimed guess)": CANDIDATE_RULE}
+    fitted, _, _ = fit_rule(rows)
+    rules["fitted to these timings"] = fitted
+    costs = {name: rule_cost(rows, rule) for name, rule in rules.items()}
+    lines = [f"dispatch: cascade faster than the fused kernel at (B, N, P, L) = {wins or 'none'}"]
+    lines += [f"  rule {name}: {rule}: picks the faster kernel at {a}/{len(rows)} points, "
+              f"{lost:.4f} ms lost over the grid" for (name, rule), (a, lost) in zip(rules.items(), costs.values())]
+    if device != "cuda":
+        lines.append("  CPU smoke: interpreter timings set nothing (run this on a GPU)")
+    elif costs["fitted to these timings"][1] < costs["none (always fused)"][1]:
+        lines.append(f"  measured: set MEASURED_RULE = {fitted!r} in kernels/cascade.py (these shapes, "
+                     "this GPU; re-measure on others)")
+    else:
+        lines.append("  measured: no rule beats always fused on this grid; keep MEASURED_RULE = None")
+    return dict(cascade_wins=wins, points=len(rows), fitted_rule=fitted._asdict(),
+                rules={name: {"rule": None if rule is None else rule._asdict(), "agrees": a,
+                              "ms_lost": round(lost, 4)}
+                       for (name, rule), (a, lost) in zip(rules.items(), costs.values())},
+                summary="\n".join(lines))
 
 
 def markdown(rows) -> str:
-    head = ("| B | P | L | SDPA gqa ms | SDPA expanded ms | kernel ms | cascade ms | auto ms (choice) "
-            "| kernel speedup | cascade speedup | kernel GB/s | cascade GB/s |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| B | N prompts | P | L | SDPA gqa ms | SDPA expanded ms | kernel ms | cascade ms "
+            "| auto ms (choice) | kernel vs SDPA (best SDPA ms / kernel ms) | cascade vs SDPA "
+            "(best SDPA ms / cascade ms) | kernel GB/s | cascade GB/s |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r['B']} | {r['P']} | {r['L']} | {r['sdpa_gqa_ms']:.4f} "
+        lines.append(f"| {r['B']} | {r['N']} | {r['P']} | {r['L']} | {r['sdpa_gqa_ms']:.4f} "
                      f"| {r['sdpa_expanded_ms']:.4f} | {r['kernel_ms']:.4f} | {r['cascade_ms']:.4f} "
                      f"| {r['auto_ms']:.4f} ({r['auto_choice']}) "
                      f"| {r['speedup_kernel']:.2f}x | {r['speedup_cascade']:.2f}x "
@@ -305,14 +357,14 @@ def main() -> int:
 
     if args.cpu_smoke:
         device, dtypes, tdtype = "cpu", [torch.float32, torch.float16], torch.float32
-        sizes = dict(H=4, Hkv=2, D=16, B=[1, 3], P=[5, 20], L=[1, 4])
+        sizes = dict(H=4, Hkv=2, D=16, B=[1, 4], N=[1, 2], P=[5, 20], L=[1, 4])
         runs, warmup = min(args.runs, 2), min(args.warmup, 1)
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --cpu-smoke on a CPU machine", file=sys.stderr)
             return 2
         device, dtypes, tdtype = "cuda", [torch.float32, torch.float16, torch.bfloat16], torch.bfloat16
-        sizes = dict(H=32, Hkv=8, D=64, B=[1, 16, 64], P=[20, 100, 1024], L=[1, 32])
+        sizes = dict(H=32, Hkv=8, D=64, B=[1, 16, 64], N=[1, 4], P=[20, 100, 1024], L=[1, 32])
         runs, warmup = args.runs, args.warmup
 
     import triton
@@ -341,7 +393,7 @@ def main() -> int:
         print(f"## timings ({result['timing']} of {runs} after {warmup} warm-up), {tdtype}", flush=True)
         result["timings"] = run_timings(torch, pa, device, tdtype, sizes, runs, warmup)
         print(markdown(result["timings"]))
-        result["dispatch"] = dispatch_summary(result["timings"])
+        result["dispatch"] = dispatch_summary(result["timings"], device)
         print(result["dispatch"]["summary"])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))

@@ -60,11 +60,16 @@ def main(argv=None) -> int:
     from softprompt.models import default_model_dir
 
     adapter = str(PROMPTS_DIR / "sentiment")
+    from softprompt.runtime.prompts import SoftPrompt
+
+    prompt_len = SoftPrompt.load(adapter).num_virtual_tokens
     root = Path(tempfile.mkdtemp(prefix="softprompt-lm-eval-"))
     name = write_task(root)
     tasks = TaskManager(include_path=str(root))
+    # every model on CPU in float32 (the hf rows' device and dtype), whatever the machine has
     makers = [(f"softprompt backend={b}", lambda b=b: SoftPromptLM(model="default", prompt=adapter,
-                                                                   backend=b))
+                                                                   backend=b, device="cpu",
+                                                                   dtype="float32"))
               for b in args.backends.split(",") if b]
     makers += [(f"hf peft= batch_size={n}", lambda n=n: HFLM(
         pretrained=str(default_model_dir()), peft=adapter, device="cpu", dtype="float32",
@@ -93,8 +98,8 @@ def main(argv=None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     print(f"device: {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
-          f"float32; task {name}: {len(lengths)} requests of {min(lengths)}-{max(lengths)} tokens "
-          f"(context + label), P=20")
+          f"every model on CPU in float32; task {name}: {len(lengths)} requests of "
+          f"{min(lengths)}-{max(lengths)} tokens (context + label), P={prompt_len} (the adapter's)")
     print("| model | load (s) | simple_evaluate (s) | acc | max abs dlogprob vs hf |")
     print("|---|---|---|---|---|")
     for r in rows:

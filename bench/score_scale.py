@@ -92,6 +92,9 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     np.save(tmp / "p.npy", rng.standard_normal((args.P, rt.backend.hidden_size)).astype(np.float32))
     rt.add_prompt("p", tmp / "p.npy")
+    from softprompt.bench.labels import runtime_label
+
+    ran = runtime_label(rt)
     V = rt.backend.vocab_size
     rows = [{"prompt": "p", "context": rng.integers(3, V, args.L).tolist(),
              "continuation": [int(rng.integers(3, V))]} for _ in range(args.rows)]
@@ -122,7 +125,7 @@ def main(argv=None) -> None:
         results.append((f"softprompt score --ray, {n} actor{'s' * (n > 1)}, "
                         f"{-(-args.rows // args.chunk_rows)} chunks", time.perf_counter() - t))
     ray.shutdown()
-    print(f"device: {cpu_name()}, model: {model_desc}, float32, rows {args.rows}, P={args.P}, "
+    print(f"device: {cpu_name()}, model: {model_desc}, {ran}, rows {args.rows}, P={args.P}, "
           f"L={args.L}+1, batch {args.batch}")
     print("| engine | wall s | rows/s |\n|---|---|---|")
     for name, s in results:

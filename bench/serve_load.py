@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from softprompt import Runtime
+    from softprompt.bench.labels import prompt_lengths, runtime_label
     from softprompt.machine import cpu_model, package_versions
     from softprompt.runtime.demo import PROMPTS_DIR, TASKS
 
@@ -247,8 +248,7 @@ def main(argv=None) -> int:
                 print(f"C={c:3d} {name:10s} median {x['throughput_rps']:7.1f} req/s  p50 "
                       f"{x['p50_ms']:7.1f} ms  p99 {x['p99_ms']:7.1f} ms", flush=True)
         backend, model = rt.backend.name, rt.model_name
-        manifest = getattr(getattr(rt.backend, "bundle", None), "manifest", {}) or {}
-        weights = manifest.get("quantization") or manifest.get("dtype") or "float32"
+        ran, prompts = runtime_label(rt), prompt_lengths(rt, list(TASKS))
         rt.close()
     finally:
         code = stop_server(proc)
@@ -256,14 +256,14 @@ def main(argv=None) -> int:
            if args.generate_every else "score requests only")
     cmd = "python -m softprompt.bench.serve_load " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
-    env = {"device": cpu_model(), "cpu_count": os.cpu_count(), "backend": backend,
+    env = {"device": cpu_model(), "cpu_count": os.cpu_count(), "backend": backend, "runtime": ran,
+           "prompts": prompts,
            "model": model, "workload": mix, "server_exit_code": code,
            "load_average": list(os.getloadavg()), "versions": package_versions(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": cmd}
-    env["weights"] = weights
-    md = (f"{env['device']} ({env['cpu_count']} cores), {model}, {backend} backend ({weights} "
-          f"weights); one request = one (context, label) pair of the demo tasks (P=20, "
-          f"~20-40 tokens); {mix}; closed loop; {args.rounds} rounds of {args.requests} requests "
+    md = (f"{env['device']} ({env['cpu_count']} cores), {model}, {ran} (the server: the same "
+          f"--backend {args.backend}); one request = one (context, label) pair of the demo tasks "
+          f"({prompts}, ~20-40 tokens); {mix}; closed loop; {args.rounds} rounds of {args.requests} requests "
           f"per path and concurrency, paths alternating; throughput: median of the rounds, "
           f"latency: over all their requests.\n\n"
           + table(rows) + f"\n\nCommand: `{cmd}`\n")

@@ -8,7 +8,7 @@
    by log-sum-exp in its epilogue.
 
     plan_cascade              rows grouped by prompt, on the device without a sync (once per forward)
-    use_cascade               the provisional shapes-only rule for cascade-or-not
+    use_cascade               cascade-or-not from shapes: never, until a GPU measurement sets a rule
     attend_cascade            one layer from a plan (inputs already checked)
     prefix_attention_cascade  the per-call function: checks, plans (or reuses a plan), attends
 
@@ -70,14 +70,36 @@ def cascade_plan_for(dims: Dims, prompt_idx: torch.Tensor, plan: CascadePlan | N
     return plan
 
 
-def use_cascade(B: int, N: int, Pmax: int, Lq: int) -> bool:
-    """PROVISIONAL heuristic, from shapes only (no device sync), awaiting GPU measurements from
-    bench/gpu_check.sh: the cascade pays two launches, a plan and a float32 round trip of the
-    output, and wins when the prefix would otherwise be re-read by many rows. So: many rows per
-    prompt (B >= 16 and B >= 4 * N, N being the cached prompts of this layer) and a prefix that
-    dominates the row's own work (Pmax >= 256 and Pmax >= 4 * Lq)."""
-    # PROVISIONAL thresholds: replace with the crossover measured by bench/gpu_check.sh
-    return B >= 16 and B >= 4 * N and Pmax >= 256 and Pmax >= 4 * Lq
+class CascadeRule(NamedTuple):
+    """Take the cascade when B >= min_rows, B >= rows_per_prompt * N (N: the layer's cached
+    prompts), Pmax >= min_prefix and Pmax >= prefix_per_query * Lq: many rows re-reading one
+    prefix that dominates their own work, which is where the cascade's second launch, its plan
+    and its float32 round trip of the output can pay."""
+
+    min_rows: int
+    rows_per_prompt: int
+    min_prefix: int
+    prefix_per_query: int
+
+    def __call__(self, B: int, N: int, Pmax: int, Lq: int) -> bool:
+        return (B >= self.min_rows and B >= self.rows_per_prompt * N and Pmax >= self.min_prefix
+                and Pmax >= self.prefix_per_query * Lq)
+
+
+# A guess from the kernels' costs, never timed: bench/gpu_kernels.py times both kernels over a
+# grid and reports how often this candidate (and "never") picks the faster one, and by how much.
+CANDIDATE_RULE = CascadeRule(min_rows=16, rows_per_prompt=4, min_prefix=256, prefix_per_query=4)
+# The rule the default path follows: none until a GPU run of bench/gpu_kernels.py has measured
+# one (its dispatch summary), so plan_attention(kernel="auto") runs the fused kernel everywhere
+# and the cascade only when asked for by name.
+MEASURED_RULE: CascadeRule | None = None
+
+
+def use_cascade(B: int, N: int, Pmax: int, Lq: int, rule: CascadeRule | None = None) -> bool:
+    """Cascade or fused for these shapes (no device sync): ``rule``, default ``MEASURED_RULE``;
+    False while no rule has been measured."""
+    rule = MEASURED_RULE if rule is None else rule
+    return bool(rule is not None and rule(B, N, Pmax, Lq))
 
 
 def attend_cascade(plan: CascadePlan, dims: Dims, q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx,

@@ -129,7 +129,7 @@ def _plan(dims: Dims, dtype, prefix_lens, prompt_idx, kv_lens, q_lens, kernel: s
     """The plan for checked dims (plans: the per-call functions' cache of kernel plans)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "auto":  # the provisional shapes-only rule, cascade.use_cascade
+    if kernel == "auto":  # cascade.use_cascade: fused until a measured rule says otherwise
         kernel = "cascade" if use_cascade(dims.B, dims.N, dims.Pmax, dims.Lq) else "fused"
     device = prompt_idx.device
     if kernel != "reference":

@@ -15,6 +15,9 @@ each request bound to the prompt version it was accepted with), then handed to t
 (``engine.py``), whose scheduler (``scheduler.py``) puts every caller's work into shared steps
 on the backend (``backend.py``; built by ``factory.py``). Results come back as futures and
 streams (``streams.py``).
+
+This file is a little over 500 lines because its one job is the public API: each method is
+short, and its docstring is the reference users read.
 """
 
 from __future__ import annotations

@@ -3,10 +3,17 @@
 ``Runtime.load`` calls ``build``. A bundle directory (``bundle.json``) is served by the onnx
 backend as it is; any other model is loaded through ``softprompt.models`` for the torch and
 reference backends, or exported once into a bundle (``softprompt.export.bundle_for``) for onnx.
+
+Defaults, in one place (``default_device``, ``default_dtype``, ``resolve_backend``): the device
+is ``$SOFTPROMPT_DEVICE`` when set (``cpu``, ``cuda``, ``cuda:1``), else cuda when a CUDA device
+is present, else cpu; the dtype float32 on CPU and bfloat16 on CUDA; ``auto`` picks torch on a
+CUDA default device and onnx otherwise. The test suite sets ``SOFTPROMPT_DEVICE=cpu`` so its CPU
+tests (and the servers and jobs they start) compute on CPU in float32 on any machine.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +41,28 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def default_device() -> str:
+    """``$SOFTPROMPT_DEVICE`` if set, else ``"cuda"`` when a CUDA device is present, else ``"cpu"``."""
+    return os.environ.get("SOFTPROMPT_DEVICE") or ("cuda" if cuda_available() else "cpu")
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on CUDA, float32 elsewhere."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def is_bundle(model: object) -> bool:
     return isinstance(model, (str, Path)) and (Path(model) / "bundle.json").is_file()
 
 
-def resolve_backend(backend: str, model: object) -> str:
-    """``backend`` checked, with ``auto`` resolved: torch on a CUDA device, onnx on CPU (and for
-    a bundle, which only onnx serves)."""
+def resolve_backend(backend: str, model: object, device: str | None = None) -> str:
+    """``backend`` checked, with ``auto`` resolved: torch when the device (``device``, else the
+    default device) is CUDA, onnx on CPU (and for a bundle, which only onnx serves)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "torch" if cuda_available() and not is_bundle(model) else "onnx"
+        on_cuda = str(device or default_device()).startswith("cuda")
+        return "torch" if on_cuda and not is_bundle(model) else "onnx"
     return backend
 
 
@@ -53,7 +71,7 @@ def build(model: object, backend: str = "auto", *, device: str | None = None,
           providers: Sequence[str] | None = None, bundle_dir: str | Path | None = None,
           cuda_graphs: bool | None = None) -> Built:
     """The backend for ``model`` (arguments as ``Runtime.load`` documents them)."""
-    backend = resolve_backend(backend, model)
+    backend = resolve_backend(backend, model, device)
     if cuda_graphs is not None and backend != "torch":
         raise ValueError(f"cuda_graphs applies to backend='torch' only, got backend={backend!r}")
     if backend == "onnx":
@@ -70,10 +88,8 @@ def build(model: object, backend: str = "auto", *, device: str | None = None,
                          "(the torch backends need the Hugging Face model)")
     from softprompt.models import display_name, load_model
 
-    if device is None:
-        device = "cuda" if cuda_available() else "cpu"
-    if dtype is None:
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    device = default_device() if device is None else device
+    dtype = default_dtype(device) if dtype is None else dtype
     lm = load_model(model, dtype=dtype, device=device)
     be: Backend
     if backend == "torch":

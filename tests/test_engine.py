@@ -29,6 +29,12 @@ def _runtime(tiny_dirs, tiny_bundles, family, backend, **kw):
     return rt
 
 
+def _seed(family: str, backend: str) -> int:
+    """The workload seed of one parametrisation: from a CRC of its name, the same in every
+    process (``hash()`` of a string changes with PYTHONHASHSEED; tests/test_hermetic.py checks)."""
+    return zlib.crc32(f"{family}/{backend}".encode()) % 1000
+
+
 def _workload(seed, n=18):
     """Mixed requests: scores, greedy and seeded-sampled generations, streams, over 4 prompts
     (None included) and lengths 1..23."""
@@ -66,7 +72,7 @@ def test_random_arrivals_equal_each_request_alone(tiny_dirs, tiny_bundles, famil
     generations, scores interleaved, mixed prompts) each get exactly their result alone:
     scores within the tolerance table, greedy and seeded tokens identical."""
     rt = _runtime(tiny_dirs, tiny_bundles, family, backend, max_batch=8, max_batch_tokens=96)
-    work = _workload(seed=zlib.crc32(f"{family}/{backend}".encode()) % 1000)  # stable across processes
+    work = _workload(seed=_seed(family, backend))  # stable across processes
     alone = [_run_one(rt, kind, req) for kind, req in work]
     got, errors = {}, []
 
@@ -94,30 +100,77 @@ def test_random_arrivals_equal_each_request_alone(tiny_dirs, tiny_bundles, famil
     rt.close()
 
 
+class _Paused:
+    """The engine thread held by a control call: everything submitted inside the ``with`` is
+    queued and joins the first step after it, whatever the machine's speed."""
+
+    def __init__(self, rt):
+        self.rt, self.hold, self.held = rt, threading.Event(), threading.Event()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.rt.engine.call,
+                                       args=(lambda: (self.held.set(), self.hold.wait(60)),))
+        self.thread.start()
+        assert self.held.wait(60)
+        return self
+
+    def __exit__(self, *exc):
+        self.hold.set()
+        self.thread.join(60)
+
+
+def _on_done(fut, fn):
+    """Run ``fn()`` on the engine thread as ``fut`` (a score) is delivered, that is at a known
+    engine step; returns an Event set once it ran."""
+    ran = threading.Event()
+    fut.add_done_callback(lambda _: (fn(), ran.set()))
+    return ran
+
+
 def test_a_new_generation_gets_its_first_token_within_two_steps(tiny_dirs, tiny_bundles):
+    """8 generations decode; a 9th submitted while they run (from the engine thread, as the
+    step that started them is delivered) gets its first token within two steps, and runs
+    beside all 8. Steps are counted, not timed."""
     rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx")
-    streams = [rt.stream("p17", [5, 6, i + 7], max_new_tokens=40, stop_at_eos=False) for i in range(8)]
-    for s in streams:
-        next(s)  # all 8 are decoding
-    late = rt.stream("p3", [9, 9], max_new_tokens=30, stop_at_eos=False)
+    seen = {}
+
+    def arrive():  # on the engine thread, during the update of the step that started the 8
+        seen["late"] = rt.stream("p3", [9, 9], max_new_tokens=30, stop_at_eos=False)
+        probe = rt.submit({"prompt": "p3", "context": [5, 6, 7]})  # delivered with late's first step
+        seen["probed"] = _on_done(probe, lambda: seen.setdefault("running", rt.engine.stats().engine_running))
+
+    with _Paused(rt):
+        streams = [rt.stream("p17", [5, 6, i + 7], max_new_tokens=40, stop_at_eos=False) for i in range(8)]
+        arrived = _on_done(rt.submit({"prompt": "p3", "context": [5, 6, 7]}), arrive)
+    assert arrived.wait(60)
+    late = seen["late"]
     next(late)
     # submitted during step k (counted when it ends), admitted by step k + 1 at the latest
     assert 1 <= late.seq.first_token_step - late.seq.arrived_step <= 2
-    assert rt.stats()["engine_running"] == 9
+    assert seen["probed"].wait(60) and seen["running"] == 9
     for s in streams + [late]:
         s.close()
     rt.close()
 
 
 def test_scores_are_not_starved_by_generations(tiny_dirs, tiny_bundles):
-    """A score that arrives while long generations run completes while they are still running."""
+    """A score that arrives while long generations run completes within two steps, while they
+    are still running (submitted and checked on the engine thread, at known steps)."""
     rt = _runtime(tiny_dirs, tiny_bundles, "llama", "onnx", max_batch=4)
-    streams = [rt.stream("p40", [5, i + 6], max_new_tokens=200, stop_at_eos=False) for i in range(4)]
-    for s in streams:
-        next(s)
-    res = rt.score([{"prompt": "p3", "context": [5, 6, 7], "continuation": [8]}])[0]
-    assert np.isfinite(res.logprob)
-    assert rt.stats()["engine_running"] == 4  # the generations were still going
+    seen = {}
+
+    def arrive():  # the 4 generations have taken their first step
+        seen["at"] = rt.engine.steps
+        seen["score"] = score = rt.submit({"prompt": "p3", "context": [5, 6, 7], "continuation": [8]})
+        seen["done"] = _on_done(score, lambda: seen.update(running=rt.engine.stats().engine_running,
+                                                           steps=rt.engine.steps - seen["at"]))
+
+    with _Paused(rt):
+        streams = [rt.stream("p40", [5, i + 6], max_new_tokens=200, stop_at_eos=False) for i in range(4)]
+        arrived = _on_done(rt.submit({"prompt": "p3", "context": [5, 6, 7]}), arrive)
+    assert arrived.wait(60) and seen["done"].wait(60)
+    assert np.isfinite(seen["score"].result(60).logprob)
+    assert seen["running"] == 4 and seen["steps"] <= 2  # the generations were still going
     for s in streams:
         s.close()
     rt.close()

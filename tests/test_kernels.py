@@ -1,9 +1,10 @@
 """Prefix-attention kernels against their PyTorch reference, and the reference against a naive
 per-row attention over an expanded copy of the prefix.
 
-Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (float32 and float16
-only: the interpreter computes bfloat16 wrong). bench/gpu_kernels.py repeats these checks on a GPU
-at real sizes, bfloat16 included.
+The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors here, on every machine (float32
+and float16 only: the interpreter computes bfloat16 wrong). Their compiled CUDA variants, bfloat16
+included, are in tests/test_cuda.py (marked ``cuda``); bench/gpu_kernels.py repeats these checks on
+a GPU at real sizes.
 """
 
 import importlib
@@ -17,20 +18,19 @@ import torch
 from tolerances import KERNEL
 
 _BODIES = "softprompt.kernels._triton"  # the @triton.jit definitions; launchers look them up there
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # must be set before the @triton.jit definitions run; reload if something imported them earlier
-    _imported_before = _BODIES in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-    os.environ["TRITON_INTERPRET"] = "1"
-    if _imported_before:
-        importlib.reload(sys.modules[_BODIES])
+# must be set before the @triton.jit definitions run (conftest.py sets it); reload if something
+# imported them earlier without it
+_imported_before = _BODIES in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+if _imported_before:
+    importlib.reload(sys.modules[_BODIES])
 
 import softprompt.kernels as pa  # noqa: E402  (after TRITON_INTERPRET is set)
 
 # the module, not the package's function of the same name: where plan_attention looks up its helpers
 pa_mod = importlib.import_module("softprompt.kernels.prefix_attention")
 
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = "cpu"  # the CUDA variants: tests/test_cuda.py
 
 
 def naive_attention(q, k, v, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens=None, q_lens=None,
@@ -175,7 +175,7 @@ def test_kernel_matches_reference(kernel, name):
     _assert_matches(got, want, case, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", [torch.float16])  # bfloat16: tests/test_cuda.py
 def test_kernels_in_half_precision_match_reference(dtype):
     case = CASES["prefill-g3-d64-noncontig-lse"]
     inputs = make_inputs(case, dtype, seed=1)
@@ -187,9 +187,12 @@ def test_kernels_in_half_precision_match_reference(dtype):
 def test_auto_dispatch_rule_and_result():
     many_rows = dict(B=16, H=2, Hkv=1, D=16, Pmax=256, prefix_lens=[256, 100], prompt_idx=[0] * 12 + [1] * 4,
                      Lq=1, Lk=5, kv_lens=[5, 4, 3, 2] * 4, dtype=torch.float32)
-    assert pa.use_cascade(B=16, N=2, Pmax=256, Lq=1)
-    assert not pa.use_cascade(B=4, N=2, Pmax=256, Lq=1)
-    assert not pa.use_cascade(B=64, N=1, Pmax=20, Lq=1)
+    # no rule measured yet (bench/gpu_kernels.py): the default path never picks the cascade
+    assert not pa.use_cascade(B=16, N=2, Pmax=256, Lq=1)
+    rule = importlib.import_module("softprompt.kernels.cascade").CANDIDATE_RULE
+    assert pa.use_cascade(B=16, N=2, Pmax=256, Lq=1, rule=rule)
+    assert not pa.use_cascade(B=4, N=2, Pmax=256, Lq=1, rule=rule)
+    assert not pa.use_cascade(B=64, N=1, Pmax=20, Lq=1, rule=rule)
     inputs = make_inputs(many_rows, torch.float32)
     got = _call(pa.prefix_attention_auto, many_rows, inputs)
     want = _call(pa.prefix_attention_ref, many_rows, inputs)
@@ -249,10 +252,15 @@ def test_one_plan_serves_every_layer(kernel, name):
         _assert_matches(got, _call(pa.prefix_attention_ref, case, inputs), case, dtype)
 
 
-def test_auto_plan_picks_the_cascade_once():
+def test_auto_plan_picks_the_cascade_once(monkeypatch):
+    """No measured rule: auto runs the fused kernel; with one (here the candidate) that holds
+    for these shapes, the plan picks the cascade and makes its row grouping once."""
     case = dict(B=16, H=2, Hkv=1, D=16, Pmax=256, prefix_lens=[256, 100], prompt_idx=[0] * 12 + [1] * 4,
                 Lq=1, Lk=5, kv_lens=[5, 4, 3, 2] * 4)
     inputs = make_inputs(case, torch.float32)
+    assert _plan_for(inputs, "auto").kernel == "fused"
+    cascade_mod = importlib.import_module("softprompt.kernels.cascade")
+    monkeypatch.setattr(cascade_mod, "MEASURED_RULE", cascade_mod.CANDIDATE_RULE)
     plan = _plan_for(inputs, "auto")
     assert plan.kernel == "cascade" and plan.cascade.key[:4] == (16, 2, 1, 2)
     torch.testing.assert_close(pa.run_attention(plan, *inputs[:5]), pa.prefix_attention_ref(*inputs),

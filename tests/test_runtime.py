@@ -3,6 +3,7 @@ each request alone), batch invariance, cache behaviour, generation, services, ba
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -295,33 +296,49 @@ def test_seeded_sampling_is_batch_invariant(rts):
 
 
 def test_submit_many_threads(rts):
-    """16 threads x 50 requests through submit(): every result equals its single-request reference."""
+    """16 threads x 50 requests through submit(): every result equals its single-request
+    reference. The engine is paused while they submit (a control call holds its thread), so all
+    800 are queued before its first step whatever the machine's load, and must share steps."""
     ref, rt = rts("llama", "reference"), rts("llama", "torch")
     rng = np.random.default_rng(3)
     pool = [{"prompt": ["p1", "p20", "p100"][i % 3], "context": rng.integers(4, 96, 1 + i % 9).tolist(),
              "continuation": rng.integers(4, 96, 1 + i % 3).tolist()} for i in range(24)]
     want = [ref.score([r])[0] for r in pool]
     got, errors = {}, []
+    hold, held = threading.Event(), threading.Event()
+    submitted = threading.Barrier(17)  # the 16 workers and this thread
 
     def worker(t):
         try:
             futs = [(k, rt.submit(pool[(t * 50 + k) % len(pool)])) for k in range(50)]
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+            futs = []
+        submitted.wait(60)
+        try:
             for k, f in futs:
-                got[(t, k)] = f.result(timeout=60)
+                got[(t, k)] = f.result(timeout=120)
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
 
+    steps = rt.engine.steps
+    blocker = threading.Thread(target=rt.engine.call, args=(lambda: (held.set(), hold.wait(120)),))
+    blocker.start()
+    assert held.wait(60)  # the engine thread is busy: nothing submitted can run yet
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
     for th in threads:
         th.start()
+    submitted.wait(60)  # every request is queued
+    hold.set()
     for th in threads:
-        th.join()
+        th.join(300)
+    blocker.join(60)
     assert not errors
     assert len(got) == 800
     for (t, k), res in got.items():
         w = want[(t * 50 + k) % len(pool)]
         np.testing.assert_allclose(res.token_logprobs, w.token_logprobs, **SCORE["float32"])
-    assert rt.stats()["engine_steps"] < 800  # requests really shared steps
+    assert rt.engine.steps - steps < 100  # requests really shared steps (800 rows, max_batch 64)
 
 
 def test_submit_bad_request_fails_only_its_future(tiny_dirs):
@@ -362,8 +379,11 @@ def test_close_without_drain_cancels(tiny_dirs):
     stream = rt.stream("p", [5, 6], max_new_tokens=4)
     closer = threading.Thread(target=rt.close, kwargs={"drain": False})
     closer.start()
-    while not rt.engine.closed:
-        pass
+    for _ in range(6000):  # bounded: up to 60 s for close() to mark the engine closed
+        if rt.engine.closed:
+            break
+        time.sleep(0.01)
+    assert rt.engine.closed
     hold.set()
     closer.join(30)
     blocker.join(30)

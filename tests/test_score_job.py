@@ -57,7 +57,8 @@ BAD_LINES = ['not json', '[1, 2]', '{"prompt": [1], "context": [4]}', '{"context
 
 
 def _write_jsonl(path: Path, rows: list[dict], bad_every: int = 0) -> dict:
-    """Write rows (blank lines and BAD_LINES mixed in); return {line number: row or None}."""
+    """Write rows (blank lines and BAD_LINES mixed in); return {record number: row or None}
+    (records are the non-blank lines: a record's ``line`` in the output)."""
     lines, at = {}, 0
     with open(path, "w", encoding="utf-8") as f:
         for i, r in enumerate(rows):
@@ -65,8 +66,7 @@ def _write_jsonl(path: Path, rows: list[dict], bad_every: int = 0) -> dict:
                 f.write(BAD_LINES[(i // bad_every) % len(BAD_LINES)] + "\n")
                 at += 1
                 lines[at] = None
-                f.write("\n")
-                at += 1
+                f.write("\n")  # a blank line is not a record
             f.write(json.dumps(r) + "\n")
             at += 1
             lines[at] = r
@@ -136,31 +136,56 @@ def _run(cmd, **kw):
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
+def _rows_done(ck: Path) -> int:
+    """Rows the checkpoint records as written (0 before the first one; it is replaced
+    atomically, so a read sees a whole state)."""
+    try:
+        return json.loads(ck.read_text())["rows_done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run_until(p, ck: Path, rows: int) -> bool:
+    """Wait until the running job's checkpoint records >= ``rows`` rows (True), or the job ends
+    (False); by progress, not by time (the deadline only fails a job that stopped moving)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            return False
+        if _rows_done(ck) >= rows:
+            return True
+        time.sleep(0.002)
+    raise AssertionError(f"the job wrote no checkpoint past {rows} rows in 120 s")
+
+
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(job):
+    """SIGKILL during start-up, and at seeded points of the job's progress (read from its
+    checkpoint, plus a seeded sub-chunk delay so kills land inside chunks and between a chunk's
+    write and its checkpoint); every rerun resumes the previous one's work; the final output
+    equals an uninterrupted run's, byte for byte."""
     bundle, prompt, _, d = job
     lines = _write_jsonl(d / "kill.jsonl", _rows(8000, seed=1), bad_every=700)
     cmd = [sys.executable, "-m", "softprompt.cli", "score", str(bundle), "--backend", "onnx",
            "--prompt", f"p={prompt}", "-i", str(d / "kill.jsonl"), "--chunk-rows", "100",
            "--no-progress", "--resume"]
-    t0 = time.monotonic()
     p = _run(cmd + ["-o", str(d / "ref.jsonl")])
-    assert p.wait(timeout=120) == 0, p.stderr.read().decode()
-    full = time.monotonic() - t0
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     out, ck = d / "killed.jsonl", d / "killed.jsonl.ckpt.json"
-    rng, mid_job, kills = random.Random(13), 0, 0
-    while kills < 8 and mid_job < 3:  # each rerun resumes the previous one's work
+    rng = random.Random(13)
+    # progress points to kill after: start-up (0), then six spread over the first 60 % of rows
+    targets = [0] + sorted(rng.sample(range(100, int(0.6 * len(lines)), 100), 6))
+    mid_job = 0
+    for target in targets:
         p = _run(cmd + ["-o", str(out)])
-        time.sleep(rng.uniform(0.2, 0.8 * full))
-        if p.poll() is not None:
-            break
+        if not _run_until(p, ck, target):
+            break  # the job finished first
+        time.sleep(rng.uniform(0, 0.02))  # somewhere inside the next chunk
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
-        kills += 1
-        state = json.loads(ck.read_text()) if ck.exists() else {"rows_done": 0}
-        mid_job += 0 < state["rows_done"] < len(lines)
-    assert mid_job >= 2, f"{kills} kills, {mid_job} in the middle of the job: proved nothing"
+        mid_job += 0 < _rows_done(ck) < len(lines)
+    assert mid_job >= 4, f"{mid_job} of {len(targets)} kills in the middle of the job: proved little"
     p = _run(cmd + ["-o", str(out)])
-    assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     assert out.read_bytes() == (d / "ref.jsonl").read_bytes()
     assert [json.loads(x)["line"] for x in out.read_text().splitlines()] == sorted(lines)
 
@@ -211,7 +236,7 @@ def test_csv_and_parquet_round_trip(job, tmp_path):
     as_req = [{"prompt": r["prompt"] or None, "context": r["context"],
                "continuation": r["continuation"] or None} for r in rows]
     want = rt.score(as_req)
-    for inp, first in (("in.csv", 2), ("in.parquet", 1)):
+    for inp, first in (("in.csv", 1), ("in.parquet", 1)):  # line: the record number
         for out in ("out.jsonl", "out.csv", "out.parquet"):
             for p in tmp_path.glob(out + "*"):
                 p.unlink()
@@ -233,8 +258,8 @@ def test_csv_and_parquet_round_trip(job, tmp_path):
                 assert g["tokens"] == w.tokens, (inp, out, g)
                 assert abs(g["logprob"] - w.logprob) <= SCORE["float32"]["atol"], (inp, out, g)
             if inp == "in.csv":
-                assert got[-2]["line"] == 232 and got[-2]["logprob"] is not None  # multi-line cell
-                assert got[-1]["line"] == 234 and "2 fields, the header has 4" in got[-1]["error"]
+                assert got[-2]["line"] == 231 and got[-2]["logprob"] is not None  # multi-line cell
+                assert got[-1]["line"] == 232 and "2 fields, the header has 4" in got[-1]["error"]
             else:
                 assert len(got) == len(rows)
 
