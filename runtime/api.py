@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import fields
 from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, overload
@@ -48,8 +49,7 @@ from .stats import RuntimeStats
 from .streams import AsyncStream, Stream, then
 
 Errors = str  # "raise" | "return"
-GENERATE_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_at_eos",
-                 "logprobs")
+GENERATE_ARGS = tuple(f.name for f in fields(GenerateParams))  # the keyword arguments of generate
 
 
 class Runtime:
@@ -370,11 +370,7 @@ class Runtime:
     def _generation(self, prompt: str | None, context: Any, sampling: dict[str, Any],
                     sink: Callable[[StreamChunk], object]) -> Generation:
         """One validated, accepted generation row (raises RequestError when invalid)."""
-        unknown = set(sampling) - set(GENERATE_ARGS)
-        if unknown:
-            raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected "
-                               f"{GENERATE_ARGS}")
-        params = GenerateParams(**sampling)
+        params = _params(sampling)
         row = self.check(ScoreRequest(prompt, context), extra_positions=params.max_new_tokens)
         return self._generations([row], params, sink)[0]
 
@@ -434,13 +430,9 @@ class Runtime:
         arguments (max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at_eos,
         logprobs) and ``errors`` (``"return"``: a bad conversation's result carries ``.error``).
         """
-        unknown = set(sampling) - set(GENERATE_ARGS)
-        if unknown:
-            raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected "
-                               f"{GENERATE_ARGS}")
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        params = GenerateParams(**sampling)
+        params = _params(sampling)
         convs, single = as_conversations(messages)
         names: list[Any] = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(convs)
         if len(names) != len(convs):
@@ -538,3 +530,11 @@ class Runtime:
     def load_cache(self, path: str | PathLike[str]) -> int:
         """Load a cache written by :meth:`save_cache` for the same model and dtype."""
         return self.engine.call(lambda: self.backend.load_cache(path))
+
+
+def _params(sampling: dict[str, Any]) -> GenerateParams:
+    """The GenerateParams of a stream/chat call's keyword arguments (unknown ones refused)."""
+    unknown = set(sampling) - set(GENERATE_ARGS)
+    if unknown:
+        raise RequestError(f"unknown generation arguments {sorted(unknown)}; expected {GENERATE_ARGS}")
+    return GenerateParams(**sampling)

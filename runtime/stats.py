@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,15 @@ class RuntimeStats(Mapping[str, object]):
         out.update(asdict(self.engine))
         return out
 
+    @cached_property
+    def _flat(self) -> dict[str, object]:  # built once per record (it is frozen)
+        return self.as_dict()
+
     def __getitem__(self, key: str) -> object:
-        return self.as_dict()[key]
+        return self._flat[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.as_dict())
+        return iter(self._flat)
 
     def __len__(self) -> int:
-        return len(self.as_dict())
+        return len(self._flat)
