@@ -13,12 +13,15 @@ protocol and ``StepperBackend.step`` over five primitives) -> ``torch_backend.py
 ``onnx_backend.py`` / ``reference.py`` (built by ``factory.py``; prefix once from ``cache.py``,
 then only the request's tokens) -> ``sampling.py`` (tokens chosen on the device) ->
 ``streams.py`` (futures and streams back to callers). ``stats.py``: the typed counters.
+Prompts of every kind: ``prompts.py`` (the ``Prompt`` interface, its segments, ``SoftPrompt``),
+``prompt_kinds.py`` (K/V, text, composed; ``check_prompt``), ``adapters.py`` (PEFT's types).
 
 Nothing here imports torch at import time: a CPU server that runs an exported ONNX bundle
 needs only onnxruntime, numpy and tokenizers.
 """
 
-from .prompts import SoftPrompt, SoftPromptError
+from .prompt_kinds import ComposedPrompt, KVPrompt, Text
+from .prompts import Prompt, SoftPrompt, SoftPromptError
 from .requests import GenerateParams, RequestError, ScoreRequest
 
 
@@ -30,5 +33,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'softprompt.runtime' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "SoftPrompt", "SoftPromptError", "ScoreRequest", "GenerateParams",
+__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt", "SoftPromptError", "ScoreRequest", "GenerateParams",
            "RequestError"]

@@ -40,7 +40,9 @@ from .chat import as_conversations, chat_ids
 from .engine import Engine, EngineClosed
 from .factory import build
 from .generation import Generation, StreamChunk
-from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, SoftPrompt, SoftPromptError
+from .adapters import load_adapter
+from .prompt_kinds import as_prompt, check_prompt, compose
+from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, Prompt, SoftPrompt, SoftPromptError
 from .registry import PromptRegistry
 from .requests import (ClassifyResult, GenerateParams, GenerateResult, ModelInfo, RequestError,
                        Row, ScoreRequest, ScoreResult, Tokenizer, classify_requests,
@@ -71,7 +73,8 @@ class Runtime:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.info = ModelInfo(model_name, backend.name, backend.hidden_size, backend.vocab_size,
-                              backend.max_positions, backend.fingerprint, backend.dtype_name)
+                              backend.max_positions, backend.fingerprint, backend.dtype_name,
+                              backend.num_layers, backend.num_kv_heads, backend.head_dim)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch = max_batch
         self.max_virtual_tokens = max_virtual_tokens
@@ -128,37 +131,57 @@ class Runtime:
         """Registered prompts by name (a live read-only mapping)."""
         return self.registry.prompts
 
-    def _prepare_prefix(self, sp: SoftPrompt) -> None:
+    def _prepare_prefix(self, sp: Prompt) -> None:
         try:
             self.engine.call(lambda: self.backend.prepare(sp))
         except CacheError as e:
-            raise SoftPromptError(f"soft prompt {sp.name!r}: {e}") from None
+            raise SoftPromptError(f"prompt {sp.name!r}: {e}") from None
 
-    def _forget_prefix(self, sp: SoftPrompt) -> None:
+    def _forget_prefix(self, sp: Prompt) -> None:
         try:
             self.engine.call(lambda: self.backend.forget(sp))
         except EngineClosed:
             pass  # closing: the cache goes with the runtime
 
-    def add_prompt(self, name: str, source: Any, *, allow_pickle: bool = False) -> SoftPrompt:
-        """Register (or replace) soft prompt ``name`` and compute its prefix now.
+    def add_prompt(self, name: str, source: Any, *, allow_pickle: bool = False) -> Any:
+        """Register (or replace) prompt ``name`` and compute its prefix now.
 
-        source: a PEFT adapter directory, a ``.safetensors``/``.npy`` file (``.bin``/``.pt``
-        with ``allow_pickle=True``), a SoftPrompt (not modified: the registry keeps a renamed
-        copy), or a ``[P, E]`` tensor/array. All-or-nothing: the new prompt is validated and its
-        prefix computed first; only then does it replace the old one, so a failure leaves the
-        registry as it was. Requests accepted before the swap keep the old version; the old
-        prefix is dropped once none of them needs it.
+        source: a PEFT adapter directory of any served prompt-learning type (PROMPT_TUNING,
+        P_TUNING, CPT, MULTITASK_PROMPT_TUNING, PREFIX_TUNING, CARTRIDGE; a hub id too), a
+        ``.safetensors``/``.npy`` file (``.bin``/``.pt`` with ``allow_pickle=True``), a prompt of
+        any kind (not modified: the registry keeps a renamed copy), a ``[P, E]`` tensor/array,
+        or a list of parts composed into one prefix, computed once in order: a ``str`` part is
+        text (tokenised on its own, no special tokens), any other part is a source as above, e.g.
+        ``rt.add_prompt("qa", [SoftPrompt.load(path), "Answer briefly.\n"])``.
+        A multitask adapter registers one prompt per task, ``name/0`` .. ``name/<T-1>``, and
+        returns the list of them; otherwise the registered prompt is returned.
+        All-or-nothing: each new prompt is validated and its prefix computed first; only then
+        does it replace the old one, so a failure leaves the registry as it was. Requests
+        accepted before the swap keep the old version; the old prefix is dropped once none of
+        them needs it.
         """
         if not isinstance(name, str) or not name:
             raise SoftPromptError(f"prompt name must be a non-empty string, got {name!r}")
-        sp = SoftPrompt.load(source, name=name, allow_pickle=allow_pickle)
-        sp.validate(self.info.hidden_size, self.max_virtual_tokens)
-        if sp.num_virtual_tokens >= self.info.max_positions:
-            raise SoftPromptError(f"soft prompt {name!r} has {sp.num_virtual_tokens} virtual "
-                                  f"tokens but the model has only {self.info.max_positions} positions")
-        sp.check_base_model(self.info.fingerprint, self.model_name, strict=self.strict)
-        return self.registry.add(name, sp)
+        prompts = self._resolve(name, source, allow_pickle)
+        for p in prompts.values():
+            check_prompt(p, self.info, self.max_virtual_tokens)
+            p.check_base_model(self.info.fingerprint, self.model_name, strict=self.strict)
+        added = [self.registry.add(n, p) for n, p in prompts.items()]
+        return added if list(prompts) != [name] else added[0]
+
+    def _resolve(self, name: str, source: Any, allow_pickle: bool) -> dict[str, Prompt]:
+        """The prompt(s) ``source`` stands for by the names they register under: ``name``, or
+        ``name/t`` per task of a multitask adapter."""
+        if isinstance(source, (list, tuple)):
+            def part(p):  # a non-str, non-prompt part: a path, or a [P, E] array
+                return SoftPrompt.load(p, allow_pickle=allow_pickle) if isinstance(p, PathLike) \
+                    else as_prompt(p)
+            return {name: compose(source, self.tokenizer, name, resolve=part)}
+        if isinstance(source, (str, PathLike)) and Path(source).is_dir():
+            loaded = load_adapter(Path(source), name, allow_pickle=allow_pickle)
+            multitask = loaded[0].kind == "multitask_prompt_tuning"
+            return {p.name: p for p in loaded} if multitask else {name: loaded[0]}
+        return {name: SoftPrompt.load(source, name=name, allow_pickle=allow_pickle)}
 
     def remove_prompt(self, name: str) -> None:
         """Unregister ``name``; its cached prefix goes once no accepted request needs it."""
@@ -170,7 +193,16 @@ class Runtime:
         against the registry, the tokenizer and the model: its ``Row`` (token ids, bound prompt
         version), or a RequestError naming what is wrong. ``extra_positions``: tokens it will
         generate. Every path (Python calls, the server) validates through this one function."""
-        return make_row(request, self.registry.prompts, self.tokenizer, self.info, extra_positions)
+        return make_row(request, self.registry.prompts, self.tokenizer, self.info, extra_positions,
+                        inline=self._inline)
+
+    def _inline(self, value: Any) -> Prompt:
+        """A request's own prompt (any kind, or a ``[P, E]`` array), checked against the model
+        like a registered one; cached by content (its digest) under the same budget."""
+        try:
+            return check_prompt(as_prompt(value), self.info, self.max_virtual_tokens)
+        except SoftPromptError as e:
+            raise RequestError(str(e)) from None
 
     def _rows(self, requests: Sequence[Any], errors: Errors,
               extra_positions: int = 0) -> tuple[list[Row | None], dict[int, str]]:

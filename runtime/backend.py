@@ -36,7 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from .plan import BatchPlan
-from .prompts import SoftPrompt
+from .prompts import Prompt
 from .sampling import Sampler
 from .stats import BackendStats
 
@@ -101,11 +101,15 @@ class Backend(Protocol):
     max_positions: int
     fingerprint: str  # the model's content hash
     dtype_name: str  # compute dtype, e.g. "float32"
+    num_layers: int  # N, and the K/V geometry a K/V prompt must have
+    num_kv_heads: int  # Hkv
+    head_dim: int  # D
 
-    def prepare(self, prompt: SoftPrompt) -> None:
-        """Compute and cache the prompt's prefix (per layer K/V ``[Hkv, P, D]``) now."""
+    def prepare(self, prompt: Prompt) -> None:
+        """Compute and cache the prompt's prefix (per layer K/V ``[Hkv, P, D]``) now, from its
+        segments in order (``prompts.Prompt``)."""
 
-    def forget(self, prompt: SoftPrompt) -> None:
+    def forget(self, prompt: Prompt) -> None:
         """Drop the prompt's cached prefix (nothing else)."""
 
     def step(self, plan: StepPlan) -> StepOutput:
@@ -142,6 +146,9 @@ class StepperBackend(ABC, Generic[State]):
     max_positions: int
     fingerprint: str
     dtype_name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
 
     _state: State | None = None  # the decode state: rows generating, in ``_state_ids`` order
     _state_ids: list[int] = []  # noqa: RUF012 - replaced, never mutated in place
@@ -174,10 +181,10 @@ class StepperBackend(ABC, Generic[State]):
         """Choose each row's token on the device (``runtime/sampling.py``)."""
 
     @abstractmethod
-    def prepare(self, prompt: SoftPrompt) -> None: ...
+    def prepare(self, prompt: Prompt) -> None: ...
 
     @abstractmethod
-    def forget(self, prompt: SoftPrompt) -> None: ...
+    def forget(self, prompt: Prompt) -> None: ...
 
     @abstractmethod
     def stats(self) -> BackendStats: ...

@@ -35,7 +35,7 @@ from .stats import CacheStats
 
 
 FORMAT = "softprompt-prefix-cache"
-VERSION = "2"
+VERSION = "3"
 _KV_DTYPES = ("float32", "float16")
 
 
@@ -45,11 +45,13 @@ class CacheError(RuntimeError):
 
 @dataclass
 class PrefixEntry:
-    """keys / values: N per-layer arrays ``[Hkv, P, D]``; first_logprobs: ``[V]`` float32."""
+    """keys / values: N per-layer arrays ``[Hkv, P, D]``; first_logprobs: ``[V]`` float32, the
+    log-probabilities of a request's first token, or None for a prefix that ends in K/V (a
+    prefix-tuning prompt or cartridge: nothing was computed at its last position)."""
 
     keys: list
     values: list
-    first_logprobs: object
+    first_logprobs: object = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +61,8 @@ class PrefixEntry:
     def nbytes(self) -> int:
         def size(a):
             return a.numel() * a.element_size() if hasattr(a, "element_size") else a.nbytes
-        return sum(size(a) for a in (*self.keys, *self.values, self.first_logprobs))
+        first = () if self.first_logprobs is None else (self.first_logprobs,)
+        return sum(size(a) for a in (*self.keys, *self.values, *first))
 
 
 class PrefixCache:
@@ -154,9 +157,10 @@ class PrefixCache:
         for i, (digest, e) in enumerate(items):
             arrays = _arrays(e, to_numpy)
             k = arrays["0.k"]  # [Hkv, P, D]
+            vocab = arrays["first"].shape[0] if "first" in arrays else self._geometry()["vocab_size"]
             info = {"digest": digest, "num_layers": len(e.keys), "num_kv_heads": k.shape[0],
-                    "num_tokens": k.shape[1], "head_dim": k.shape[2],
-                    "vocab_size": arrays["first"].shape[0], "kv_dtype": str(k.dtype)}
+                    "num_tokens": k.shape[1], "head_dim": k.shape[2], "first": "first" in arrays,
+                    "vocab_size": vocab, "kv_dtype": str(k.dtype)}
             info["sha256"] = _checksum(info, self.fingerprint, self.dtype, arrays)
             meta[f"entry{i}"] = json.dumps(info, sort_keys=True)
             tensors.update({f"{i}.{name}": a for name, a in arrays.items()})
@@ -184,7 +188,7 @@ class PrefixCache:
             raise CacheError(f"prefix cache {path}: {e}") from None
         built = [(digest, PrefixEntry([from_numpy(np.array(t[f"{j}.k"])) for j in range(n)],
                                       [from_numpy(np.array(t[f"{j}.v"])) for j in range(n)],
-                                      from_numpy(np.array(t["first"]))))
+                                      from_numpy(np.array(t["first"])) if "first" in t else None))
                  for digest, n, t in checked]
         with self._lock:
             for digest, entry in built:
@@ -204,7 +208,7 @@ class PrefixCache:
         if self.geometry is not None:
             return dict(self.geometry)
         with self._lock:
-            e = next(iter(self._entries.values()), None)
+            e = next((e for e in self._entries.values() if e.first_logprobs is not None), None)
         if e is None:
             return None
         return {"num_layers": len(e.keys), "num_kv_heads": int(e.keys[0].shape[0]),
@@ -230,7 +234,7 @@ class PrefixCache:
             info = _entry_info(meta.get(f"entry{i}"), i)
             n = info["num_layers"]
             t = {}
-            for rel in [f"{j}.{kv}" for j in range(n) for kv in "kv"] + ["first"]:
+            for rel in [f"{j}.{kv}" for j in range(n) for kv in "kv"] + ["first"] * info["first"]:
                 if f"{i}.{rel}" not in arrays:
                     raise CacheError(f"entry {i}: tensor {i}.{rel} missing")
                 t[rel] = arrays[f"{i}.{rel}"]
@@ -269,7 +273,7 @@ class PrefixCache:
 
 
 _ENTRY_INTS = ("num_layers", "num_kv_heads", "num_tokens", "head_dim", "vocab_size")
-_ENTRY_KEYS = {"digest", "kv_dtype", "sha256", *_ENTRY_INTS}
+_ENTRY_KEYS = {"digest", "kv_dtype", "sha256", "first", *_ENTRY_INTS}
 
 
 def _entry_info(text, i: int) -> dict:
@@ -283,6 +287,8 @@ def _entry_info(text, i: int) -> dict:
     for k in _ENTRY_INTS:
         if not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 1:
             raise CacheError(f"entry {i}: {k} must be an integer >= 1, got {info[k]!r}")
+    if not isinstance(info["first"], bool):
+        raise CacheError(f"entry {i}: first must be true or false, got {info['first']!r}")
     for k in ("digest", "kv_dtype", "sha256"):
         if not isinstance(info[k], str) or not info[k]:
             raise CacheError(f"entry {i}: {k} must be a non-empty string, got {info[k]!r}")
@@ -293,11 +299,12 @@ def _entry_info(text, i: int) -> dict:
 
 def _arrays(e: PrefixEntry, to_numpy: Callable) -> dict[str, np.ndarray]:
     """An entry's tensors as numpy, named ``{layer}.k`` / ``{layer}.v`` ``[Hkv, P, D]`` and
-    ``first`` ``[V]`` float32."""
+    ``first`` ``[V]`` float32 (absent for a prefix that ends in K/V)."""
     out = {}
     for j, (k, v) in enumerate(zip(e.keys, e.values)):
         out[f"{j}.k"], out[f"{j}.v"] = np.asarray(to_numpy(k)), np.asarray(to_numpy(v))
-    out["first"] = np.asarray(to_numpy(e.first_logprobs), dtype=np.float32)
+    if e.first_logprobs is not None:
+        out["first"] = np.asarray(to_numpy(e.first_logprobs), dtype=np.float32)
     return out
 
 

@@ -25,6 +25,7 @@ from softprompt.models import display_name
 from .backend import StepperBackend
 from .cache import PrefixCache, PrefixEntry
 from .plan import BatchPlan, top_alternatives
+from .prompts import KV, Embeds
 from .requests import Tokenizer, log_softmax
 from .sampling import pick_numpy
 from .stats import BackendStats
@@ -54,6 +55,7 @@ class OnnxBackend(StepperBackend):
 
         self.bundle = b = load_bundle(path, providers=providers)
         self.hidden_size, self.vocab_size = b.hidden_size, b.vocab_size
+        self.num_layers, self.num_kv_heads, self.head_dim = b.num_layers, b.num_kv_heads, b.head_dim
         self.max_positions = b.max_position_embeddings
         self.fingerprint = b.fingerprint
         self.dtype_name = b.manifest["dtype"]
@@ -70,12 +72,27 @@ class OnnxBackend(StepperBackend):
 
     # ----------------------------------------------------------------------------- prefix
     def _compute_prefix(self, prompt) -> PrefixEntry:
-        b, P = self.bundle, prompt.num_virtual_tokens
-        emb = prompt.embeddings[None].astype(b.np_dtype)  # [1, P, E]
-        logits, presents = b.run(emb, np.ones((1, P), np.int64), np.arange(P)[None],
-                                 b.empty_past(1), np.array([[P - 1]], np.int64))
-        return PrefixEntry([k[0] for k, _ in presents], [v[0] for _, v in presents],
-                           log_softmax(logits[0, 0]).astype(np.float32))
+        """The prompt's segments in order, once: K/V segments join the past as they are,
+        embeddings and text run through the graph on the past so far (its ``present.*`` is the
+        new past). Per-layer K/V ``[Hkv, P, D]`` and first-token log-probs (None when the prompt
+        ends in K/V)."""
+        b = self.bundle
+        past = b.empty_past(1)  # N x (K, V) [1, Hkv, 0, D]
+        first = None
+        for seg in prompt.segments():
+            if isinstance(seg, KV):
+                past = [(np.concatenate([k, kk[None].astype(b.np_dtype)], 2),
+                         np.concatenate([v, vv[None].astype(b.np_dtype)], 2))
+                        for (k, v), kk, vv in zip(past, seg.keys, seg.values)]
+                first = None
+                continue
+            emb = (seg.rows if isinstance(seg, Embeds) else b.embeddings[list(seg.ids)])
+            P, n = past[0][0].shape[2], emb.shape[0]
+            logits, past = b.run(emb[None].astype(b.np_dtype), np.ones((1, P + n), np.int64),
+                                 np.arange(P, P + n)[None], past, np.array([[n - 1]], np.int64))
+            first = log_softmax(logits[0, 0]).astype(np.float32)
+            self.tokens_computed += n
+        return PrefixEntry([k[0] for k, _ in past], [v[0] for _, v in past], first)
 
     def entry(self, prompt) -> PrefixEntry:
         if prompt is None:

@@ -1,4 +1,12 @@
-"""Soft prompts: P learned input embeddings ``[P, E]`` in PEFT's prompt-tuning format.
+"""Soft prompts: P learned input embeddings ``[P, E]`` (PEFT's prompt-tuning family), and the
+one interface every kind of prompt offers the runtime (``Prompt``, its ``Segment`` parts).
+
+Every prompt, whatever its kind (``runtime/prompt_kinds.py`` has the K/V and composed ones,
+``runtime/adapters.py`` reads PEFT's six prompt-learning types), is a sequence of segments that
+yields a per-layer K/V prefix: ``Embeds`` (``[n, E]`` rows run through the model), ``TokenIds``
+(text, embedded by the model's own embedding module, then run) and ``KV`` (per-layer keys and
+values inserted as they are, no forward). Backends compute a prefix from the segments, in
+order, once per digest; nothing else in the runtime looks inside a prompt.
 
 Sources, in order of trust:
 - a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` holding
@@ -22,6 +30,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Union, runtime_checkable
 
 import numpy as np
 
@@ -29,7 +38,7 @@ from softprompt.models import hub, read_json_object
 
 from . import safetensors_np
 
-DEFAULT_MAX_VIRTUAL_TOKENS = 1024
+DEFAULT_MAX_VIRTUAL_TOKENS = 4096  # a 2,048-token cartridge fits; the model's positions bound P
 _PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -39,6 +48,65 @@ class SoftPromptError(ValueError):
 
 class BaseModelMismatchWarning(UserWarning):
     """A soft prompt trained for another base model is being used."""
+
+
+# ------------------------------------------------------------------------------- segments
+@dataclass(frozen=True, eq=False)
+class Embeds:
+    """``[n, E]`` float32 input embeddings, run through the model like PEFT's virtual tokens."""
+
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Token ids (a text segment), embedded by the model's own embedding module, then run."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class KV:
+    """Per-layer keys and values ``[N, Hkv, n, D]`` float32, inserted into the prefix as they
+    are: no forward, no rotary embedding (PEFT's prefix tuning and cartridges)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+
+Segment = Union[Embeds, TokenIds, KV]
+
+
+@runtime_checkable
+class Prompt(Protocol):
+    """What the runtime needs of a prompt of any kind.
+
+    name: the name requests use; kind: ``prompt_tuning``, ``p_tuning``,
+    ``multitask_prompt_tuning``, ``cpt``, ``prefix_tuning``, ``cartridge`` or ``composed``;
+    digest: sha256 of everything that determines its K/V (the prefix-cache key, with the model
+    fingerprint and dtype); num_virtual_tokens: P, the prefix length in positions;
+    scores_first: whether the prefix predicts the request's first token (False when it ends in
+    K/V: nothing is computed at its last position, as in PEFT's prefix tuning).
+    """
+
+    name: str
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def num_virtual_tokens(self) -> int: ...
+
+    @property
+    def scores_first(self) -> bool: ...
+
+    def segments(self) -> tuple[Segment, ...]: ...
+
+    def check_base_model(self, fingerprint: str | None, model_name: str | None,
+                         strict: bool = False) -> None: ...
 
 
 @dataclass
@@ -51,6 +119,9 @@ class SoftPrompt:
     base_model: the base model it was trained for (PEFT's ``base_model_name_or_path``).
     base_fingerprint: the softprompt model fingerprint it was made with, when known.
     init: how it was made (``"random"``, ``"text"``, ``"peft"``, ``"file"``, ...).
+    peft_type: the PEFT type it was read from (``PROMPT_TUNING``, ``P_TUNING`` with its encoder
+        already applied, ``MULTITASK_PROMPT_TUNING`` for one task, ``CPT`` with its deltas
+        added); ``save_peft`` writes it back as that type where that is lossless.
     """
 
     embeddings: np.ndarray
@@ -59,6 +130,7 @@ class SoftPrompt:
     base_fingerprint: str | None = None
     init: str | None = None
     metadata: dict = field(default_factory=dict)
+    peft_type: str = "PROMPT_TUNING"
 
     def __post_init__(self):
         emb = self.embeddings
@@ -83,6 +155,15 @@ class SoftPrompt:
     @property
     def num_virtual_tokens(self) -> int:
         return int(self.embeddings.shape[0])
+
+    @property
+    def kind(self) -> str:
+        return self.peft_type.lower()
+
+    scores_first = True  # the last virtual token predicts the request's first token
+
+    def segments(self) -> tuple[Segment, ...]:
+        return (Embeds(self.embeddings),)
 
     @property
     def hidden_size(self) -> int:
@@ -132,11 +213,15 @@ class SoftPrompt:
 
     # ---------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, source, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
-        """Load from a PEFT adapter dir, ``.safetensors``, ``.npy``, or (opt-in) ``.bin``/``.pt``;
-        a hub id ``owner/name[@revision]`` that is not a local path is a PEFT adapter fetched
-        through huggingface_hub's cache (see ``softprompt.models.hub``)."""
-        if isinstance(source, SoftPrompt):
+    def load(cls, source, name: str | None = None, allow_pickle: bool = False,
+             task: int | None = None) -> "Prompt":
+        """Load a prompt of any kind: a PEFT adapter directory of any prompt-learning type
+        (``runtime/adapters.py``: a ``SoftPrompt`` for PROMPT_TUNING, P_TUNING, CPT and one task
+        of MULTITASK_PROMPT_TUNING (``task``), a ``KVPrompt`` for PREFIX_TUNING and CARTRIDGE),
+        a ``.safetensors``, ``.npy`` or (opt-in) ``.bin``/``.pt`` ``[P, E]`` file, or a hub id
+        ``owner/name[@revision]`` that is not a local path (a PEFT adapter fetched through
+        huggingface_hub's cache, see ``softprompt.models.hub``)."""
+        if isinstance(source, Prompt):
             return source
         if isinstance(source, np.ndarray) or hasattr(source, "detach"):
             return cls(source, name=name or "prompt", init="tensor")
@@ -147,7 +232,7 @@ class SoftPrompt:
                 hub.ADAPTER_FILES + ["adapter_model.bin"] * allow_pickle))
         name = name or path.stem
         if path.is_dir():
-            return cls.from_peft(path, name=name, allow_pickle=allow_pickle)
+            return cls.from_peft(path, name=name, allow_pickle=allow_pickle, task=task)
         if not path.is_file():
             raise SoftPromptError(f"soft prompt source not found: {path}")
         suffix = path.suffix.lower()
@@ -165,41 +250,19 @@ class SoftPrompt:
                               "directory, .safetensors, .npy, or .bin/.pt with allow_pickle=True")
 
     @classmethod
-    def from_peft(cls, path, name: str | None = None, allow_pickle: bool = False) -> "SoftPrompt":
-        """Load a PEFT ``PROMPT_TUNING`` adapter directory."""
+    def from_peft(cls, path, name: str | None = None, allow_pickle: bool = False,
+                  task: int | None = None) -> "Prompt":
+        """A PEFT prompt-learning adapter directory of any served type (``adapters.load_adapter``);
+        a multitask adapter needs ``task`` (or ``Runtime.add_prompt``, which registers every task)."""
+        from .adapters import load_adapter
+
         path = Path(path)
-        cfg_file = path / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise SoftPromptError(f"{path} is not a PEFT adapter directory: adapter_config.json missing")
-        cfg = _read_adapter_config(cfg_file)
-        if cfg.get("peft_type") != "PROMPT_TUNING":
-            raise SoftPromptError(f"{path} holds a {cfg.get('peft_type')!r} adapter; expected "
-                                  "peft_type 'PROMPT_TUNING'")
-        subs = cfg.get("num_transformer_submodules") or 1
-        if subs != 1:
-            raise SoftPromptError(f"{path}: num_transformer_submodules is {subs}; expected 1 "
-                                  "(a decoder-only model; encoder-decoder prompts are not served)")
-        if (path / _PEFT_WEIGHTS[0]).is_file():
-            tensors, meta = _read_safetensors(path / _PEFT_WEIGHTS[0])
-        elif (path / _PEFT_WEIGHTS[1]).is_file():
-            tensors, meta = _torch_load(path / _PEFT_WEIGHTS[1], allow_pickle), {}
-        else:
-            raise SoftPromptError(f"{path}: no {_PEFT_WEIGHTS[0]} next to adapter_config.json")
-        if "prompt_embeddings" not in tensors:
-            raise SoftPromptError(f"{path}: adapter weights have no 'prompt_embeddings' tensor "
-                                  f"(found {sorted(tensors)[:5]})")
-        sp = _checked(cls(tensors["prompt_embeddings"], name=name or path.name,
-                          base_model=cfg.get("base_model_name_or_path"),
-                          base_fingerprint=meta.get("base_fingerprint"), init="peft",
-                          metadata={"prompt_tuning_init": cfg.get("prompt_tuning_init"),
-                                    "prompt_tuning_init_text": cfg.get("prompt_tuning_init_text")}),
-                      path)
-        for key, got, what in (("num_virtual_tokens", sp.num_virtual_tokens, "rows"),
-                               ("token_dim", sp.hidden_size, "columns")):
-            if cfg.get(key) is not None and cfg[key] != got:
-                raise SoftPromptError(f"{path}: prompt_embeddings has {got} {what} but "
-                                      f"adapter_config.json says {key}={cfg[key]}")
-        return sp
+        prompts = load_adapter(path, name or path.name, allow_pickle=allow_pickle, task=task)
+        if len(prompts) != 1:
+            raise SoftPromptError(f"{path} holds a MULTITASK_PROMPT_TUNING adapter of "
+                                  f"{len(prompts)} tasks; pass task=0..{len(prompts) - 1}, or add it "
+                                  "to a runtime, which registers NAME/0 .. NAME/T-1")
+        return prompts[0]
 
     @classmethod
     def from_text(cls, text: str, model, num_virtual_tokens: int, name: str = "prompt",
@@ -232,24 +295,41 @@ class SoftPrompt:
     # ----------------------------------------------------------------------------- saving
     def save_peft(self, path, base_model_name_or_path: str | None = None,
                   tokenizer_name_or_path: str | None = None) -> Path:
-        """Write a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)`` loads."""
-        from peft import PromptTuningConfig, TaskType
-
+        """Write a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)`` loads:
+        as the type it was read from when PEFT loads that losslessly (PROMPT_TUNING, P_TUNING
+        and CPT keep their saved config, in inference mode), else as PROMPT_TUNING (one task of
+        a multitask adapter: exactly that task's ``[P, E]``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                 num_virtual_tokens=self.num_virtual_tokens,
-                                 token_dim=self.hidden_size, num_transformer_submodules=1,
-                                 base_model_name_or_path=base_model_name_or_path or self.base_model,
-                                 tokenizer_name_or_path=tokenizer_name_or_path,
-                                 inference_mode=True)
-        cfg.save_pretrained(str(path))
-        meta = {"format": "pt", "name": self.name}
-        if self.base_fingerprint:
-            meta["base_fingerprint"] = self.base_fingerprint
-        safetensors_np.save_file({"prompt_embeddings": self.embeddings},
-                                 path / _PEFT_WEIGHTS[0], metadata=meta)
+        config = self.metadata.get("peft_config")
+        if self.peft_type in ("P_TUNING", "CPT") and isinstance(config, dict):
+            config = dict(config, inference_mode=True)
+        else:
+            config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                      "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.hidden_size,
+                      "num_transformer_submodules": 1, "inference_mode": True,
+                      "prompt_tuning_init": "RANDOM"}
+        config["base_model_name_or_path"] = base_model_name_or_path or self.base_model
+        if tokenizer_name_or_path is not None:
+            config["tokenizer_name_or_path"] = tokenizer_name_or_path
+        write_adapter(path, config, {"prompt_embeddings": self.embeddings}, self.name,
+                      self.base_fingerprint)
         return path
+
+
+def write_adapter(path: Path, config: dict, tensors: dict, name: str,
+                  base_fingerprint: str | None) -> None:
+    """``adapter_config.json`` (through PEFT's own config class, so PEFT reads it back) and
+    ``adapter_model.safetensors`` into directory ``path``."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[config["peft_type"]]
+    known = set(cls.__dataclass_fields__)
+    cls(**{k: v for k, v in config.items() if k in known}).save_pretrained(str(path))
+    meta = {"format": "pt", "name": name}
+    if base_fingerprint:
+        meta["base_fingerprint"] = base_fingerprint
+    safetensors_np.save_file(tensors, path / _PEFT_WEIGHTS[0], metadata=meta)
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -16,7 +16,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .chat import ChatTemplate
-    from .prompts import SoftPrompt
+    from .prompts import Prompt
 
 
 class RequestError(ValueError):
@@ -25,10 +25,12 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """prompt: soft-prompt name (``None`` = no prompt, P = 0); context / continuation: text or
-    ids; top_logprobs: also return the n (0..20) most likely tokens of each scored position."""
+    """prompt: a registered prompt's name, an inline prompt (a prompt of any kind, or a
+    ``[P, E]`` array: cached by content like any other), or ``None`` (no prompt, P = 0);
+    context / continuation: text or ids; top_logprobs: also return the n (0..20) most likely
+    tokens of each scored position."""
 
-    prompt: str | None
+    prompt: str | None | object
     context: str | Sequence[int]
     continuation: str | Sequence[int] | None = None
     top_logprobs: int = 0
@@ -129,15 +131,17 @@ class GenerateResult:
 class Row:
     """One prepared request as backends see it.
 
-    prompt: the SoftPrompt (or None for P = 0); ids: ``[L]`` request token ids (context then
+    prompt: the prompt (any kind; None for P = 0); ids: ``[L]`` request token ids (context then
     continuation); target_start: first index of ``ids`` whose log-probability is wanted;
-    top_n: how many most likely alternatives to return per target (0: none).
+    top_n: how many most likely alternatives to return per target (0: none); inline: the
+    prompt came with the request (not from the registry: nothing holds or releases it).
     """
 
-    prompt: SoftPrompt | None
+    prompt: Prompt | None
     ids: list[int]
     target_start: int
     top_n: int = 0
+    inline: bool = False
 
     @property
     def num_virtual(self) -> int:
@@ -147,7 +151,7 @@ class Row:
     @property
     def own_targets(self) -> range:
         """Indices j of ``ids`` scored from the request's own position j - 1: every target
-        but a first token (j = 0), which the last virtual token predicts."""
+        but a first token (j = 0), which the prefix's last computed position predicts."""
         return range(max(self.target_start, 1), len(self.ids))
 
 
@@ -345,9 +349,6 @@ def as_request(r) -> ScoreRequest:
                          0 if r.get("top_logprobs") is None else r["top_logprobs"])
     elif not isinstance(r, ScoreRequest):
         raise RequestError(f"a request must be a dict or ScoreRequest, got {type(r).__name__}")
-    if r.prompt is not None and not isinstance(r.prompt, str):
-        raise RequestError(f"prompt must be a prompt name (a string) or None, got "
-                           f"{type(r.prompt).__name__}")
     n = r.top_logprobs
     if (not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_))
             or not 0 <= n <= 20):
@@ -363,14 +364,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def prompt_len(prompt) -> int:
-    """P of a SoftPrompt, 0 for None (no prompt)."""
+    """P of a prompt, 0 for None (no prompt)."""
     return 0 if prompt is None else prompt.num_virtual_tokens
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What requests are checked against, and what a server lists: the model's display
-    ``name``, the ``backend`` serving it, E, V, its positions, fingerprint and compute dtype."""
+    """What requests and prompts are checked against, and what a server lists: the model's
+    display ``name``, the ``backend`` serving it, E, V, its positions, fingerprint and compute
+    dtype, and its K/V geometry (N layers, Hkv heads, head size D) for K/V prompts."""
 
     name: str | None
     backend: str
@@ -379,20 +381,31 @@ class ModelInfo:
     max_positions: int
     fingerprint: str
     dtype: str
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
 
 def make_row(request, prompts: Mapping[str, object], tokenizer: Tokenizer, model: ModelInfo,
-             extra_positions: int = 0) -> Row:
+             extra_positions: int = 0, inline=None) -> Row:
     """The one validation of a request: a checked ``Row`` or a RequestError naming what is
     wrong and what was expected.
 
     request: a dict ``{prompt, context, continuation}`` or a ScoreRequest; prompts: the
     registry's prompts by name (the row binds the version found there); extra_positions: new
-    tokens the row will generate (counted against the model's positions).
+    tokens the row will generate (counted against the model's positions); inline: turns a
+    request's inline prompt (not a name) into a checked prompt (``Runtime.check`` passes its
+    own; without it an inline prompt is refused).
     """
     r = as_request(request)
     prompt = None
-    if r.prompt is not None:
+    is_inline = r.prompt is not None and not isinstance(r.prompt, str)
+    if is_inline:
+        if inline is None:
+            raise RequestError(f"prompt must be a prompt name (a string) or None, got "
+                               f"{type(r.prompt).__name__}")
+        prompt = inline(r.prompt)
+    elif r.prompt is not None:
         prompt = prompts.get(r.prompt)
         if prompt is None:
             raise RequestError(f"unknown prompt {r.prompt!r}; known: {sorted(prompts)}")
@@ -407,17 +420,20 @@ def make_row(request, prompts: Mapping[str, object], tokenizer: Tokenizer, model
             raise RequestError("empty continuation: expected at least one token (or None "
                                "to score the context)")
     P = prompt_len(prompt)
-    if cont is None and P == 0 and len(ctx) < 2 and not extra_positions:
+    first = P > 0 and prompt.scores_first  # the prefix predicts the first token
+    if cont is None and not first and len(ctx) < 2 and not extra_positions:
         raise RequestError("without a prompt or continuation there is nothing to score: "
-                           "expected a context of at least 2 tokens")
+                           "expected a context of at least 2 tokens" if P == 0 else
+                           f"prompt {prompt.name!r} ends in K/V, which predicts no first token, "
+                           "and there is no continuation: expected a context of at least 2 tokens")
     ids = ctx + (cont or [])
     total = P + len(ids) + extra_positions
     if total > model.max_positions:
         raise RequestError(f"input too long: {P} virtual + {len(ids)} request tokens"
                            + (f" + {extra_positions} new" if extra_positions else "")
                            + f" = {total} positions, the model has {model.max_positions}")
-    start = len(ctx) if cont is not None else (0 if P else 1)
-    return Row(prompt, ids, start, int(r.top_logprobs))
+    start = len(ctx) if cont is not None else (0 if first else 1)
+    return Row(prompt, ids, start, int(r.top_logprobs), inline=is_inline)
 
 
 def classify_requests(prompt: str | None, contexts, labels) -> tuple[list, list[str], list[ScoreRequest]]:

@@ -16,6 +16,7 @@ header in memory, and a valid one at most the tensors asked for (one copy, or no
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -95,8 +96,9 @@ def _entry(name: str, info) -> TensorInfo:
 
 
 def read_header(f) -> Header:
-    """Read and validate the header of an open binary file; reads no tensor data."""
-    size = os.fstat(f.fileno()).st_size
+    """Read and validate the header of an open binary file (or ``io.BytesIO``); reads no
+    tensor data."""
+    size = os.fstat(f.fileno()).st_size if not isinstance(f, io.BytesIO) else len(f.getbuffer())
     if size < 8:
         raise SafetensorsError(f"file is {size} bytes, shorter than the 8-byte header length")
     f.seek(0)
@@ -163,6 +165,21 @@ def load_file(path: str | Path, names=None, copy: bool = True
             arr = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             arr = raw.copy() if copy else raw
+        out[name] = arr.reshape(t.shape)
+    return out, dict(h.metadata)
+
+
+def load_bytes(data: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``load_file`` for safetensors bytes held in memory (an inline prompt in a request),
+    at most ``max_bytes`` long; every tensor is copied out, bfloat16 to float32."""
+    if len(data) > max_bytes:
+        raise SafetensorsError(f"{len(data)} bytes, above the limit of {max_bytes}")
+    h = read_header(io.BytesIO(data))
+    out = {}
+    for name, t in h.tensors.items():
+        raw = np.frombuffer(data, dtype="<u2" if t.dtype == "BF16" else np.dtype(_DTYPES[t.dtype]).newbyteorder("<"),
+                            count=(t.end - t.start) // _ITEMSIZE[t.dtype], offset=h.data_start + t.start)
+        arr = (raw.astype(np.uint32) << 16).view(np.float32) if t.dtype == "BF16" else raw.copy()
         out[name] = arr.reshape(t.shape)
     return out, dict(h.metadata)
 

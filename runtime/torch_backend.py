@@ -24,10 +24,10 @@ import torch
 
 from .cache import PrefixCache, PrefixEntry
 from .graphs import CudaGraphs, bucket
-from softprompt.models import ModelSpec
 from .reference import TorchModelMixin
 from .backend import StepperBackend
 from .plan import BatchPlan, prompt_slots
+from .prompts import KV
 from .sampling import pick_torch
 from .stats import BackendStats
 
@@ -189,10 +189,6 @@ class TorchBackend(TorchModelMixin, StepperBackend):
             raise ValueError("cuda_graphs=True needs buckets=True (a graph is captured per padded shape)")
         register_attention()
         self.model.set_attn_implementation(ATTN_NAME)
-        spec = ModelSpec.from_model(self.model)
-        self.num_layers, self.num_kv_heads, self.head_dim = (spec.num_layers, spec.num_kv_heads,
-                                                             spec.head_dim)
-        self.num_heads = spec.num_heads  # H: plan_forward plans every layer's queries for it
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name, geometry=dict(
             num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             vocab_size=self.vocab_size))
@@ -207,15 +203,45 @@ class TorchBackend(TorchModelMixin, StepperBackend):
     # ----------------------------------------------------------------------------- prefix
     @torch.inference_mode()
     def _compute_prefix(self, prompt) -> PrefixEntry:
-        """Run the P virtual tokens once: per-layer K/V ``[Hkv, P, D]`` + first-token log-probs."""
-        emb = self._prompt_tensor(prompt)[None]  # [1, P, E]
-        pos = torch.arange(emb.shape[1], device=self.device)[None]
-        out = self.model.base_model(inputs_embeds=emb, position_ids=pos, use_cache=True)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in 5.2x
-        keys = [layer.keys[0].clone() for layer in cache.layers]  # [Hkv, P, D]
-        values = [layer.values[0].clone() for layer in cache.layers]
-        first = self.lm_head(out.last_hidden_state[0, -1]).float().log_softmax(-1)  # [V]
+        """The prompt's segments in order, once: per-layer K/V ``[Hkv, P, D]`` and the first-token
+        log-probs (None when the prompt ends in K/V). K/V segments are inserted as they are;
+        embeddings and text run through the model after everything before them, read as a
+        cached prefix by the same attention as requests."""
+        shape = (self.num_kv_heads, 0, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device)] * self.num_layers
+        values = list(keys)
+        last = None
+        for seg in prompt.segments():
+            if isinstance(seg, KV):
+                new_k, new_v, last = [self._tensor(k) for k in seg.keys], \
+                    [self._tensor(v) for v in seg.values], None
+            else:
+                new_k, new_v, last = self._extend(keys, values, self._segment_embeds(seg))
+            keys = [torch.cat([a, b], 1) for a, b in zip(keys, new_k)]
+            values = [torch.cat([a, b], 1) for a, b in zip(values, new_v)]
+        first = None if last is None else self.lm_head(last).float().log_softmax(-1)  # [V]
         return PrefixEntry(keys, values, first)
+
+    def _extend(self, keys: list, values: list, emb: torch.Tensor):
+        """Run ``emb [n, E]`` at positions P.. over the prefix ``keys``/``values`` (per layer
+        ``[Hkv, P, D]``): its own per-layer K/V ``[Hkv, n, D]`` and its last hidden state ``[E]``."""
+        P, n = keys[0].shape[1], emb.shape[0]
+        stack = [(k if P else torch.zeros(self.num_kv_heads, 1, self.head_dim, dtype=self.dtype,
+                                          device=self.device))[None] for k in keys]
+        vstack = [(v if P else s[0])[None] for v, s in zip(values, stack)]
+        i32 = dict(dtype=torch.int32, device=self.device)
+        own_k, own_v = (
+            [torch.zeros(1, self.num_kv_heads, n, self.head_dim, dtype=self.dtype, device=self.device)
+             for _ in range(self.num_layers)] for _ in range(2))
+        batch = PrefixBatch(stack, vstack, torch.tensor([P], **i32), torch.zeros(1, **i32),
+                            torch.tensor([n], **i32), torch.tensor([n], **i32), own_k, own_v,
+                            triton=self.triton)
+        batch.plan = plan_forward(batch, self.num_heads, q_len=n)
+        pos = torch.arange(P, P + n, device=self.device)[None]
+        out = self.model.base_model(inputs_embeds=emb[None], position_ids=pos, use_cache=False,
+                                    softprompt_batch=batch)
+        self.tokens_computed += n
+        return [k[0] for k in own_k], [v[0] for v in own_v], out.last_hidden_state[0, -1]
 
     def entry(self, prompt) -> PrefixEntry:
         return self.cache.get_or_compute(prompt.digest, lambda: self._compute_prefix(prompt))
@@ -378,7 +404,9 @@ class TorchBackend(TorchModelMixin, StepperBackend):
         # A row scored from its first token takes it from its prompt's cached first-token
         # log-probs (predicted by the last virtual token): gathered for all such rows at once.
         if len(plan.first_rows):
-            table = torch.stack([e.first_logprobs for e in entries])  # [Np, V]
+            table = torch.stack([e.first_logprobs if e.first_logprobs is not None else  # [Np, V]
+                                 torch.full((self.vocab_size,), float("nan"), device=self.device)
+                                 for e in entries])  # NaN: a K/V-ended prompt has no first token
             at = torch.from_numpy(np.stack([plan.prompt_idx[plan.first_rows].astype(np.int64),
                                             plan.first_ids])).to(self.device)
             first = table[at[0]].float()  # [F, V]

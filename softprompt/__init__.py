@@ -15,7 +15,8 @@ exported bundle.
 """
 
 from softprompt.machine import PACKAGES, cpu_model, package_versions  # noqa: F401 - their old home
-from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
+from softprompt.runtime.prompt_kinds import ComposedPrompt, KVPrompt, Text
+from softprompt.runtime.prompts import Prompt, SoftPrompt, SoftPromptError
 from softprompt.runtime.requests import (ClassifyResult, GenerateResult, RequestError,
                                          ScoreRequest, ScoreResult)
 
@@ -30,5 +31,5 @@ def __getattr__(name):  # Runtime pulls in backends lazily; keep `import softpro
     raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "SoftPrompt", "SoftPromptError", "ScoreRequest", "ScoreResult",
+__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt", "SoftPromptError", "ScoreRequest", "ScoreResult",
            "ClassifyResult", "GenerateResult", "RequestError", "__version__"]

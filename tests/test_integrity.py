@@ -270,7 +270,8 @@ def _adapter(tmp_path, **overrides):
     ({"token_dim": 16}, "has 8 columns but adapter_config.json says token_dim=16"),
     ({"num_transformer_submodules": "1"}, "num_transformer_submodules must be int or null"),
     ({"peft_type": ["PROMPT_TUNING"]}, "peft_type must be str or null, got list"),
-    ({"peft_type": "PREFIX_TUNING"}, "'PREFIX_TUNING' adapter; expected peft_type 'PROMPT_TUNING'"),
+    ({"peft_type": "PREFIX_TUNING"}, "num_layers must be an integer >= 1, got None"),
+    ({"peft_type": "ADAPTION_PROMPT"}, "'ADAPTION_PROMPT' adapter, which is not served"),
     ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be str or null"),
 ])
 def test_adapter_config_values(tmp_path, overrides, message):

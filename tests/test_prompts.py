@@ -96,7 +96,7 @@ def test_num_transformer_submodules(tmp_path):
 
 
 def test_not_prompt_tuning(tmp_path):
-    with pytest.raises(SoftPromptError, match="'LORA' adapter; expected peft_type 'PROMPT_TUNING'"):
+    with pytest.raises(SoftPromptError, match="'LORA' adapter, which is not served .*; served peft_type values: PROMPT_TUNING"):
         SoftPrompt.load(_peft_dir(tmp_path, peft_type="LORA"))
 
 

@@ -406,7 +406,7 @@ def test_close_without_drain_cancels(tiny_dirs):
     ({"prompt": "p1", "context": ["5"]}, "context token ids must be integers, got str '5'"),
     ({"prompt": "p1", "context": b"abc"}, "context must be a string or a list of token ids, got bytes"),
     ({"prompt": "p1", "context": "a\ud800b"}, "context is not valid Unicode text"),
-    ({"prompt": ["p1"], "context": [5]}, "prompt must be a prompt name"),
+    ({"prompt": ["p1"], "context": [5]}, r"prompt must be a name, a prompt or a \[P, E\] array, got list"),
     ({"prompt": None, "context": [5]}, "nothing to score"),
 ])
 def test_bad_requests_one_line_errors(rts, request_, message):
