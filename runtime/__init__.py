@@ -33,5 +33,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'softprompt.runtime' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt", "SoftPromptError", "ScoreRequest", "GenerateParams",
+__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt",
+           "SoftPromptError", "ScoreRequest", "GenerateParams",
            "RequestError"]

@@ -31,5 +31,6 @@ def __getattr__(name):  # Runtime pulls in backends lazily; keep `import softpro
     raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt", "SoftPromptError", "ScoreRequest", "ScoreResult",
+__all__ = ["Runtime", "SoftPrompt", "KVPrompt", "ComposedPrompt", "Text", "Prompt",
+           "SoftPromptError", "ScoreRequest", "ScoreResult",
            "ClassifyResult", "GenerateResult", "RequestError", "__version__"]

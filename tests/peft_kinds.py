@@ -55,24 +55,27 @@ Quirks worth knowing:
 - transformers 5.24 renamed ``past_key_values`` to ``cache`` (old name deprecated until 5.40);
   PEFT still passes ``past_key_values=``, which works for forward (FutureWarning).
 
-``PeftModel.generate`` (greedy, do_sample=False, max_new_tokens=n) vs ``peft_greedy``, checked on
-the tiny llama, gpt2 and qwen2 with every kind (peft 0.21.2 + transformers 5.24): it is NOT
-reliable. PEFT's ``prepare_inputs_for_generation`` still looks for ``model_kwargs["past_key_values"]``
-and ``cache_position``, which transformers 5.24's generate no longer sets (it uses ``cache`` and
-has dropped cache_position). So PEFT treats every step as the first:
-- prefix_tuning / prefix_tuning_projection / cartridge: differs from token 0. Each step PEFT
-  passes its prefix as ``past_key_values=`` next to generate's own ``cache=``; the model keeps
-  ``cache`` ("Both `past_key_values` and `cache` are set ... Using `cache`") so the prefix is
-  never seen, while generate's position_ids are still shifted by +P. The output is the base
-  model's greedy text on llama/qwen2 (RoPE is relative, the shift cancels) and something else
-  on gpt2 (absolute positions shifted by P). With ``use_cache=False`` gpt2 matches peft_greedy,
-  but llama/qwen2 still differ from token 1: their model returns the PEFT prefix cache (now
-  holding the prompt) even with use_cache=False and generate feeds it back as ``cache``.
-- prompt_tuning / p_tuning_* / multitask / cpt: token 0 equal (the prefill is right), then each
-  decode step prepends the P virtual tokens again to the one new token (inputs_embeds of P+1
-  rows, cache grows by P+1), so it differs from token 1 on (first difference seen at 1..6,
-  sometimes equal over 8 tokens when the output repeats one token). With ``use_cache=False``
-  these kinds match peft_greedy.
+``PeftModel.generate`` (greedy, do_sample=False, max_new_tokens=8) vs ``peft_greedy``, checked on
+the tiny llama, gpt2 and qwen2, every kind, three prompts each, with and without an all-ones
+attention_mask (same results), peft 0.21.2 + transformers 5.24: it is NOT a valid reference.
+PEFT's ``prepare_inputs_for_generation`` still looks for ``model_kwargs["past_key_values"]`` and
+``cache_position``, which transformers 5.24's generate no longer sets (it passes ``cache`` and has
+dropped cache_position), so PEFT treats every decoding step as the first one:
+- prefix_tuning / prefix_tuning_projection / cartridge: differs from token 0 (in 26 of 27 runs;
+  the other shared 3 tokens by chance). Each step PEFT passes its prefix as ``past_key_values=``
+  next to generate's own ``cache=``; the model keeps ``cache`` ("Both `past_key_values` and
+  `cache` are set ... Using `cache`") so the prefix is never seen, while generate's position_ids
+  are still shifted by +P (``_adjust_prompt_learning_kwargs``). The output is exactly the base
+  model's greedy output on llama/qwen2 (RoPE is relative, the shift cancels) and something else
+  on gpt2 (learned absolute positions shifted by P). With ``use_cache=False`` gpt2 and qwen2 match
+  peft_greedy, llama still differs from token 1-5: LlamaForCausalLM returns the PEFT prefix cache
+  (which the forward has appended the request to) even with use_cache=False, and generate feeds
+  it back as ``cache`` at the next step, so the sequence is seen twice.
+- prompt_tuning / p_tuning_* / multitask / cpt: token 0 always equal (the prefill is right), then
+  each decode step prepends the P virtual tokens again to the one new token (inputs_embeds of
+  P+1 rows; the cache grows by P+1 per step), so it differs from token 1 on (first difference
+  seen at 1..7; equal over all 8 tokens in a few runs whose output repeats one token). With
+  ``use_cache=False`` these kinds match peft_greedy in every run.
 - generate also stops at eos_token_id (2 in the tiny configs); peft_greedy never stops.
 Use ``peft_greedy`` (full forward per token, no cache) as PEFT's greedy reference.
 """
