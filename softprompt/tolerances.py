@@ -22,6 +22,14 @@ SCORE = {
     "bfloat16": dict(atol=1e-1, rtol=0.0),
 }
 
+# The real default model end to end (30 float32 layers) against the exact value, PEFT in
+# float64: rounding grows with a log-prob's magnitude (measured: PEFT's own float32 forward is
+# 9e-5 from exact at log-probs near -19 with a prefix-tuning adapter; the runtime 1.03e-4 at a
+# first-token log-prob of -25.3, 4e-6 relative), so beyond SCORE's floor the bound is relative.
+SCORE_DEFAULT_MODEL = {
+    "float32": dict(atol=1e-4, rtol=1e-5),
+}
+
 ONNX = {
     "float32": dict(atol=1e-2, rtol=0.0),
     "float16": dict(atol=5e-2, rtol=0.0),

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from peft_kinds import (KINDS, PREFIX_KINDS, peft_first_logprob, peft_greedy, peft_logprobs,
-                        train_adapter)
+from peft_kinds import (KINDS, PREFIX_KINDS, float64, peft_first_logprob, peft_greedy,
+                        peft_logprobs, train_adapter)
 from test_hub import add_to_cache
 from tiny import FAMILIES
-from tolerances import SCORE
+from tolerances import ONNX, SCORE, SCORE_DEFAULT_MODEL
 
 from softprompt import ComposedPrompt, KVPrompt, Runtime, SoftPrompt, SoftPromptError
 from softprompt.runtime.requests import RequestError
@@ -243,4 +243,38 @@ def test_kv_prompt_for_another_geometry_is_refused(adapters, tiny_dirs):
     with pytest.raises(SoftPromptError, match=r"has 2 layers x 2 K/V heads x head size 16 but the "
                                               r"model has 2 x 1 x 16"):
         rt.add_prompt("kv", kv)
+    rt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ("torch", "onnx"))
+def test_every_type_on_the_default_model(backend, tmp_path_factory):
+    """One PEFT-trained adapter of every type on the real default model (Llama, 9 query heads
+    over 3 K/V heads), all in one batch, equal to PEFT's forward on each request alone. The
+    reference is PEFT in float64: with PEFT's N(0, 1) prefix init the float32 noise on this
+    model is at SCORE's tolerance (PEFT's own eager and sdpa float32 forwards differ by 1.0e-4,
+    PEFT float32 and float64 by 9e-5), so only the exact value tells a bug from rounding, within
+    SCORE_DEFAULT_MODEL (relative beyond SCORE's floor); the onnx backend within ONNX, the
+    exported graph's own budget against PyTorch (its export validation checks the same)."""
+    tol = ONNX["float32"] if backend == "onnx" else SCORE_DEFAULT_MODEL["float32"]
+    from softprompt.models.loading import default_model_dir
+
+    model_dir = default_model_dir()
+    root = tmp_path_factory.mktemp(f"default-kinds-{backend}")
+    rt = Runtime.load("default", backend=backend)
+    ids = rt.tokenizer.encode("Review: the soup was cold\nSentiment: negative", True)
+    every = []
+    for kind in KINDS:
+        rt.add_prompt(kind, train_adapter(model_dir, kind, root / kind, num_virtual_tokens=8,
+                                          steps=2))
+        every += [(kind, name, task) for name, task in names(kind)]
+    got = rt.score([{"prompt": name, "context": ids} for _, name, _ in every])
+    for (kind, name, task), r in zip(every, got):
+        with float64():
+            want = want_scores(model_dir, root / kind, kind, task, ids)
+        np.testing.assert_allclose(r.token_logprobs, want, err_msg=name, **tol)
+    gens = rt.generate([name for _, name, _ in every], [ids] * len(every), max_new_tokens=3,
+                       stop_at_eos=False)
+    for (kind, name, task), g in zip(every, gens):
+        assert g.token_ids == peft_greedy(model_dir, root / kind, ids, 3, task_id=task), name
     rt.close()
