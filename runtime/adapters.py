@@ -171,7 +171,8 @@ def prompt_from_bytes(data: bytes, model, name: str = "inline",
                       max_bytes: int = MAX_INLINE_BYTES) -> Prompt:
     """An inline prompt sent with a request as safetensors bytes: one ``[P, E]`` tensor (or a
     PEFT adapter's ``prompt_embeddings``) is a SoftPrompt; a ``prompt_embeddings`` of PEFT's
-    prefix-tuning width ``N * 2 * Hkv * D`` for ``model`` (a ``ModelInfo``) is a KVPrompt.
+    prefix-tuning width ``N * 2 * Hkv * D`` for ``model`` (a ``ModelInfo``) is a KVPrompt (when
+    the two widths are equal, metadata ``peft_type`` PREFIX_TUNING or CARTRIDGE says K/V).
     Checked like a file: bounded header, no trailing bytes, finite values."""
     try:
         tensors, meta = safetensors_np.load_bytes(data, max_bytes)
@@ -191,11 +192,12 @@ def prompt_from_bytes(data: bytes, model, name: str = "inline",
         raise SoftPromptError(f"inline prompt {name!r}: expected a [P, E] floating-point tensor "
                               f"with P >= 1, got {flat.dtype} {list(flat.shape)}")
     kv_width = 2 * model.num_layers * model.num_kv_heads * model.head_dim
+    kind = meta.get("peft_type")  # decides when both widths fit (e.g. E = 2 N Hkv D)
+    if flat.shape[1] == kv_width and (kind in KV_TYPES or flat.shape[1] != model.hidden_size):
+        return KVPrompt.from_peft_layout(flat, model.num_layers, model.num_kv_heads, name=name,
+                                         peft_type=kind if kind in KV_TYPES else "PREFIX_TUNING",
+                                         base_fingerprint=meta.get("base_fingerprint"))
     if flat.shape[1] == model.hidden_size:
         return SoftPrompt(flat, name=name, init="inline", base_fingerprint=meta.get("base_fingerprint"))
-    if flat.shape[1] == kv_width and meta.get("peft_type", "PREFIX_TUNING") in KV_TYPES:
-        return KVPrompt.from_peft_layout(flat, model.num_layers, model.num_kv_heads, name=name,
-                                         peft_type=meta.get("peft_type", "PREFIX_TUNING"),
-                                         base_fingerprint=meta.get("base_fingerprint"))
     raise SoftPromptError(f"inline prompt {name!r} is [{flat.shape[0]}, {flat.shape[1]}]; expected "
                           f"[P, {model.hidden_size}] embeddings or [P, {kv_width}] prefix-tuning K/V")

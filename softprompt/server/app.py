@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import anyio
 from fastapi import FastAPI
 
+from softprompt.runtime.adapters import MAX_INLINE_BYTES
 from softprompt.runtime.prompts import SoftPromptError
 
 from . import errors
@@ -38,7 +39,7 @@ def create_app(runtime=None, *, loader: Callable[[], Any] | None = None,
                max_queue: int = 256, request_timeout: float = 600.0,
                max_body_bytes: int = 8 << 20, served_model_name: str | None = None,
                warmup: bool = True, watch_dir: str | Path | None = None,
-               watch_interval: float = 2.0) -> FastAPI:
+               watch_interval: float = 2.0, max_inline_bytes: int = MAX_INLINE_BYTES) -> FastAPI:
     """The FastAPI app over one Runtime.
 
     runtime: a loaded Runtime, or loader: a callable that returns one (run in a thread after
@@ -53,10 +54,14 @@ def create_app(runtime=None, *, loader: Callable[[], Any] | None = None,
     warmup: run ``Runtime.warmup()`` before /ready turns 200.
     watch_dir: serve the prompts in this directory as it changes, polled every
         ``watch_interval`` seconds once ready (``watch.py``).
+    max_inline_bytes: the most decoded bytes one inline prompt (``soft_prompt`` or
+        ``prompt_embeds``, ``inline.py``) may have; larger gets 413. The body limit applies
+        first: base64 makes a prompt of N bytes about 4N/3 bytes of body.
     """
     st = ServerState(runtime, loader, api_keys=api_keys, admin_keys=admin_keys,
                      max_queue=max_queue, request_timeout=request_timeout,
-                     served_model_name=served_model_name, warmup=warmup)
+                     served_model_name=served_model_name, warmup=warmup,
+                     max_inline_bytes=max_inline_bytes)
 
     watcher = None
     if watch_dir is not None:

@@ -14,6 +14,8 @@ bytes, top_logprobs}]``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from softprompt.runtime.chat import no_template_message
 from softprompt.runtime.prompts import SoftPromptError
 from softprompt.runtime.requests import RequestError, Row
@@ -23,14 +25,16 @@ from .chat_protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                             ChatMessage, ChatTokenLogprob, TopLogprob)
 from .completion import FINISH, CompletionJob, sampling_params
 from .errors import APIError
+from .inline import is_inline
 from .state import ServerState
 
 DEFAULT_MAX_TOKENS = 1024  # new tokens when the request names no limit (at most the positions left)
 
 
-def chat_row(rt, prompt: str | None, body: ChatCompletionRequest) -> tuple[Row, int]:
+def chat_row(rt, prompt: Any, body: ChatCompletionRequest) -> tuple[Row, int]:
     """(Row, new tokens) of a chat request: the conversation through the model's chat
-    template, validated by the runtime under ``prompt`` with that many new positions."""
+    template, validated by the runtime under ``prompt`` (a name, None, or an inline prompt
+    object) with that many new positions."""
     if rt.tokenizer.chat_template is None:
         raise APIError(400, no_template_message(rt.tokenizer), param="model",
                        code="chat_template_missing")
@@ -40,7 +44,7 @@ def chat_row(rt, prompt: str | None, body: ChatCompletionRequest) -> tuple[Row, 
         raise APIError(400, str(e), param="messages") from None
     asked = body.max_completion_tokens or body.max_tokens
     if asked is None:
-        sp = rt.prompts.get(prompt) if prompt is not None else None
+        sp = prompt if is_inline(prompt) else rt.prompts.get(prompt) if prompt is not None else None
         left = rt.info.max_positions - (sp.num_virtual_tokens if sp is not None else 0) - len(ids)
         asked = min(max(left, 1), DEFAULT_MAX_TOKENS)
     try:
@@ -57,7 +61,7 @@ class ChatJob(CompletionJob):
     id_prefix = "chatcmpl-"
     param = "messages"
 
-    def __init__(self, st: ServerState, rt, prompt: str | None, body: ChatCompletionRequest,
+    def __init__(self, st: ServerState, rt, prompt: Any, body: ChatCompletionRequest,
                  t0: float, max_tokens: int):
         self.max_tokens = max_tokens
         super().__init__(st, rt, prompt, body, t0)  # type: ignore[arg-type]

@@ -15,14 +15,17 @@ from .protocol import StreamOptions, Usage, _Body
 
 class ChatCompletionRequest(_Body):
     """``POST /v1/chat/completions``. ``model`` is a soft prompt's name, or the base model's
-    name for no prompt. ``max_completion_tokens`` (or the older ``max_tokens``) defaults to the
-    positions left, at most ``DEFAULT_MAX_TOKENS``. ``top_k``, ``ignore_eos`` and
-    ``add_generation_prompt`` are vLLM's extensions; ``n``, the penalties, ``logit_bias``,
-    ``tools``, ``tool_choice`` and ``response_format`` are accepted only at their neutral
-    values."""
+    name for no prompt or an inline one (``soft_prompt`` / ``prompt_embeds``, inline.py: its
+    virtual tokens go before the templated conversation). ``max_completion_tokens`` (or the
+    older ``max_tokens``) defaults to the positions left, at most ``DEFAULT_MAX_TOKENS``.
+    ``top_k``, ``ignore_eos`` and ``add_generation_prompt`` are vLLM's extensions; ``n``, the
+    penalties, ``logit_bias``, ``tools``, ``tool_choice`` and ``response_format`` are accepted
+    only at their neutral values."""
 
     model: str
     messages: list[Any]
+    soft_prompt: Optional[str] = None
+    prompt_embeds: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)

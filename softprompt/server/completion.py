@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from fastapi import Request
@@ -26,6 +27,7 @@ from softprompt.runtime.prompts import SoftPromptError
 from softprompt.runtime.requests import GenerateParams, RequestError, Row
 
 from .errors import APIError, error_event
+from .inline import NEEDS_A_TOKEN, is_inline, label_of
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, Logprobs, Usage
 from .state import ServerState
 
@@ -33,20 +35,28 @@ FINISH = {"stop": "stop", "eos": "stop", "length": "length"}  # engine -> OpenAI
 PARAMS = {"max_new_tokens": "max_tokens", "stop_at_eos": "ignore_eos"}  # runtime -> OpenAI names
 
 
-def prompt_rows(rt, prompt: str | None, body: CompletionRequest) -> list[tuple[str, Row]]:
+def prompt_rows(rt, prompt: Any, body: CompletionRequest) -> list[tuple[str, Row]]:
     """(text, Row) per prompt of the request (a text, texts, ids, or id lists), each validated
-    by the runtime as it will run: under ``prompt``, with ``max_tokens`` new positions (so every
-    path, ``max_tokens: 0`` and echo included, is checked against the model's positions)."""
+    by the runtime as it will run: under ``prompt`` (a name, None, or an inline prompt object),
+    with ``max_tokens`` new positions (so every path, ``max_tokens: 0`` and echo included, is
+    checked against the model's positions)."""
+    inline = is_inline(prompt)
+    if body.prompt is None:
+        raise APIError(400, "missing required field 'prompt'" + (f" ({NEEDS_A_TOKEN})" if inline
+                                                                  else ""), param="prompt")
     prompts = body.prompts()
     if not prompts:
-        raise APIError(400, "prompt is empty: expected a string, a list of strings, or token ids",
-                       param="prompt")
+        raise APIError(400, "prompt is empty: expected a string, a list of strings, or token ids"
+                       + (f" ({NEEDS_A_TOKEN})" if inline else ""), param="prompt")
     out = []
     for p in prompts:
         try:
             row = rt.check({"prompt": prompt, "context": p}, extra_positions=body.max_tokens)
         except (RequestError, SoftPromptError) as e:
-            raise APIError(400, str(e), param="prompt") from None
+            msg = str(e)
+            if inline and msg.startswith("empty context"):
+                msg = f"empty prompt: expected at least one token ({NEEDS_A_TOKEN})"
+            raise APIError(400, msg, param="prompt") from None
         out.append((p if isinstance(p, str) else rt.tokenizer.decode(row.ids), row))
     return out
 
@@ -85,9 +95,9 @@ class CompletionJob:
     id_prefix = "cmpl-"
     param = "prompt"  # the field a request error names
 
-    def __init__(self, st: ServerState, rt, prompt: str | None, body: CompletionRequest, t0: float):
+    def __init__(self, st: ServerState, rt, prompt: Any, body: CompletionRequest, t0: float):
         self.st, self.rt, self.prompt, self.body, self.t0 = st, rt, prompt, body, t0
-        self.label = prompt or st.base_id
+        self.label = label_of(prompt, st.base_id)
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.first_token: float | None = None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
 
 Text = Union[str, list[int]]  # text, or token ids
 
@@ -26,11 +27,16 @@ class StreamOptions(_Body):
 
 class CompletionRequest(_Body):
     """``POST /v1/completions``. ``model`` is a soft prompt's name, or the base model's name for
-    no prompt. ``top_k`` and ``ignore_eos`` are vLLM's extensions; ``n``, ``best_of``,
-    penalties, ``logit_bias`` and ``suffix`` are accepted only at their neutral values."""
+    no prompt or an inline one (``soft_prompt``: base64 safetensors; vLLM's ``prompt_embeds``:
+    base64 ``torch.save``; see inline.py: its virtual tokens go before ``prompt``'s tokens,
+    which stays required). ``top_k`` and ``ignore_eos`` are vLLM's extensions; ``n``,
+    ``best_of``, penalties, ``logit_bias`` and ``suffix`` are accepted only at their neutral
+    values."""
 
     model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Optional[Union[str, list[str], list[int], list[list[int]]]] = None
+    soft_prompt: Optional[str] = None
+    prompt_embeds: Optional[str] = None
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -53,6 +59,8 @@ class CompletionRequest(_Body):
     def prompts(self) -> list[Text]:
         """The prompts as a list: one text or id list, or several (empty when none is given)."""
         p = self.prompt
+        if p is None:
+            return []
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)  # type: ignore[arg-type]
@@ -105,16 +113,20 @@ class CompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """A soft prompt (or the base model, ``num_virtual_tokens`` 0) as an OpenAI model."""
+    """A soft prompt (or the base model, ``num_virtual_tokens`` 0, kind ``base``) as an OpenAI
+    model. kind: the prompt's (``prompt_tuning``, ``prefix_tuning``, ``composed``, ...);
+    parts: a composed prompt's parts (``ComposedPrompt.describe()``), else absent."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "softprompt"
+    kind: str
     num_virtual_tokens: int
     base_model: str
     root: str
     parent: Optional[str] = None
+    parts: Optional[list[dict[str, Any]]] = None
 
 
 class ModelList(BaseModel):
@@ -123,11 +135,14 @@ class ModelList(BaseModel):
 
 
 class ScoreItem(_Body):
-    """One ``Runtime.score`` request: ``prompt`` None scores under the base model alone."""
+    """One ``Runtime.score`` request: ``prompt`` None scores under the base model alone, or
+    under the item's inline prompt (``soft_prompt`` / ``prompt_embeds``, inline.py)."""
 
     prompt: Optional[str] = None
     context: Text
     continuation: Optional[Text] = None
+    soft_prompt: Optional[str] = None
+    prompt_embeds: Optional[str] = None
 
 
 class ScoreBody(_Body):
@@ -154,11 +169,14 @@ class ScoreResponse(BaseModel):
 
 class ClassifyBody(_Body):
     """``Runtime.classify(prompt, contexts, labels)``: each of ``contexts`` is validated on its
-    own as ``Text`` (by the route, ``CONTEXT``), so a bad one gets its own error."""
+    own as ``Text`` (by the route, ``CONTEXT``), so a bad one gets its own error. An inline
+    prompt (``soft_prompt`` / ``prompt_embeds``, inline.py) goes without ``prompt``."""
 
     prompt: Optional[str] = None
     contexts: Union[str, list[Any]]
     labels: list[str]
+    soft_prompt: Optional[str] = None
+    prompt_embeds: Optional[str] = None
 
 
 CONTEXT: TypeAdapter = TypeAdapter(Text, config=ConfigDict(strict=True))  # one classify context
@@ -175,6 +193,32 @@ class ClassifyItemResult(BaseModel):
 class ClassifyResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[ClassifyItemResult]
+
+
+class PromptSegment(_Body):
+    """One part of a composed prompt: exactly one of ``text`` (tokenised alone, no special
+    tokens), ``prompt`` (a registered prompt's name) or ``soft_prompt`` (base64 safetensors, as
+    an inline prompt)."""
+
+    text: Optional[str] = None
+    prompt: Optional[str] = None
+    soft_prompt: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("text", "prompt", "soft_prompt") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("segment", "a segment is exactly one of {\"text\": ...}, "
+                                      "{\"prompt\": NAME} or {\"soft_prompt\": BASE64}")
+        return self
+
+
+class ComposedPromptBody(_Body):
+    """``POST /v1/prompts`` as JSON: register ``name`` as the ``segments`` composed into one
+    prefix, in order (``Runtime.add_prompt(name, [parts])``)."""
+
+    name: str
+    segments: list[PromptSegment] = Field(min_length=1)
 
 
 class Deleted(BaseModel):

@@ -3,7 +3,7 @@
 It owns the runtime's life on the server (loading it off the event loop, readiness, the drain
 at shutdown), the API keys, the back-pressure limit (at most ``max_queue`` accepted requests in
 flight, counted here exactly; one more gets 429 with ``Retry-After``), the request timeout and
-the client's presence (``guarded``), and the metrics. Routes read it through
+the client's presence (``guarded``), the inline-prompt limit, and the metrics. Routes read it through
 ``deps.server_state``; nothing here knows a route's body.
 """
 
@@ -17,6 +17,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+
+from softprompt.runtime.adapters import MAX_INLINE_BYTES
 
 from .errors import APIError
 from .metrics import Metrics
@@ -34,17 +36,22 @@ class ServerState:
     def __init__(self, runtime=None, loader: Callable[[], Any] | None = None, *,
                  api_keys: Sequence[str] = (), admin_keys: Sequence[str] = (),
                  max_queue: int = 256, request_timeout: float = 600.0,
-                 served_model_name: str | None = None, warmup: bool = True):
+                 served_model_name: str | None = None, warmup: bool = True,
+                 max_inline_bytes: int = MAX_INLINE_BYTES):
         if runtime is None and loader is None:
             raise ValueError("give a runtime or a loader")
         if max_queue < 1 or request_timeout <= 0:
             raise ValueError(f"max_queue must be >= 1 and request_timeout > 0, got "
                              f"{max_queue} and {request_timeout}")
+        if not isinstance(max_inline_bytes, int) or isinstance(max_inline_bytes, bool) \
+                or max_inline_bytes < 1:
+            raise ValueError(f"max_inline_bytes must be an integer >= 1, got {max_inline_bytes!r}")
         self.rt, self.loader, self.warm = runtime, loader, warmup
         self.api_keys = [k for k in api_keys if k]
         self.admin_keys = [k for k in admin_keys if k]
         self.max_queue, self.timeout = max_queue, request_timeout
         self.served_model_name = served_model_name
+        self.max_inline_bytes = max_inline_bytes  # an inline prompt's decoded bytes (inline.py)
         self.ready = False
         self.load_error: str | None = None
         self.on_load_error: Callable[[], None] | None = None

@@ -14,6 +14,7 @@ from ..chat_protocol import ChatCompletionRequest
 from ..completion import run_completion
 from ..deps import require_key, server_state
 from ..errors import APIError
+from ..inline import request_prompt
 from ..state import ServerState
 
 router = APIRouter()
@@ -24,7 +25,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            st: ServerState = Depends(server_state)):
     rt = st.runtime()
     t0 = time.perf_counter()
-    prompt = st.prompt_for(body.model)
+    prompt = await request_prompt(st, rt, body)  # a name, None, or the body's inline prompt
     bad = body.unsupported()
     if bad:
         raise APIError(400, bad[1], param=bad[0])

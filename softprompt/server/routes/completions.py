@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from ..completion import CompletionJob, prompt_rows, run_completion
 from ..deps import require_key, server_state
 from ..errors import APIError
+from ..inline import request_prompt
 from ..protocol import CompletionRequest
 from ..state import ServerState
 
@@ -22,7 +23,7 @@ async def completions(body: CompletionRequest, request: Request,
                       st: ServerState = Depends(server_state)):
     rt = st.runtime()
     t0 = time.perf_counter()
-    prompt = st.prompt_for(body.model)
+    prompt = await request_prompt(st, rt, body)  # a name, None, or the body's inline prompt
     bad = body.unsupported()
     if bad:
         raise APIError(400, bad[1], param=bad[0])

@@ -4,7 +4,9 @@ computed. Both are admitted against the queue limit and awaited under the reques
 (``ServerState.batch_call``), so a client that leaves or times out drops its uncomputed rows.
 Every item is validated by the runtime's own function (``Runtime.check``, which the runtime's
 call runs again), so an item it refuses gets its own error and never touches its neighbours;
-token counts come from the rows it returns (they cannot fail on a checked item)."""
+token counts come from the rows it returns (they cannot fail on a checked item). An item (or a
+classify call) may carry an inline prompt instead of a name (``soft_prompt`` / ``prompt_embeds``,
+``inline.py``); a bad payload is that item's error, one over the inline limit a 413."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from softprompt.runtime.prompts import SoftPromptError
 from softprompt.runtime.requests import RequestError, ScoreRequest, classify_requests
 
+from .. import inline
 from ..deps import require_key, server_state
 from ..errors import APIError, validation_message
 from ..protocol import (CONTEXT, ClassifyBody, ClassifyItemResult, ClassifyResponse, ScoreBody,
@@ -41,15 +45,41 @@ def _shape_error(e: ValidationError, field: str | None = None) -> str:
     return validation_message(errors)[0]
 
 
-def _score_item(raw: Any) -> tuple[dict | None, str | None]:
-    """(the item as a runtime request, None) or (None, why it is not one)."""
+def _score_item(raw: Any) -> tuple[ScoreItem | None, str | None]:
+    """(the item, None) or (None, why it is not one)."""
     if not isinstance(raw, dict):
         return None, (f"a request must be an object {{prompt, context, continuation}}, got "
                       f"{type(raw).__name__}")
     try:
-        return ScoreItem.model_validate(raw).model_dump(), None
+        return ScoreItem.model_validate(raw), None
     except ValidationError as e:
         return None, _shape_error(e)
+
+
+def _inline_items(st: ServerState, rt, parsed: list) -> list[tuple[dict | None, str | None]]:
+    """(the item as a runtime request, None) or (None, why not) per parsed item, each inline
+    prompt decoded (blocking: run in a worker thread). A bad payload is its item's error; one
+    over the inline limit is a 413 for the call."""
+    out: list[tuple[dict | None, str | None]] = []
+    for item, shape in parsed:
+        if item is None:
+            out.append((None, shape))
+            continue
+        req = item.model_dump(exclude=set(inline.FIELDS))
+        try:
+            got = inline.payload(item)
+            if got is not None:
+                if item.prompt is not None:
+                    raise APIError(400, f"prompt {item.prompt!r} and {got[0]}: send one or the "
+                                   f"other (a registered prompt's name, or an inline prompt)")
+                req["prompt"] = inline.decode(got[1], got[0], rt, st.max_inline_bytes)
+        except APIError as e:
+            if e.status_code == 413:
+                raise
+            out.append((None, e.detail))
+            continue
+        out.append((req, None))
+    return out
 
 
 def _context(raw: Any) -> tuple[Any, str | None]:
@@ -66,7 +96,7 @@ def _label(rt, st: ServerState, prompts: set) -> str:
     if len(prompts) > 1:
         return "mixed"
     label = next(iter(prompts), None) or st.base_id
-    return label if label in rt.prompts or label == st.base_id else "unknown"
+    return label if label in rt.prompts or label in (st.base_id, inline.INLINE_LABEL) else "unknown"
 
 
 @router.post("/v1/score", dependencies=[Depends(require_key)])
@@ -76,10 +106,16 @@ async def score(body: ScoreBody, request: Request,
     rt = st.runtime()
     t0 = time.perf_counter()
     parsed = [_score_item(raw) for raw in body.requests]
+    if any(item is not None and any(getattr(item, f) is not None for f in inline.FIELDS)
+           for item, _ in parsed):
+        parsed = await run_in_threadpool(_inline_items, st, rt, parsed)
+    else:
+        parsed = [(None if item is None else item.model_dump(exclude=set(inline.FIELDS)), shape)
+                  for item, shape in parsed]
     items = [item for item, _ in parsed if item is not None]
     rows = [_row_or_none(rt, item) for item in items]
     n_tokens = sum(len(row.ids) for row in rows if row is not None)
-    label = _label(rt, st, {item["prompt"] for item in items})
+    label = _label(rt, st, {inline.label_of(item["prompt"], "") or None for item in items})
     res = iter(await st.batch_call(request, "score", label, t0, n_tokens,
                                    lambda: rt.score_async(items, errors="return")))
     data = []
@@ -98,8 +134,14 @@ async def classify(body: ClassifyBody, request: Request,
     """``Runtime.classify(prompt, contexts, labels)`` (its asyncio form)."""
     rt = st.runtime()
     t0 = time.perf_counter()
-    prompt = None if body.prompt is None else st.prompt_for(body.prompt, "prompt")
-    label = prompt or st.base_id
+    got = inline.payload(body)
+    if got is None:
+        prompt = None if body.prompt is None else st.prompt_for(body.prompt, "prompt")
+    else:  # an inline prompt goes without prompt (or with the base model's id)
+        if body.prompt is not None:
+            inline.check_model(st, rt, body.prompt, got[0], "prompt")
+        prompt = await inline.decoded(st, rt, body)
+    label = inline.label_of(prompt, st.base_id)
     parsed = [_context(c) for c in ([body.contexts] if isinstance(body.contexts, str)
                                     else body.contexts)]
     contexts = [c for c, shape in parsed if shape is None]
