@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_SYNTAX = (
+    "PART is a PEFT adapter directory of any prompt-learning type (prompt tuning, P-tuning, CPT, "
+    "prefix tuning, cartridges; a multitask adapter registers NAME/0 .. NAME/T-1, and PATH#T takes "
+    "its task T alone), a .safetensors or .npy file or a hub id; or text:TEXT, a text part "
+    "(backslash escapes \\n, \\t and \\\\ are read; ./text:... is a path). Repeating a NAME "
+    "composes: its parts, in command-line order, are one prefix, e.g. --prompt qa=adapters/squad "
+    "--prompt 'qa=text:Answer briefly.\\n'")
+TEXT_PART = "text:"  # a part that starts with it is text; write ./text:... for such a path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,27 +30,112 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--prompt", action="append", default=[], metavar="NAME=SOURCE",
-                   help="register a soft prompt: a PEFT adapter dir, .safetensors or .npy "
-                        "(repeatable)")
+    _add_prompt_arg(p)
     p.add_argument("--max-batch", type=int, default=64, help="rows per forward (default: 64)")
+
+
+def _add_prompt_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=PART",
+                   help="register a prompt (repeatable). " + PROMPT_SYNTAX.replace("%", "%%"))
 
 
 def _runtime(args):
     from softprompt.runtime.api import Runtime
 
+    sources = prompt_sources(args.prompt)  # a bad spec or file fails before the model loads
     rt = Runtime.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                       max_batch=args.max_batch)
-    for spec in args.prompt:
-        rt.add_prompt(*_prompt_spec(spec))
+    for name, source in sources.items():
+        rt.add_prompt(name, source)
     return rt
 
 
-def _prompt_spec(spec: str) -> tuple[str, str]:
-    name, sep, source = spec.partition("=")
-    if not sep or not name or not source:
-        raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
-    return name, source
+# ------------------------------------------------------------------------- prompt specs
+@dataclass(frozen=True)
+class PromptPart:
+    """One part of a ``--prompt`` spec: ``text`` (a text part), or ``source`` (an adapter
+    directory, a file or a hub id) with ``task`` (a multitask adapter's task, ``PATH#T``)."""
+
+    text: str | None = None
+    source: str | None = None
+    task: int | None = None
+
+
+def _unescape(s: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash; any other
+    backslash stays as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], s)
+
+
+def parse_part(value: str, what: str = "--prompt") -> PromptPart:
+    """A part as written on the command line: ``text:TEXT``, ``PATH#T`` or a source."""
+    if value.startswith(TEXT_PART):
+        text = _unescape(value[len(TEXT_PART):])
+        if not text:
+            raise SystemExit(f"softprompt: {what}: empty text part {value!r}; expected text:TEXT")
+        return PromptPart(text=text)
+    if not value:
+        raise SystemExit(f"softprompt: {what}: empty part; expected a path, a hub id or text:TEXT")
+    m = re.fullmatch(r"(.+)#(\d+)", value)
+    if m and not Path(value).exists():
+        return PromptPart(source=m.group(1), task=int(m.group(2)))
+    return PromptPart(source=value)
+
+
+def parse_prompt_specs(specs) -> dict[str, list[PromptPart]]:
+    """``NAME=PART`` specs -> ``{NAME: [parts]}``, names in order of first appearance, parts in
+    command-line order (a repeated NAME composes its parts)."""
+    out: dict[str, list[PromptPart]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"softprompt: --prompt expects NAME=PART, got {spec!r}")
+        out.setdefault(name, []).append(parse_part(value, f"--prompt {name}"))
+    return out
+
+
+def peft_type(source: str) -> str | None:
+    """The ``peft_type`` of the adapter directory ``source`` (None when it is not one)."""
+    cfg = Path(source) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    from softprompt.models import read_json_object
+    from softprompt.runtime.prompts import SoftPromptError
+
+    return read_json_object(cfg, 1 << 20, SoftPromptError, "an adapter config").get("peft_type")
+
+
+def load_part(part: PromptPart, name: str | None = None, what: str = "--prompt"):
+    """A source part loaded (``SoftPrompt.load``: a prompt of any kind; ``task`` for one task of
+    a multitask adapter), or a text part as its ``str``; a one-line SystemExit on failure."""
+    from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
+
+    if part.text is not None:
+        return part.text
+    try:
+        if part.task is None and peft_type(part.source) == "MULTITASK_PROMPT_TUNING":
+            raise SoftPromptError(f"{part.source} is a multitask adapter; pick one task as "
+                                  f"{part.source}#T")
+        if name is None and part.task is not None:  # named as the runtime names its tasks
+            name = f"{Path(part.source).name}/{part.task}"
+        return SoftPrompt.load(part.source, name=name, task=part.task)
+    except SoftPromptError as e:
+        raise SystemExit(f"softprompt: {what}: {e}") from None
+
+
+def part_source(parts: list[PromptPart], name: str | None = None, what: str = "--prompt"):
+    """What ``Runtime.add_prompt`` takes for one prompt's parts: a lone source part as written
+    (a path or hub id: the runtime loads it, registering every task of a multitask adapter), a
+    lone ``PATH#T`` as the loaded task, else the list of parts (text as ``str``, sources loaded)."""
+    if len(parts) == 1 and parts[0].source is not None:
+        return parts[0].source if parts[0].task is None else load_part(parts[0], name, what)
+    return [load_part(p, what=what) for p in parts]
+
+
+def prompt_sources(specs) -> dict[str, object]:
+    """``--prompt`` specs -> ``{NAME: source for rt.add_prompt(NAME, source)}``."""
+    return {name: part_source(parts, name, f"--prompt {name}")
+            for name, parts in parse_prompt_specs(specs).items()}
 
 
 def _read_jsonl(path: str):
@@ -69,7 +166,7 @@ def cmd_score(args) -> int:
         if args.ray:
             from softprompt import ray as sp_ray
 
-            prompts = dict(_prompt_spec(s) for s in args.prompt)
+            prompts = _ray_prompts(args.prompt)
             summary = sp_ray.score_file(args.input, args.output, args.model, prompts,
                                         address=None if args.ray == "local" else args.ray,
                                         backend=args.backend, num_actors=args.ray_actors,
@@ -87,6 +184,31 @@ def cmd_score(args) -> int:
         print(f"softprompt score: {summary['rows']} rows ({summary['errors']} errors) in "
               f"{summary['seconds']:.1f} s", file=sys.stderr)
     return 0
+
+
+def _ray_prompts(specs) -> dict[str, object]:
+    """``--prompt`` specs for ``softprompt score --ray``: a path or hub id as written (each actor
+    loads it), a multitask adapter loaded here as NAME/0 .. NAME/T-1 and ``PATH#T`` as its task,
+    since softprompt/ray.py keys the job by each prompt's ``SoftPrompt.load(source).digest``
+    (one prompt per source); a composed prompt is refused (it needs the model's tokenizer)."""
+    from softprompt.runtime.adapters import load_adapter
+    from softprompt.runtime.prompts import SoftPromptError
+
+    out: dict[str, object] = {}
+    for name, parts in parse_prompt_specs(specs).items():
+        what = f"--prompt {name}"
+        if len(parts) != 1 or parts[0].source is None:
+            raise SystemExit(f"softprompt score: {what}: a composed or text prompt is not served "
+                             "with --ray yet; score it without --ray")
+        part = parts[0]
+        if part.task is None and peft_type(part.source) == "MULTITASK_PROMPT_TUNING":
+            try:
+                out.update((p.name, p) for p in load_adapter(Path(part.source), name))
+            except SoftPromptError as e:
+                raise SystemExit(f"softprompt: {what}: {e}") from None
+        else:
+            out[name] = part.source if part.task is None else load_part(part, name, what)
+    return out
 
 
 def cmd_generate(args) -> int:
@@ -150,8 +272,10 @@ def cmd_info(args) -> int:
                 else f"{m.get('dtype')}; a 4-bit bundle is served only when within the score "
                      "tolerance and faster")
         print(f"default bundle  {f'{b} ({what})' if b else 'not exported yet (first CPU use exports it)'}")
-    if args.model and args.model != "default":
-        from pathlib import Path
+    sources = prompt_sources(args.prompt)  # a bad spec or prompt file fails before the model
+    info = tokenizer = None  # what --prompt is checked against, and reads text parts with
+    if args.model and (args.model != "default" or sources):
+        from softprompt.runtime.requests import ModelInfo, Tokenizer
 
         p = Path(args.model)
         if (p / "bundle.json").is_file():
@@ -159,12 +283,110 @@ def cmd_info(args) -> int:
             keys = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                     "hidden_size", "vocab_size", "dtype", "quantization", "opset", "fingerprint")
             print("bundle", p, {k: m.get(k) for k in keys})
+            info = ModelInfo(str(p), "onnx", m["hidden_size"], m["vocab_size"],
+                             m.get("max_position_embeddings") or 1 << 30, m.get("fingerprint"),
+                             m.get("dtype"), m["num_layers"], m["num_kv_heads"], m["head_dim"])
+            tokenizer = lambda: _bundle_tokenizer(p)  # noqa: E731
         else:
             lm = models.load_model(args.model)
             c = lm.config
             print(f"model {args.model}: {c.model_type}, {c.num_hidden_layers} layers, hidden "
                   f"{lm.hidden_size}, vocab {c.vocab_size}, fingerprint {lm.fingerprint[:16]}")
+            spec = models.ModelSpec.from_model(lm.model)
+            info = ModelInfo(args.model, "torch", spec.hidden_size, spec.vocab_size,
+                             spec.max_position_embeddings or 1 << 30, lm.fingerprint, "float32",
+                             spec.num_layers, spec.num_kv_heads, spec.head_dim)
+            tokenizer = lambda: Tokenizer.for_model(lm)  # noqa: E731
+    if sources:
+        print("prompts")
+        for prompt in resolve_prompts(sources, tokenizer or (lambda: _default_tokenizer(d))):
+            for line in describe_prompt(prompt, info):
+                print("  " + line)
     return 0
+
+
+def _bundle_tokenizer(path: Path):
+    from softprompt.runtime.requests import Tokenizer
+
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return Tokenizer(None, source=str(path))
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return Tokenizer(HFTokenizer.from_file(str(f)), source=str(path))
+
+
+def _default_tokenizer(default_dir: Path):
+    """The default model's tokenizer (without converting it: text parts of ``info --prompt``
+    need a converted default model, or a MODEL argument)."""
+    from softprompt.models.loading import load_tokenizer
+    from softprompt.runtime.requests import Tokenizer
+
+    if not (default_dir / "config.json").is_file():
+        raise SystemExit("softprompt info: a text part needs the model's tokenizer: pass MODEL "
+                         "(the default model is not converted yet)")
+    t = load_tokenizer(default_dir)
+    return Tokenizer(None if t is None else t.backend_tokenizer, source="default")
+
+
+def resolve_prompts(sources: dict, tokenizer) -> list:
+    """The prompts ``sources`` (``prompt_sources``) register, as ``Runtime.add_prompt`` makes
+    them, without a runtime: a multitask adapter as NAME/0 .., a list of parts composed with
+    ``tokenizer()`` (called only when there is a text part)."""
+    from softprompt.runtime.adapters import load_adapter
+    from softprompt.runtime.prompt_kinds import compose
+    from softprompt.runtime.prompts import SoftPrompt, SoftPromptError
+    from softprompt.runtime.requests import RequestError
+
+    out: list = []
+    for name, src in sources.items():
+        try:
+            if isinstance(src, list):
+                tok = tokenizer() if any(isinstance(p, str) for p in src) else None
+                out.append(compose(src, tok, name))
+            elif isinstance(src, str) and Path(src).is_dir():
+                out += load_adapter(Path(src), name)
+            else:
+                out.append(SoftPrompt.load(src, name=name))
+        except (SoftPromptError, RequestError) as e:
+            raise SystemExit(f"softprompt: --prompt {name}: {e}") from None
+    return out
+
+
+def _geometry(p) -> str:
+    from softprompt.runtime.prompt_kinds import KVPrompt
+    from softprompt.runtime.prompts import SoftPrompt
+
+    if isinstance(p, KVPrompt):
+        N, H, D = p.geometry
+        return f", K/V {N} layers x {H} K/V heads x head size {D}"
+    if isinstance(p, SoftPrompt):
+        return f", E={p.hidden_size}"
+    return ""
+
+
+def describe_prompt(prompt, info=None) -> list[str]:
+    """``softprompt info``'s lines for one prompt: its name, kind, P and geometry (E, or the
+    K/V layers x heads x head size), whether it predicts the request's first token, its parts
+    (a composed prompt, ``ComposedPrompt.describe``), and, given ``info`` (a ``ModelInfo``),
+    whether it fits that model."""
+    from softprompt.runtime.prompt_kinds import ComposedPrompt, check_prompt
+    from softprompt.runtime.prompts import SoftPromptError
+
+    lines = [f"{prompt.name}: {prompt.kind}, P={prompt.num_virtual_tokens}{_geometry(prompt)}, "
+             f"predicts the first token: {'yes' if prompt.scores_first else 'no (ends in K/V)'}"]
+    if isinstance(prompt, ComposedPrompt):
+        for i, (d, part) in enumerate(zip(prompt.describe(), prompt.parts)):
+            lines.append(f"  part {i}: text {d['text']!r} ({d['tokens']} tokens)" if "text" in d
+                         else f"  part {i}: {d['kind']} {d['name']!r}, "
+                              f"P={d['num_virtual_tokens']}{_geometry(part)}")
+    if info is not None:
+        try:
+            check_prompt(prompt, info)
+            lines.append(f"  fits {info.name}")
+        except SoftPromptError as e:
+            lines.append(f"  does not fit {info.name}: {e}")
+    return lines
 
 
 def cmd_demo(args) -> int:
@@ -224,10 +446,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise SystemExit(f"softprompt serve needs the [serve] extra ({e.name} is missing): "
                          "pip install 'softprompt-runtime[serve]'") from None
-    for spec in args.prompt:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or not source:
-            raise SystemExit(f"softprompt: --prompt expects NAME=SOURCE, got {spec!r}")
+    parse_prompt_specs(args.prompt)  # the syntax now; the files load with the model
     dir_prompts = prompt_dir_sources(args.prompt_dir) if args.prompt_dir else []
     if args.watch:  # served from the start, then kept in step with the directory
         os.makedirs(args.watch, exist_ok=True)
@@ -262,7 +481,15 @@ def cmd_eval(args) -> int:
     model_args = {k: v for k, v in dict(backend=args.backend, device=args.device, dtype=args.dtype,
                                         max_length=args.max_length,
                                         batch_size=args.batch_size).items() if v is not None}
-    results = evaluate(args.model, args.prompt, [t for t in args.tasks.split(",") if t],
+    prompt = None
+    if args.prompt:
+        parts = [parse_part(v, "--prompt") for v in args.prompt]
+        if len(parts) == 1 and parts[0].source is not None and parts[0].task is None \
+                and peft_type(parts[0].source) == "MULTITASK_PROMPT_TUNING":
+            raise SystemExit(f"softprompt eval: --prompt {parts[0].source} is a multitask adapter; "
+                             f"evaluate one task: --prompt {parts[0].source}#T")
+        prompt = part_source(parts, what="--prompt")
+    results = evaluate(args.model, prompt, [t for t in args.tasks.split(",") if t],
                        include_path=args.include_path, num_fewshot=args.num_fewshot,
                        limit=args.limit, **model_args)
     print(make_table(results))
@@ -278,8 +505,11 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="'default', a Hugging Face directory or hub id, a .gguf file, or an "
                         "exported bundle directory (default: %(default)s)")
-    p.add_argument("--prompt", default=None, help="the soft prompt: a PEFT adapter directory "
-                   "or hub id, .safetensors or .npy (default: none, the bare model)")
+    p.add_argument("--prompt", action="append", default=[], metavar="PART",
+                   help="the prompt (default: none, the bare model): a PART as in score's --prompt "
+                        "NAME=PART, without the name (a multitask adapter needs PATH#T); repeat "
+                        "it to compose parts in order, e.g. --prompt adapters/squad --prompt "
+                        "'text:Answer briefly.\\n'")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="a directory of extra task YAML files")
     p.add_argument("--num-fewshot", type=int, default=None)
@@ -305,8 +535,9 @@ LAZY_VERBS = {
               "benchmark backends over prompt length x batch x request length (CSV, JSON, plots)"),
     "train": ("softprompt.train.cli", "train a soft prompt with PEFT, evaluated on the runtime "
               "every epoch (resumable; --serve-url uploads it)"),
-    "inspect": ("softprompt.train.inspect_prompt", "a soft prompt's virtual tokens against the "
-                "vocabulary: nearest tokens, norms, init distance, --compare, --plot"),
+    "inspect": ("softprompt.train.inspect_prompt", "a prompt of any kind: virtual tokens against "
+                "the vocabulary (nearest tokens, norms, init distance, --compare); K/V norms and "
+                "prefix attention per layer; --plot"),
 }
 
 
@@ -327,8 +558,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("info", help="versions, device, default model and bundle/model facts")
-    p.add_argument("model", nargs="?", default=None, help="a model or bundle to describe")
+    p = sub.add_parser("info", help="versions, device, default model and bundle/model facts; "
+                       "each --prompt's kind, P, geometry and parts")
+    p.add_argument("model", nargs="?", default=None, help="a model or bundle to describe (and "
+                   "to check --prompt against; its tokenizer reads text parts)")
+    _add_prompt_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="classify inputs under the two demo prompts in one batch")

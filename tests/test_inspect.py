@@ -140,7 +140,7 @@ def test_cli_json_text_and_plot(text_init_adapter, tmp_path, capsys):
     assert len([ln for ln in text.splitlines() if ln[:2].strip().isdigit()]) == 7
 
 
-def test_kv_prompts_and_mismatches_are_one_line(tmp_path, tiny_dirs):
+def test_bad_prompts_and_mismatches_are_one_line(tmp_path, tiny_dirs, tiny_llama_bundle):
     from softprompt.cli import main
 
     kv = tmp_path / "kv"
@@ -149,10 +149,19 @@ def test_kv_prompts_and_mismatches_are_one_line(tmp_path, tiny_dirs):
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(kv), "--model", str(tiny_dirs["llama"])])
     msg = str(e.value)
-    assert "is a PREFIX_TUNING adapter: a K/V prompt" in msg and "not served yet" in msg and "\n" not in msg
+    assert msg.startswith("softprompt inspect: ") and "no adapter_model.safetensors" in msg and "\n" not in msg
     SoftPrompt.random(3, 32).save_peft(tmp_path / "small")
     with pytest.raises(SystemExit, match="has hidden size 32 but model .* has 64: pass the model"):
         main(["inspect", str(tmp_path / "small"), "--model", str(tiny_dirs["llama"])])
+    gpt2_kv(4).save_peft(tmp_path / "gpt2kv")  # 4 K/V heads; the tiny llama has 2
+    with pytest.raises(SystemExit, match=r"has 2 layers x 4 K/V heads x head size 16 but model .* "
+                                         r"has 2 x 2 x 16: pass the model it was trained for"):
+        main(["inspect", str(tmp_path / "gpt2kv"), "--model", str(tiny_dirs["llama"])])
+    with pytest.raises(SystemExit, match="is an exported bundle: a K/V prompt is inspected by running"):
+        main(["inspect", str(tmp_path / "gpt2kv"), "--model", str(tiny_llama_bundle)])
+    with pytest.raises(SystemExit, match="--compare compares two embedding prompts"):
+        main(["inspect", str(tmp_path / "gpt2kv"), "--compare", str(tmp_path / "small"),
+              "--model", str(tiny_dirs["gpt2"])])
 
 
 BLOCK = textwrap.dedent("""
@@ -211,3 +220,187 @@ def test_demo_prompts_on_the_default_model(capsys):
     assert ip.main(args) == 0
     r = json.loads(capsys.readouterr().out)["compare"]
     assert r["compared_tokens"] == 20 and -1 <= r["cosine"] < 1
+
+
+# ------------------------------------------------------------------------------ K/V prompts
+SAMPLE = "the movie was very good"
+
+
+def random_kv(model_dir, P: int = 5, seed: int = 0, std: float = 1.0, name: str = "kv"):
+    """A KVPrompt of the model's geometry from a seeded normal array."""
+    from softprompt.models import ModelSpec, load_model
+    from softprompt.runtime.prompt_kinds import KVPrompt
+
+    spec = ModelSpec.from_model(load_model(str(model_dir)).model)
+    rng = np.random.default_rng(seed)
+    shape = (spec.num_layers, spec.num_kv_heads, P, spec.head_dim)
+    return KVPrompt(rng.standard_normal(shape, dtype=np.float32) * std,
+                    rng.standard_normal(shape, dtype=np.float32) * std, name=name)
+
+
+def gpt2_kv(P: int, seed: int = 1):
+    """A KVPrompt of the tiny gpt2's geometry (2 layers x 4 heads x 16), without loading it."""
+    from softprompt.runtime.prompt_kinds import KVPrompt
+
+    rng = np.random.default_rng(seed)
+    return KVPrompt(rng.standard_normal((2, 4, P, 16), dtype=np.float32),
+                    rng.standard_normal((2, 4, P, 16), dtype=np.float32), name="gpt2kv",
+                    peft_type="CARTRIDGE")
+
+
+def _norms(x) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: mean and max over heads and positions, per-head mean and max, of the L2
+    norms of x [N, H, n, D] (straight numpy, float64)."""
+    n = np.sqrt((np.asarray(x, np.float64) ** 2).sum(-1))
+    return n.mean((1, 2)), n.max((1, 2)), n.mean(2), n.max(2)
+
+
+def _check_norms(layers: list, key: str, x) -> None:
+    mean, mx, head_mean, head_max = _norms(x)
+    np.testing.assert_allclose([r[key]["mean"] for r in layers], mean, rtol=1e-6)
+    np.testing.assert_allclose([r[key]["max"] for r in layers], mx, rtol=1e-6)
+    np.testing.assert_allclose([r[key]["per_head_mean"] for r in layers], head_mean, rtol=1e-6)
+    np.testing.assert_allclose([r[key]["per_head_max"] for r in layers], head_max, rtol=1e-6)
+
+
+def test_kv_norms_equal_a_direct_computation(tiny_dirs):
+    """The prompt's norms against numpy; the model's own against its layer-0 key and value
+    projections computed by hand (RoPE rotates the keys but keeps their norms)."""
+    model = str(tiny_dirs["llama"])
+    kv = random_kv(model, P=5, std=0.5)
+    handle = ip.ModelHandle(model)
+    r = ip.inspect_kv(kv, handle, SAMPLE)
+    assert (r["kind"], r["num_virtual_tokens"], r["num_layers"], r["num_kv_heads"], r["head_dim"]) == \
+        ("prefix_tuning", 5, 2, 2, 16)
+    assert [x["layer"] for x in r["layers"]] == [0, 1]
+    _check_norms(r["layers"], "key_norm", kv.keys)
+    _check_norms(r["layers"], "value_norm", kv.values)
+
+    lm = handle.lm()
+    ids = lm.tokenizer(SAMPLE)["input_ids"]
+    assert r["sample_tokens"] == len(ids) >= 3
+    attn = lm.model.model.layers[0].self_attn
+    with torch.no_grad():
+        x = lm.model.model.layers[0].input_layernorm(lm.model.model.embed_tokens(torch.tensor(ids)))
+        k = attn.k_proj(x).view(len(ids), 2, 16).transpose(0, 1).double().numpy()  # [H, T, D]
+        v = attn.v_proj(x).view(len(ids), 2, 16).transpose(0, 1).double().numpy()
+    _check_norms(r["layers"][:1], "model_key_norm", k[None])
+    _check_norms(r["layers"][:1], "model_value_norm", v[None])
+    # layer 1 against the model's own cache, read back from a plain forward
+    keys, values = ip.model_kv(lm, ids)
+    assert keys.shape == values.shape == (2, 2, len(ids), 16)
+    np.testing.assert_allclose(np.linalg.norm(keys[0], axis=-1), np.linalg.norm(k, axis=-1), rtol=1e-5)
+    _check_norms(r["layers"], "model_key_norm", keys)
+    _check_norms(r["layers"], "model_value_norm", values)
+
+
+def test_prefix_attention_equals_a_hand_computation(tiny_dirs):
+    """GPT-2's first layer by hand: the sample at positions P.., its queries against the
+    prefix keys then its own (causal), softmax, the weight on the first P keys per head,
+    averaged over the sample's tokens."""
+    model = str(tiny_dirs["gpt2"])
+    kv = gpt2_kv(P=4)
+    handle = ip.ModelHandle(model)
+    r = ip.inspect_kv(kv, handle, SAMPLE)
+    m = handle.lm().model.transformer
+    ids = handle.lm().tokenizer(SAMPLE)["input_ids"]
+    P, T, H, D = 4, len(ids), 4, 16
+    with torch.no_grad():
+        h = m.wte(torch.tensor(ids)) + m.wpe(torch.arange(P, P + T))
+        q, k, _ = m.h[0].attn.c_attn(m.h[0].ln_1(h)).double().split(H * D, dim=-1)
+    q, k = q.view(T, H, D).transpose(0, 1), k.view(T, H, D).transpose(0, 1)
+    keys = torch.cat([torch.tensor(np.array(kv.keys[0]), dtype=torch.float64), k], dim=1)  # [H, P + T, D]
+    scores = q @ keys.transpose(1, 2) / D ** 0.5  # [H, T, P + T]
+    causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    want = weights[:, :, :P].sum(-1).mean(-1).numpy()  # [H]
+    got = r["layers"][0]
+    np.testing.assert_allclose(got["prefix_attention_per_head"], want, atol=1e-6)
+    assert got["prefix_attention"] == pytest.approx(float(want.mean()), abs=1e-6)
+    assert 0.05 < got["prefix_attention"] < 0.95  # a real mix, not a degenerate case
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma"])
+def test_prefix_attention_of_the_models_own_kv_equals_a_plain_forward(tiny_dirs, family):
+    """A prompt whose K/V are the model's own for a text: the mass the sample puts on the
+    prefix equals, in one plain forward over text + sample (no cache), the attention of the
+    sample's rows on the text's positions; every figure is a share in [0, 1]."""
+    from softprompt.runtime.prompt_kinds import KVPrompt
+
+    model = str(tiny_dirs[family])
+    handle = ip.ModelHandle(model)
+    lm = handle.lm()
+    text_ids = lm.tokenizer("i liked this film and the food")["input_ids"]
+    kv = KVPrompt(*ip.model_kv(lm, text_ids), name="own")
+    r = ip.inspect_kv(kv, handle, SAMPLE)
+    ids = lm.tokenizer(SAMPLE)["input_ids"]
+    P = len(text_ids)
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([text_ids + ids]), output_attentions=True)
+    want = np.stack([a[0, :, P:, :P].double().sum(-1).mean(-1).numpy() for a in out.attentions])
+    got = np.array([x["prefix_attention_per_head"] for x in r["layers"]])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    shares = got.ravel().tolist() + [x["prefix_attention"] for x in r["layers"]]
+    assert all(0.0 <= s <= 1.0 for s in shares)
+    # and the model's own K/V are, by construction, in the model's range
+    for x in r["layers"]:
+        assert 0.5 < x["key_norm"]["mean"] / x["model_key_norm"]["mean"] < 2
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dirs, tmp_path_factory):
+    """A prefix-tuning adapter (random K/V of the tiny llama) and a prompt-tuning one."""
+    root = tmp_path_factory.mktemp("kinds")
+    random_kv(tiny_dirs["llama"], P=3, seed=5).save_peft(root / "prefix", str(tiny_dirs["llama"]))
+    SoftPrompt.random(4, 64, seed=6, std=0.3).save_peft(root / "soft", str(tiny_dirs["llama"]))
+    return root
+
+
+def test_cli_kv_json_text_and_plot(adapters, tmp_path, capsys):
+    from softprompt.cli import main
+
+    png = tmp_path / "kv.png"
+    assert main(["inspect", str(adapters / "prefix"), "--json", "--plot", str(png),
+                 "--sample", SAMPLE]) == 0  # the model: the adapter's base model
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "prefix_tuning" and r["prompt"] == "prefix" and r["sample"] == SAMPLE
+    assert set(r["layers"][0]) == {"layer", "key_norm", "value_norm", "model_key_norm",
+                                   "model_value_norm", "prefix_attention",
+                                   "prefix_attention_per_head"}
+    assert set(r["layers"][0]["key_norm"]) == {"mean", "max", "per_head_mean", "per_head_max"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kv = ip.load_prompt(str(adapters / "prefix"))
+    _check_norms(r["layers"], "key_norm", kv.keys)
+    assert main(["inspect", str(adapters / "prefix"), "--sample", SAMPLE]) == 0
+    text = capsys.readouterr().out
+    rows = [ln.split() for ln in text.splitlines() if ln[:5].strip().isdigit()]
+    assert [int(x[0]) for x in rows] == [0, 1]
+    for x, layer in zip(rows, r["layers"]):
+        assert x[1] == f"{layer['key_norm']['mean']:.3f}" and x[-1] == f"{layer['prefix_attention']:.3f}"
+    assert "prefix attention" in text and "of the sample's attention on the prefix" in text
+
+
+def test_cli_composed_and_multitask_inspect_each_part(adapters, tiny_dirs, tmp_path, capsys):
+    import peft_kinds as pk
+
+    from softprompt.cli import main
+
+    model = str(tiny_dirs["llama"])
+    png = tmp_path / "c.png"
+    assert main(["inspect", str(adapters / "soft"), "text:the movie", str(adapters / "prefix"),
+                 "--model", model, "--json", "--top-k", "2", "--plot", str(png)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "composed" and [p["kind"] for p in r["parts"]] == \
+        ["prompt_tuning", "text", "prefix_tuning"]
+    assert r["parts"][1] == {"kind": "text", "text": "the movie", "tokens": 2}
+    assert len(r["parts"][0]["virtual_tokens"]) == 4 and len(r["parts"][2]["layers"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c-0.png", "c-2.png"]
+
+    mt = pk.train_adapter(model, "multitask", tmp_path / "mt", steps=1, num_tasks=3)
+    assert main(["inspect", str(mt), "--model", model, "--json", "--top-k", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "multitask_prompt_tuning"
+    assert [p["prompt"] for p in r["parts"]] == ["mt/0", "mt/1", "mt/2"]
+    assert main(["inspect", f"{mt}#1", "--model", model, "--json", "--top-k", "1"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["prompt"] == "mt/1" and one["virtual_tokens"] == r["parts"][1]["virtual_tokens"]

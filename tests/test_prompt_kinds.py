@@ -278,3 +278,26 @@ def test_every_type_on_the_default_model(backend, tmp_path_factory):
     for (kind, name, task), g in zip(every, gens):
         assert g.token_ids == peft_greedy(model_dir, root / kind, ids, 3, task_id=task), name
     rt.close()
+
+
+@pytest.mark.parametrize("backend", ("torch", "onnx"))
+def test_saved_cache_keeps_kv_and_composed_prefixes(backend, adapters, tiny_dirs, tiny_bundles,
+                                                    tmp_path):
+    """A cache file holds K/V-ended prefixes (no first-token log-probs) beside the others; a
+    fresh runtime that loads it computes nothing and scores the same."""
+    rt = load("llama", backend, tiny_dirs, tiny_bundles)
+    sources = {"kv": adapters["llama", "cartridge"], "emb": adapters["llama", "cpt"],
+               "mix": [SoftPrompt.load(adapters["llama", "prefix_tuning"]), "the film"]}
+    for name, src in sources.items():
+        rt.add_prompt(name, src)
+    reqs = [{"prompt": n, "context": CTX} for n in sources]
+    assert rt.save_cache(tmp_path / "c.safetensors") == 3
+    fresh = load("llama", backend, tiny_dirs, tiny_bundles)
+    assert fresh.load_cache(tmp_path / "c.safetensors") == 3
+    for name, src in sources.items():
+        fresh.add_prompt(name, src)
+    assert fresh.stats()["misses"] == 0
+    for a, b in zip(fresh.score(reqs), rt.score(reqs)):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=TOL)
+    rt.close()
+    fresh.close()
