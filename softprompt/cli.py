@@ -166,7 +166,7 @@ def cmd_score(args) -> int:
         if args.ray:
             from softprompt import ray as sp_ray
 
-            prompts = _ray_prompts(args.prompt)
+            prompts = prompt_sources(args.prompt)  # each actor loads them (ray.prompt_identity)
             summary = sp_ray.score_file(args.input, args.output, args.model, prompts,
                                         address=None if args.ray == "local" else args.ray,
                                         backend=args.backend, num_actors=args.ray_actors,
@@ -184,31 +184,6 @@ def cmd_score(args) -> int:
         print(f"softprompt score: {summary['rows']} rows ({summary['errors']} errors) in "
               f"{summary['seconds']:.1f} s", file=sys.stderr)
     return 0
-
-
-def _ray_prompts(specs) -> dict[str, object]:
-    """``--prompt`` specs for ``softprompt score --ray``: a path or hub id as written (each actor
-    loads it), a multitask adapter loaded here as NAME/0 .. NAME/T-1 and ``PATH#T`` as its task,
-    since softprompt/ray.py keys the job by each prompt's ``SoftPrompt.load(source).digest``
-    (one prompt per source); a composed prompt is refused (it needs the model's tokenizer)."""
-    from softprompt.runtime.adapters import load_adapter
-    from softprompt.runtime.prompts import SoftPromptError
-
-    out: dict[str, object] = {}
-    for name, parts in parse_prompt_specs(specs).items():
-        what = f"--prompt {name}"
-        if len(parts) != 1 or parts[0].source is None:
-            raise SystemExit(f"softprompt score: {what}: a composed or text prompt is not served "
-                             "with --ray yet; score it without --ray")
-        part = parts[0]
-        if part.task is None and peft_type(part.source) == "MULTITASK_PROMPT_TUNING":
-            try:
-                out.update((p.name, p) for p in load_adapter(Path(part.source), name))
-            except SoftPromptError as e:
-                raise SystemExit(f"softprompt: {what}: {e}") from None
-        else:
-            out[name] = part.source if part.task is None else load_part(part, name, what)
-    return out
 
 
 def cmd_generate(args) -> int:
@@ -463,6 +438,8 @@ def cmd_serve(args) -> int:
     app = create_app(loader=load, api_keys=api_keys, admin_keys=[admin_key] if admin_key else [],
                      max_queue=args.max_queue, request_timeout=args.request_timeout,
                      max_body_bytes=args.max_body_bytes,
+                     **({} if args.max_inline_bytes is None else
+                        {"max_inline_bytes": args.max_inline_bytes}),
                      served_model_name=args.served_model_name, warmup=not args.no_warmup,
                      watch_dir=args.watch, watch_interval=args.watch_interval)
     return serve(app, args.host, args.port, log_level=args.log_level,
@@ -638,6 +615,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N",
                    help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--max-inline-bytes", type=int, default=None, metavar="N",
+                   help="an inline prompt (soft_prompt / prompt_embeds) larger than N decoded "
+                        "bytes gets 413 (default: 64 MiB; --max-body-bytes applies first)")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's id in /v1/models (default: the model's name)")
     p.add_argument("--no-warmup", action="store_true", help="skip Runtime.warmup() at start")

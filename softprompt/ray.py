@@ -16,6 +16,7 @@ the same path on each machine). Ray is imported lazily: ``pip install "softpromp
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
 from typing import Mapping
 
@@ -137,6 +138,21 @@ def score_dataset(ds, model, prompts: Mapping[str, object], *, backend: str = "a
         max_task_retries=max_task_retries, **ray_remote_args)
 
 
+def prompt_identity(source) -> str:
+    """What a prompt source stands for, in a job's identity (a resumed job must score with the
+    same prompts): its content digest; a composed prompt's parts in order (text by its text), a
+    multitask adapter's every task."""
+    from softprompt.runtime.adapters import load_adapter
+    from softprompt.runtime.prompts import SoftPrompt
+
+    if isinstance(source, (list, tuple)):
+        return "composed[" + ",".join(f"text:{p!r}" if isinstance(p, str) else prompt_identity(p)
+                                      for p in source) + "]"
+    if isinstance(source, (str, PathLike)) and Path(source).is_dir():
+        return ",".join(p.digest for p in load_adapter(Path(source), "prompt"))
+    return SoftPrompt.load(source).digest
+
+
 def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
                address: str | None = None, backend: str = "auto", num_actors: int = 2,
                num_gpus_per_actor: float = 0, batch_size: int = 256,
@@ -160,7 +176,6 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
         ray.init(address=address)
     from ray.util import ActorPool
 
-    from softprompt.runtime.prompts import SoftPrompt
     from softprompt.runtime.requests import RequestError, as_request
 
     if not isinstance(num_actors, int) or num_actors < 1:
@@ -172,7 +187,7 @@ def score_file(input: str, output: str, model, prompts: Mapping[str, object], *,
 
         fingerprint = loads_json((Path(model) / "bundle.json").read_text()).get("fingerprint")
     identity = {"engine": "ray", "model": model, "backend": backend, "fingerprint": fingerprint,
-                "prompts": {n: SoftPrompt.load(s).digest for n, s in sorted(prompts.items())},
+                "prompts": {n: prompt_identity(s) for n, s in sorted(prompts.items())},
                 "batch_size": batch_size, "runtime_kwargs": dict(runtime_kwargs or {})}
     if scorer_cls is not RuntimeScorer:
         identity["scorer"] = f"{scorer_cls.__module__}.{scorer_cls.__qualname__}"

@@ -198,9 +198,11 @@ def test_eval_and_ray_take_the_same_parts(kinds, monkeypatch):
     with pytest.raises(SystemExit, match="is a multitask adapter; evaluate one task"):
         cli.main(["eval", "m", "--tasks", "t", "--prompt", multi])
 
-    ray = cli._ray_prompts([f"pt={prefix}", f"mt={multi}"])
-    assert sorted(ray) == ["mt/0", "mt/1", "mt/2", "pt"]
-    assert ray["pt"] == prefix and ray["mt/2"].metadata["task"] == 2
-    assert cli._ray_prompts([f"one={multi}#1"])["one"].metadata["task"] == 1
-    with pytest.raises(SystemExit, match="composed or text prompt is not served with --ray"):
-        cli._ray_prompts([f"qa={soft}", "qa=text:hi"])
+    # score --ray hands the actors the same sources; the job's identity covers each of them
+    from softprompt.ray import prompt_identity
+
+    ray = cli.prompt_sources([f"pt={prefix}", f"mt={multi}", f"qa={soft}", "qa=text:hi"])
+    assert ray["pt"] == prefix and ray["mt"] == multi and ray["qa"][1] == "hi"
+    ids = {n: prompt_identity(s) for n, s in ray.items()}
+    assert len(set(ids.values())) == 3 and ids["mt"].count(",") == 2  # one digest per task
+    assert prompt_identity([ray["qa"][0], "hi!"]) != ids["qa"]
