@@ -57,7 +57,7 @@ class SoftPromptLM(TemplateLM):
         allow_pickle: load ``.bin``/``.pt`` prompt files (``torch.load(weights_only=True)``).
     """
 
-    def __init__(self, model: str = "default", prompt: str | None = None, backend: str = "auto",
+    def __init__(self, model: str = "default", prompt: Any = None, backend: str = "auto",
                  device: str | None = None, dtype: str | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256,
                  prefix_token_id: int | None = None, batch_size: int | str = 64,

@@ -59,4 +59,5 @@ def test_readme_example_runs(monkeypatch, capsys):
     assert len(lines) >= 3, lines
     assert lines[0].strip(), f"the generate example printed {lines[0]!r}"
     assert lines[1].strip(), f"the stream example printed {lines[1]!r}"
-    assert all(isinstance(t, str) for t in ns["texts"]) and any(t.strip() for t in ns["texts"])
+    short, topic = ns["rt"].prompts["short"], ns["rt"].prompts["topic"]  # the composed prompt
+    assert short.kind == "composed" and short.num_virtual_tokens > topic.num_virtual_tokens
