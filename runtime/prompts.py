@@ -30,7 +30,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -77,7 +77,6 @@ class KV:
 Segment = Union[Embeds, TokenIds, KV]
 
 
-@runtime_checkable
 class Prompt(Protocol):
     """What the runtime needs of a prompt of any kind.
 
@@ -221,7 +220,9 @@ class SoftPrompt:
         a ``.safetensors``, ``.npy`` or (opt-in) ``.bin``/``.pt`` ``[P, E]`` file, or a hub id
         ``owner/name[@revision]`` that is not a local path (a PEFT adapter fetched through
         huggingface_hub's cache, see ``softprompt.models.hub``)."""
-        if isinstance(source, Prompt):
+        from .prompt_kinds import ComposedPrompt, KVPrompt
+
+        if isinstance(source, (SoftPrompt, KVPrompt, ComposedPrompt)):
             return source
         if isinstance(source, np.ndarray) or hasattr(source, "detach"):
             return cls(source, name=name or "prompt", init="tensor")
