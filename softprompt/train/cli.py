@@ -28,11 +28,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--eval", default=None, metavar="HELD_OUT",
                    help="held-out rows scored through the runtime every epoch; the best epoch is kept")
     p.add_argument("--type", default="prompt_tuning",
-                   help="PEFT prompt-learning type (served today: prompt_tuning)")
+                   help="PEFT prompt-learning type: prompt_tuning, p_tuning (an MLP or LSTM encoder), "
+                        "prefix_tuning (K/V of every layer) or cartridge (K/V, first token frozen); "
+                        "multitask_prompt_tuning and cpt are not trained here (default: %(default)s)")
     p.add_argument("--virtual-tokens", type=int, default=20, metavar="N", help="P (default: %(default)s)")
-    p.add_argument("--init", default="vocab", metavar='text:"..."|vocab|random',
-                   help="PEFT init: TEXT from the given text, SAMPLE_VOCAB, or RANDOM (default: "
-                        "%(default)s)")
+    p.add_argument("--init", default=None, metavar='text:"..."|vocab|random',
+                   help="prompt_tuning: PEFT TEXT from the given text, SAMPLE_VOCAB (vocab, its "
+                        "default) or RANDOM; prefix_tuning and cartridge: random (default) or text "
+                        "(the model's own K/V of the text's first P tokens, PEFT's "
+                        "initialize_kv_prefix_from_text; not with --prefix-projection); p_tuning: "
+                        "random only")
+    p.add_argument("--encoder", default=None, choices=["mlp", "lstm"],
+                   help="p_tuning's prompt encoder (default: mlp)")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="prefix_tuning through PEFT's projection MLP (its output is what is saved)")
     p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--lr-scheduler", default="constant",
                    help="transformers' lr_scheduler_type (default: %(default)s)")
@@ -79,7 +88,8 @@ def cmd_train(args) -> int:
     from .upload import upload
 
     cfg = TrainConfig(data=args.data, out=args.out, model=args.model, eval=args.eval, type=args.type,
-                      virtual_tokens=args.virtual_tokens, init=args.init, lr=args.lr,
+                      virtual_tokens=args.virtual_tokens, init=args.init, encoder=args.encoder,
+                      prefix_projection=args.prefix_projection, lr=args.lr,
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                       lr_scheduler=args.lr_scheduler,
                       labels=None if args.labels is None else _labels(args.labels),
