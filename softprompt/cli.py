@@ -214,11 +214,13 @@ def cmd_info(args) -> int:
     import platform
 
     from softprompt import models
-    from softprompt.machine import package_versions
+    from softprompt.machine import cpu_model, matrix_units, package_versions
 
     versions = package_versions()
     print(f"softprompt-runtime {versions.pop('softprompt-runtime')} on Python "
           f"{platform.python_version()} ({platform.machine()})")
+    print(f"  cpu           {cpu_model()}: {matrix_units()}; CPU path float32 (exact; "
+          "no bfloat16 CPU path is built yet)")
     for pkg, version in versions.items():
         print(f"  {pkg:13s} {version or 'not installed'}")
     try:

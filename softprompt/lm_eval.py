@@ -26,6 +26,8 @@ same forward as the log-probability. The soft prompt's P virtual tokens come on 
 
 from __future__ import annotations
 
+from typing import Any
+
 import lm_eval.models  # noqa: F401  -- fills the registry with lm-eval's own models first
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -44,8 +46,9 @@ class SoftPromptLM(TemplateLM):
 
     Args (``model_args`` keys):
         model: ``default``, a Hugging Face directory, a hub id, a ``.gguf`` or a bundle.
-        prompt: the soft prompt (PEFT adapter dir or hub id, ``.safetensors``, ``.npy``);
-            omitted = the bare model (P = 0).
+        prompt: the prompt: a PEFT adapter dir of any served type or hub id, ``.safetensors``,
+            ``.npy``, a prompt object, or a list of parts (``Runtime.add_prompt``); omitted =
+            the bare model (P = 0).
         backend, device, dtype: as ``Runtime.load``.
         max_length: request tokens per forward (context + continuation); longer inputs are
             cut from the left and rolling windows have this length (default: the model's

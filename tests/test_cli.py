@@ -206,3 +206,13 @@ def test_eval_and_ray_take_the_same_parts(kinds, monkeypatch):
     ids = {n: prompt_identity(s) for n, s in ray.items()}
     assert len(set(ids.values())) == 3 and ids["mt"].count(",") == 2  # one digest per task
     assert prompt_identity([ray["qa"][0], "hi!"]) != ids["qa"]
+
+
+def test_info_names_the_matrix_units(capsys):
+    from softprompt.machine import matrix_units
+
+    assert matrix_units(frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16"})) == \
+        "avx2 avx512f amx_tile amx_bf16; AMX bf16"
+    assert matrix_units(frozenset({"sse2"})).endswith("; no AMX")
+    cli.main(["info"])
+    assert f"{matrix_units()}; CPU path float32" in capsys.readouterr().out
