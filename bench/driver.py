@@ -3,6 +3,8 @@
     softprompt bench --backends reference,copied,torch,onnx --P 0,1,5,20,100,150 --B 8 --L 32 \\
         --refcheck --out bench/out
     python -m softprompt.bench.driver --quick --refcheck        # same driver, a few seconds
+    softprompt bench --kv-prompt --P 20,512,2048 --B 1,8 --L 32 --repeats 3 --refcheck \\
+        --out bench/out/kv-prompt                               # long K/V prompts (long_kv.py)
 
 What one point measures. A batch of B requests, each L random token ids (seeded, the same for
 every backend), all under one soft prompt of P virtual tokens (rows of the model's embedding
@@ -52,9 +54,14 @@ graph is compared to PyTorch within 1e-2; for ``onnx-int4`` the 4-bit bundle's s
 ``INT4_SCORE_ATOL``). A backend that fails is reported FAILED at that
 point and is not timed.
 
+``--kv-prompt``: a K/V prompt (PEFT PREFIX_TUNING) of each P instead of a soft prompt, its own
+methods side by side (``--kv-methods``: PEFT's prefix-tuning forward, the torch and onnx
+runtimes with that adapter, and an equally long text in the context, plain and as a cached
+composed prompt); default P 20,512,2048 and B 1,8. Described in bench/long_kv.py.
+
 This file is the CLI and the sweep (points, timing, results.csv/json/md, the reproducing
 command); the FLOP model is bench/flops.py, the methods and their tolerances bench/methods.py,
-the figures bench/plots.py.
+the figures bench/plots.py, the K/V-prompt mode bench/long_kv.py.
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ class Result:
     gflop_per_s: float | None = None
     speedup_vs_peft: float | None = None  # of medians
     speedup_best: float | None = None  # of minima, over peft
+    speedup_vs_text: float | None = None  # --kv-prompt: plain-text's median / this median
     ideal_speedup: float | None = None
     max_abs_diff: float | None = None
     tol: float | None = None
@@ -123,6 +131,8 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
     from tqdm import tqdm
 
     from softprompt.models import load_model
+
+    _defaults(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,8 +270,13 @@ def environment(device: str, dtype: str) -> dict:
 
 def command_line(args) -> str:
     """The exact command that reproduces this run (every option spelled out)."""
-    parts = ["softprompt", "bench", "--model", args.model, "--backends", ",".join(args.backends),
-             "--P", ",".join(map(str, args.P)), "--B", ",".join(map(str, args.B)),
+    _defaults(args)
+    parts = ["softprompt", "bench", "--model", args.model]
+    if getattr(args, "kv_prompt", False):
+        parts += ["--kv-prompt", "--kv-methods", ",".join(args.kv_methods)]
+    else:
+        parts += ["--backends", ",".join(args.backends)]
+    parts += ["--P", ",".join(map(str, args.P)), "--B", ",".join(map(str, args.B)),
              "--L", ",".join(map(str, args.L)), "--score-tokens", str(args.score_tokens),
              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.device:
@@ -328,6 +343,29 @@ def _ints(s: str) -> list[int]:
     return vals
 
 
+def _kv_methods(s: str) -> list[str]:
+    from softprompt.bench.long_kv import KV_METHODS
+
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [n for n in names if n not in KV_METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {KV_METHODS}")
+    return names
+
+
+def _defaults(args) -> None:
+    """Fill in the grid options left unset: P and B by mode (``--kv-prompt`` or not)."""
+    kv = getattr(args, "kv_prompt", False)
+    if args.P is None:
+        from softprompt.bench.long_kv import KV_P
+
+        args.P = list(KV_P if kv else LESTER_P)
+    if args.B is None:
+        from softprompt.bench.long_kv import KV_B
+
+        args.B = list(KV_B if kv else (8,))
+
+
 def _backends(s: str) -> list[str]:
     names = [x.strip() for x in s.split(",") if x.strip()]
     bad = [n for n in names if n not in ALL_BACKENDS]
@@ -343,10 +381,11 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_backends, default=list(ALL_BACKENDS),
                    help="comma-separated among peft, reference, copied, torch, onnx, onnx-int4 "
                         "(default: all)")
-    p.add_argument("--P", type=_ints, default=list(LESTER_P),
+    p.add_argument("--P", type=_ints, default=None,
                    help="virtual-token counts; 0 = no prompt (default: Lester et al.'s grid "
-                        "0,1,5,20,100,150)")
-    p.add_argument("--B", type=_ints, default=[8], help="batch sizes (default: 8)")
+                        "0,1,5,20,100,150; with --kv-prompt 20,512,2048)")
+    p.add_argument("--B", type=_ints, default=None, help="batch sizes (default: 8; with "
+                   "--kv-prompt 1,8)")
     p.add_argument("--L", type=_ints, default=[32], help="request lengths in tokens (default: 32)")
     p.add_argument("--score-tokens", type=int, default=1,
                    help="trailing tokens of each request scored as its continuation (default: 1)")
@@ -373,6 +412,14 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: P 0,5,20, B 2, L 8, 2 repeats, 1 warm-up (overrides those)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--kv-prompt", action="store_true",
+                   help="long K/V prompts: a PEFT PREFIX_TUNING prompt of each P, PEFT's forward "
+                        "beside the runtimes and an equally long text in the context "
+                        "(bench/long_kv.py; CPU, float32)")
+    p.add_argument("--kv-methods", type=_kv_methods,
+                   default="peft-prefix,torch-kv,onnx-kv,plain-text,torch-text,onnx-text",
+                   help="with --kv-prompt: comma-separated among peft-prefix, torch-kv, onnx-kv, "
+                        "plain-text, torch-text, onnx-text (default: all)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                    help="measure nothing: combine earlier results.json files into --out (a later "
                         "file replaces the points it contains)")
@@ -421,6 +468,11 @@ def run(args) -> int:
         return merge(args.merge, Path(args.out))
     if args.quick:
         args.P, args.B, args.L, args.repeats, args.warmup = [0, 5, 20], [2], [8], 2, 1
+        if args.kv_prompt:
+            args.P = [5, 20]
+    _defaults(args)
+    if args.kv_prompt:
+        return run_kv(args)
     if args.score_tokens < 1 or any(L <= args.score_tokens for L in args.L):
         raise SystemExit("softprompt bench: need 1 <= --score-tokens < every L")
     if args.repeats < 1 or args.warmup < 0:
@@ -443,6 +495,38 @@ def run(args) -> int:
     bad = [r for r in results if r.status != "ok"]
     for r in bad:
         print(f"not timed: {r.backend} B={r.B} L={r.L} P={r.P}: {r.status}")
+    return 1 if any(r.status == "FAILED" for r in results) else 0
+
+
+def run_kv(args) -> int:
+    """``--kv-prompt``: bench/long_kv.py's methods at each point; results.csv/json/md in --out."""
+    from softprompt.bench.long_kv import kv_table, run_kv_benchmark
+
+    if any(P < 1 for P in args.P):
+        raise SystemExit("softprompt bench --kv-prompt: every P must be >= 1")
+    if args.score_tokens < 1 or any(L <= args.score_tokens for L in args.L):
+        raise SystemExit("softprompt bench: need 1 <= --score-tokens < every L")
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("softprompt bench: --repeats must be >= 1 and --warmup >= 0")
+    cmd = command_line(args)
+    print(f"command: {cmd}", flush=True)
+    results, env = run_kv_benchmark(args, lambda msg: print(f"bench: {msg}", file=sys.stderr,
+                                                            flush=True))
+    print(f"device: {env['device_name']}, float32, torch threads {env['torch_threads']}, load "
+          f"average {env['load_average']} -> {env['load_average_end']}")
+    print(kv_table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [k for k in Result.__dataclass_fields__ if k != "times_ms"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in results:
+            w.writerow({k: getattr(r, k) for k in cols})
+    (out / "results.json").write_text(json.dumps(
+        {"command": cmd, "env": env, "results": [asdict(r) for r in results]}, indent=1))
+    (out / "results.md").write_text(f"`{cmd}`\n\n{kv_table(results)}\n")
+    print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'results.md'}")
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 

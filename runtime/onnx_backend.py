@@ -6,7 +6,13 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
 2. a batch of new rows (a ``BatchPlan``) runs only its L tokens, with each row's cached prefix
    assembled into the past (``[B, Hkv, P_max, D]``, right-padded, ``attention_mask`` 0 on the
    padding) and ``position_ids`` from the plan; ``logits_index`` asks the graph for the
-   vocabulary projection only at the positions a score (or the next token) needs;
+   vocabulary projection only at the positions a score (or the next token) needs. The graph
+   takes a dense past, one copy of the prefix per row, so (measured in bench/RESULTS.md, "Long
+   K/V prompts"): the past is written into buffers kept between batches (``_Past``: no fresh
+   allocation, and a row whose slot already holds its prompt's prefix is not copied again); a
+   single row reads its cache entry in place; and score rows whose prefix lengths differ are
+   split into graph calls by prefix length (``group_rows``) when that costs less than padding
+   the short ones to the longest prompt of the batch;
 3. generating rows form one decode state: per layer K/V ``[B, Hkv, S, D]`` with a mask
    ``[B, S]``. Rows with different past lengths share it (a row that joined later has mask-0
    gaps); each decode step appends one column; rows that leave are dropped and columns no
@@ -16,6 +22,7 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +54,70 @@ def _past_bytes(past) -> int:
     return sum(k.nbytes + v.nbytes for k, v in past)
 
 
+@dataclass
+class _Past:
+    """A dense past kept between batches: per layer (K, V) ``[B, Hkv, P, D]``, and per row what
+    its slot holds, ``(prompt digest, tokens)``; past a row's tokens the slot is zeros."""
+
+    arrays: list
+    held: list
+
+    @property
+    def nbytes(self) -> int:
+        return _past_bytes(self.arrays)
+
+
+# The cost of one graph call over B rows of L new tokens on a past of P positions, in units of
+# one request token through the layers (``call_cost``): a least-squares fit of the default
+# model's graph calls on CPU over B 1..8, L 1..32, P 0..2048 (bench/RESULTS.md, "Long K/V
+# prompts"; within 10 % of every measured call). It only decides how score rows are split into
+# calls (``group_rows``); every split gives the same log-probs.
+CALL_TOKENS = 32.0  # per call: every weight is read once whatever B and L are
+PAST_TOKENS = 0.008  # per row and past position: the graph's Concat into present, the mask
+ATTN_TOKENS = 0.0004  # per row, past position and new token: the two attention products
+MAX_PAST_BYTES = 1 << 30  # the most past one score call assembles (rows beyond go to another)
+
+
+def call_cost(B: int, L: int, P: int) -> float:
+    """Estimated cost of one graph call (request-token units, see ``CALL_TOKENS``)."""
+    return CALL_TOKENS + B * (L + P * (PAST_TOKENS + ATTN_TOKENS * L))
+
+
+def group_rows(prefix_lens: np.ndarray, q_lens: np.ndarray,
+               max_positions: int | None = None) -> list[np.ndarray]:
+    """Score rows split into graph calls: each call pads its rows to its own longest prefix
+    and request, so a short-prompt row need not pay for a 2,048-token one. Rows sorted by prefix
+    length are cut into contiguous runs of least total ``call_cost`` (dynamic programming,
+    O(B^2)); rows with one prefix length stay one call. ``max_positions``: at most that many
+    rows x past positions per call (the past's size), larger calls are cut into equal parts.
+    Returns row indices per call, ascending within each."""
+    B = len(prefix_lens)
+    groups = [np.arange(B)]
+    if B > 1 and prefix_lens.min() != prefix_lens.max():
+        order = np.lexsort((q_lens, prefix_lens))  # by prefix length, then request length
+        P, q = prefix_lens[order].tolist(), q_lens[order].tolist()
+        best, cut = [0.0] + [float("inf")] * B, [0] * (B + 1)
+        for j in range(1, B + 1):  # best[j]: the cheapest split of the first j sorted rows
+            L = 0
+            for i in range(j - 1, -1, -1):  # the last call holds sorted rows i..j-1
+                L = max(L, q[i])
+                c = best[i] + call_cost(j - i, L, P[j - 1])
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        groups, j = [], B
+        while j:
+            groups.append(np.sort(order[cut[j]: j]))
+            j = cut[j]
+        groups = groups[::-1]
+    if max_positions:
+        parts = []
+        for g in groups:
+            per = max(1, max_positions // max(1, int(prefix_lens[g].max())))  # rows per call
+            parts += np.array_split(g, -(-len(g) // per))
+        groups = parts
+    return groups
+
+
 class OnnxBackend(StepperBackend):
     name = "onnx"
 
@@ -66,7 +137,8 @@ class OnnxBackend(StepperBackend):
             vocab_size=b.vocab_size))
         empty = [k[0] for k, _ in b.empty_past(1)]  # N x [Hkv, 0, D]
         self._empty = PrefixEntry(empty, empty, np.zeros(0, np.float32))  # P = 0 rows
-        self._last_past = (None, None)  # (row prompt digests, per-layer past) of the last batch
+        self._pasts: OrderedDict[tuple, _Past] = OrderedDict()  # (B, P) -> past kept for reuse
+        self.max_pasts = 4
         self.tokens_computed = 0
         self.batches = 0
 
@@ -101,21 +173,21 @@ class OnnxBackend(StepperBackend):
 
     def prepare(self, prompt) -> None:
         self.entry(prompt)
-        last = self._last_past[1]  # the kept past must still fit beside the grown cache
-        if last and not self._fits(last):
-            self._last_past = (None, None)
+        self._trim_pasts()  # the kept pasts must still fit beside the grown cache
 
-    def _fits(self, past) -> bool:
-        """Whether an assembled past may be kept: cache + past within the cache budget."""
-        return self.cache.bytes + _past_bytes(past) <= self.cache.max_bytes
+    def _trim_pasts(self) -> None:
+        """Keep at most ``max_pasts`` pasts, and only while cache + pasts fit the cache budget
+        (least recently used first out)."""
+        while self._pasts and (len(self._pasts) > self.max_pasts or self.cache.bytes + sum(
+                p.nbytes for p in self._pasts.values()) > self.cache.max_bytes):
+            self._pasts.popitem(last=False)
 
     def forget(self, prompt) -> None:
         self.cache.invalidate(prompt.digest)
-        self._last_past = (None, None)
+        self._pasts.clear()
 
     def stats(self) -> BackendStats:
-        last = self._last_past[1]
-        stacks = _past_bytes(last) if last else 0
+        stacks = sum(p.nbytes for p in self._pasts.values())
         decode = self._state.nbytes if self._state is not None else 0
         return BackendStats(self.cache.stats(), stack_bytes=stacks, decode_bytes=decode,
                             tokens_computed=self.tokens_computed, batches=self.batches)
@@ -124,42 +196,76 @@ class OnnxBackend(StepperBackend):
         return self.cache.save(path)
 
     def load_cache(self, path) -> int:
-        self._last_past = (None, None)
+        self._pasts.clear()
         return self.cache.load(path)
 
     # ------------------------------------------------------------------------------ batch
-    def _run_plan(self, plan: BatchPlan, index: np.ndarray):
-        """The graph over the plan's new tokens on top of their prefixes: (logits ``[B, K, V]``
-        at ``index [B, K]``, presents per layer ``[B, Hkv, P_max + L_max, D]``, mask, entries)."""
+    def _past(self, rows: list, digests: list, p_max: int) -> list:
+        """The dense past ``[B, Hkv, p_max, D]`` per layer of rows whose prefixes are ``rows``
+        (PrefixEntries; ``digests``: their prompts', None for no prompt), right-padded with zeros.
+
+        One row reads its entry in place (no copy). Otherwise the past is written into a
+        buffer of that shape kept from an earlier batch (``_pasts``, within the cache budget),
+        where only the rows whose slot holds another prefix are copied: batch scoring sends
+        the same prompts again and again, often in the same slots."""
         b = self.bundle
-        entries = [self.entry(p) for p in plan.prompts] + [self._empty]  # the empty slot last
-        rows = [entries[i] for i in plan.prompt_idx]
-        B, L = plan.B, plan.L_max
-        p_max = max(e.num_tokens for e in rows)
-        # ORT takes a dense past, one copy of the prefix per row; batch scoring sends the
-        # same prompts in the same order again and again, so the last one is kept and reused.
-        key = (tuple(e.num_tokens for e in rows), tuple(
-            p.digest for p in plan.prompts), tuple(plan.prompt_idx.tolist()))
-        if self._last_past[0] == key:
-            past = self._last_past[1]
-        else:
-            past = []
-            for layer in range(b.num_layers):
-                k = np.zeros((B, b.num_kv_heads, p_max, b.head_dim), b.np_dtype)
-                v = np.zeros_like(k)
-                for i, e in enumerate(rows):
-                    k[i, :, : e.num_tokens] = e.keys[layer]
-                    v[i, :, : e.num_tokens] = e.values[layer]
-                past.append((k, v))
-            self._last_past = (key, past) if self._fits(past) else (None, None)
+        B = len(rows)
+        self._trim_pasts()  # the cache may have grown since the last batch
+        if p_max == 0:
+            return b.empty_past(B)
+        if B == 1:
+            e = rows[0]
+            return [(k[None], v[None]) for k, v in zip(e.keys, e.values)]
+        shape = (B, b.num_kv_heads, p_max, b.head_dim)
+        kept = self._pasts.pop((B, p_max), None)
+        if kept is None:
+            kept = _Past([(np.zeros(shape, b.np_dtype), np.zeros(shape, b.np_dtype))
+                          for _ in range(b.num_layers)], [(None, 0)] * B)
+        for i, (e, d) in enumerate(zip(rows, digests)):
+            n, (was, m) = e.num_tokens, kept.held[i]
+            if (was, m) == (d, n):
+                continue
+            for layer, (k, v) in enumerate(kept.arrays):
+                k[i, :, :n] = e.keys[layer]
+                v[i, :, :n] = e.values[layer]
+                if m > n:  # what the longer prefix left behind goes back to zeros
+                    k[i, :, n:m] = 0
+                    v[i, :, n:m] = 0
+            kept.held[i] = (d, n)
+        self._pasts[(B, p_max)] = kept
+        self._trim_pasts()  # the newest too, when it does not fit: it served this batch only
+        return kept.arrays
+
+    def _entries(self, plan: BatchPlan) -> list:
+        """The PrefixEntry of each of ``plan.prompts``, then the empty one (rows without a prompt)."""
+        return [self.entry(p) for p in plan.prompts] + [self._empty]
+
+    def _run_plan(self, plan: BatchPlan, index: np.ndarray, rows: np.ndarray | None = None,
+                  entries: list | None = None):
+        """The graph over the new tokens of the plan's ``rows`` (default: all, in order) on top
+        of their prefixes: (logits ``[R, K, V]`` at ``index [R, K]``, presents per layer
+        ``[R, Hkv, P_max + L, D]``, mask, ``entries``: those of ``_entries(plan)``, looked up
+        when not given); P_max and L are those of these rows."""
+        b = self.bundle
+        entries = self._entries(plan) if entries is None else entries
+        sel = np.arange(plan.B) if rows is None else np.asarray(rows)
+        idx = plan.prompt_idx[sel]
+        row_entries = [entries[i] for i in idx]
+        digests = [plan.prompts[i].digest if i < len(plan.prompts) else None for i in idx]
+        q_lens = plan.q_lens[sel]
+        B, L = len(sel), int(q_lens.max())
+        p_max = max(e.num_tokens for e in row_entries)
+        past = self._past(row_entries, digests, p_max)
         mask = np.zeros((B, p_max + L), np.int64)
-        for i, e in enumerate(rows):
+        for i, e in enumerate(row_entries):
             mask[i, : e.num_tokens] = 1
-        mask[:, p_max:] = np.arange(L)[None] < plan.q_lens[:, None]
-        emb = b.embeddings[plan.ids].astype(b.np_dtype, copy=False)  # [B, L, E]
-        self.tokens_computed += plan.tokens
+        mask[:, p_max:] = np.arange(L)[None] < q_lens[:, None]
+        ids = plan.ids[sel, :L]
+        emb = np.ascontiguousarray(b.embeddings[ids], b.np_dtype)  # [B, L, E]
+        positions = np.ascontiguousarray(plan.positions[sel, :L])
+        self.tokens_computed += int(q_lens.sum())
         self.batches += 1
-        logits, presents = b.run(emb, mask, plan.positions, past, index)
+        logits, presents = b.run(emb, mask, positions, past, index)
         return logits, presents, mask, entries
 
     def score(self, plan: BatchPlan) -> list:
@@ -169,7 +275,16 @@ class OnnxBackend(StepperBackend):
         K = max(1, max(len(c) for c in per_row))
         index = np.array([np.pad(c, (0, K - len(c)), mode="edge") if len(c) else np.zeros(K, int)
                           for c in per_row], np.int64)
-        logits, _, _, entries = self._run_plan(plan, index)  # [B, K, V]
+        entries = self._entries(plan)
+        b = self.bundle
+        per_position = 2 * b.num_layers * b.num_kv_heads * b.head_dim * b.np_dtype.itemsize
+        groups = group_rows(plan.prefix_lens, plan.q_lens, MAX_PAST_BYTES // per_position)
+        if len(groups) == 1:
+            logits = self._run_plan(plan, index, entries=entries)[0]  # [B, K, V]
+        else:  # one graph call per group of prefix lengths, logits back in row order
+            logits = np.empty((plan.B, K, self.vocab_size), np.float32)
+            for rows in groups:
+                logits[rows] = self._run_plan(plan, index[rows], rows, entries)[0]
         # the k-th own target of row r sits at index[r, k]: its order in the plan's targets
         slot = np.concatenate([np.arange(len(c)) for c in per_row]).astype(np.int64)
         sel = logits[plan.target_rows, slot].astype(np.float64)  # [T, V]

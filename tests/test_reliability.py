@@ -78,7 +78,7 @@ def test_bad_requests_fail_alone_in_a_batch(rt, alone, bad, at):
     ({"prompt": "a", "context": [5, True]}, "context token ids must be integers, got bool True"),
     ({"prompt": "a", "context": b"ab"}, "context must be a string or a list of token ids, got bytes"),
     ({"prompt": "a", "context": "x\udc80"}, "context is not valid Unicode text"),
-    ({"prompt": ["a"], "context": [5]}, "prompt must be a prompt name .a string. or None, got list"),
+    ({"prompt": ["a"], "context": [5]}, r"prompt must be a name, a prompt or a \[P, E\] array, got list"),
     ({"prompt": "a", "context": [5], "continuation": [96]}, "outside the model's vocabulary"),
 ])
 def test_coercions_are_refused(rt, request_, message):
@@ -93,7 +93,7 @@ def test_failed_replacement_leaves_the_registry_as_it_was(tiny_bundles):
     rt.add_prompt("b", SoftPrompt.random(11, E, seed=2))
     want = rt.score(GOOD)
     old = rt.prompts["a"]
-    with pytest.raises(SoftPromptError, match="soft prompt 'a': one prompt's prefix needs"):
+    with pytest.raises(SoftPromptError, match="prompt 'a': one prompt's prefix needs"):
         rt.add_prompt("a", SoftPrompt.random(500, E, seed=3))  # larger than the whole budget
     assert rt.prompts["a"] is old
     got = rt.score(GOOD)  # a batch with the old prompt and the others still works
