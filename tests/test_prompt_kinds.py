@@ -301,3 +301,34 @@ def test_saved_cache_keeps_kv_and_composed_prefixes(backend, adapters, tiny_dirs
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=TOL)
     rt.close()
     fresh.close()
+
+
+@pytest.mark.parametrize("family", ("llama", "gpt2"))
+def test_kv_and_composed_prompts_through_the_triton_kernels(family, tiny_dirs):
+    """The CUDA path's wiring under TRITON_INTERPRET=1: K/V prompts, text after K/V and text
+    before an embedding prompt (computed through the kernels over the prefix so far), mixed with
+    embedding prompts and none: scores and greedy tokens equal the reference's alone."""
+    from softprompt import KVPrompt
+
+    ref = Runtime.load(str(tiny_dirs[family]), backend="reference")
+    rt = Runtime.load(str(tiny_dirs[family]), backend="torch")
+    rt.backend.triton = True
+    info, rng = ref.info, np.random.default_rng(5)
+    shape = (info.num_layers, info.num_kv_heads, 37, info.head_dim)
+    kv = KVPrompt(*(rng.standard_normal(shape).astype(np.float32) * 0.5 for _ in range(2)))
+    p20 = SoftPrompt.random(20, info.hidden_size, seed=2)
+    for r in (ref, rt):
+        for name, src in {"kv": kv, "kv-text": [kv, "the movie was great ."],
+                          "text-emb": ["hello world", p20], "p20": p20}.items():
+            r.add_prompt(name, src)
+    names = ["kv", "kv-text", "text-emb", "p20", None]
+    reqs = [{"prompt": names[i % 5], "context": rng.integers(4, 96, 2 + (i * 5) % 40).tolist()}
+            for i in range(15)]
+    for got, req in zip(rt.score(reqs), reqs):
+        np.testing.assert_allclose(got.token_logprobs, ref.score([req])[0].token_logprobs,
+                                   atol=TOL, rtol=0)
+    ctx, prompts = [r["context"][:6] for r in reqs[:10]], [r["prompt"] for r in reqs[:10]]
+    for p, c, g in zip(prompts, ctx, rt.generate(prompts, ctx, max_new_tokens=5, stop_at_eos=False)):
+        assert g.token_ids == ref.generate(p, [c], max_new_tokens=5, stop_at_eos=False)[0].token_ids
+    rt.close()
+    ref.close()
