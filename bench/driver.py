@@ -317,7 +317,11 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[Result], env: dict, cmd: str, out: Path) -> list[Path]:
+def write_outputs(results: list[Result], env: dict, cmd: str, out: Path, render=None,
+                  plots: bool = True) -> list[Path]:
+    """results.csv/.json/.md (the table by ``render``, default ``table``) and, with ``plots``,
+    the sweep's plots into ``out``."""
+    render = render or table
     out.mkdir(parents=True, exist_ok=True)
     cols = [k for k in Result.__dataclass_fields__ if k != "times_ms"]
     with open(out / "results.csv", "w", newline="") as f:
@@ -327,8 +331,9 @@ def write_outputs(results: list[Result], env: dict, cmd: str, out: Path) -> list
             w.writerow({k: getattr(r, k) for k in cols})
     (out / "results.json").write_text(json.dumps(
         {"command": cmd, "env": env, "results": [asdict(r) for r in results]}, indent=1))
-    (out / "results.md").write_text(f"`{cmd}`\n\n{table(results)}\n")
-    return [out / "results.csv", out / "results.json", out / "results.md", *plot(results, env, out)]
+    (out / "results.md").write_text(f"`{cmd}`\n\n{render(results)}\n")
+    return [out / "results.csv", out / "results.json", out / "results.md",
+            *(plot(results, env, out) if plots else [])]
 
 
 
@@ -515,18 +520,8 @@ def run_kv(args) -> int:
     print(f"device: {env['device_name']}, float32, torch threads {env['torch_threads']}, load "
           f"average {env['load_average']} -> {env['load_average_end']}")
     print(kv_table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cols = [k for k in Result.__dataclass_fields__ if k != "times_ms"]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in results:
-            w.writerow({k: getattr(r, k) for k in cols})
-    (out / "results.json").write_text(json.dumps(
-        {"command": cmd, "env": env, "results": [asdict(r) for r in results]}, indent=1))
-    (out / "results.md").write_text(f"`{cmd}`\n\n{kv_table(results)}\n")
-    print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'results.md'}")
+    written = write_outputs(results, env, cmd, Path(args.out), render=kv_table, plots=False)
+    print(f"wrote {', '.join(map(str, written))}")
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 
