@@ -40,7 +40,6 @@ from .chat import as_conversations, chat_ids
 from .engine import Engine, EngineClosed
 from .factory import build
 from .generation import Generation, StreamChunk
-from .adapters import load_adapter
 from .prompt_kinds import as_prompt, check_prompt, compose
 from .prompts import DEFAULT_MAX_VIRTUAL_TOKENS, Prompt, SoftPrompt, SoftPromptError
 from .registry import PromptRegistry
@@ -177,11 +176,9 @@ class Runtime:
                 return SoftPrompt.load(p, allow_pickle=allow_pickle) if isinstance(p, PathLike) \
                     else as_prompt(p)
             return {name: compose(source, self.tokenizer, name, resolve=part)}
-        if isinstance(source, (str, PathLike)) and Path(source).is_dir():
-            loaded = load_adapter(Path(source), name, allow_pickle=allow_pickle)
-            multitask = loaded[0].kind == "multitask_prompt_tuning"
-            return {p.name: p for p in loaded} if multitask else {name: loaded[0]}
-        return {name: SoftPrompt.load(source, name=name, allow_pickle=allow_pickle)}
+        loaded = SoftPrompt.load_all(source, name=name, allow_pickle=allow_pickle)
+        every_task = loaded[0].kind == "multitask_prompt_tuning" and not isinstance(source, SoftPrompt)
+        return {p.name: p for p in loaded} if every_task else {name: loaded[0]}
 
     def remove_prompt(self, name: str) -> None:
         """Unregister ``name``; its cached prefix goes once no accepted request needs it."""

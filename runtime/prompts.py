@@ -219,13 +219,27 @@ class SoftPrompt:
         of MULTITASK_PROMPT_TUNING (``task``), a ``KVPrompt`` for PREFIX_TUNING and CARTRIDGE),
         a ``.safetensors``, ``.npy`` or (opt-in) ``.bin``/``.pt`` ``[P, E]`` file, or a hub id
         ``owner/name[@revision]`` that is not a local path (a PEFT adapter fetched through
-        huggingface_hub's cache, see ``softprompt.models.hub``)."""
+        huggingface_hub's cache, see ``softprompt.models.hub``). A multitask adapter needs
+        ``task`` here; ``load_all`` (and ``Runtime.add_prompt``) take every task."""
+        prompts = cls.load_all(source, name, allow_pickle, task)
+        if len(prompts) != 1:
+            raise SoftPromptError(f"{source} holds a MULTITASK_PROMPT_TUNING adapter of "
+                                  f"{len(prompts)} tasks; pass task=0..{len(prompts) - 1}, or add it "
+                                  "to a runtime, which registers NAME/0 .. NAME/T-1")
+        return prompts[0]
+
+    @classmethod
+    def load_all(cls, source, name: str | None = None, allow_pickle: bool = False,
+                 task: int | None = None) -> list["Prompt"]:
+        """Every prompt ``source`` holds (as ``load``): one, or one per task of a multitask
+        adapter, named ``name/0`` .. ``name/<T-1>``."""
+        from .adapters import load_adapter
         from .prompt_kinds import ComposedPrompt, KVPrompt
 
         if isinstance(source, (SoftPrompt, KVPrompt, ComposedPrompt)):
-            return source
+            return [source]
         if isinstance(source, np.ndarray) or hasattr(source, "detach"):
-            return cls(source, name=name or "prompt", init="tensor")
+            return [cls(source, name=name or "prompt", init="tensor")]
         path = Path(source)
         if hub.is_hub_id(source):
             name = name or hub.parse(source)[0].rpartition("/")[2]
@@ -233,20 +247,20 @@ class SoftPrompt:
                 hub.ADAPTER_FILES + ["adapter_model.bin"] * allow_pickle))
         name = name or path.stem
         if path.is_dir():
-            return cls.from_peft(path, name=name, allow_pickle=allow_pickle, task=task)
+            return load_adapter(path, name, allow_pickle=allow_pickle, task=task)
         if not path.is_file():
             raise SoftPromptError(f"soft prompt source not found: {path}")
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             tensors, meta = _read_safetensors(path)
-            return _checked(cls(_pick_tensor(tensors, path), name=name, init="file",
-                                base_fingerprint=meta.get("base_fingerprint"),
-                                base_model=meta.get("base_model")), path)
+            return [_checked(cls(_pick_tensor(tensors, path), name=name, init="file",
+                                 base_fingerprint=meta.get("base_fingerprint"),
+                                 base_model=meta.get("base_model")), path)]
         if suffix == ".npy":
-            return _checked(cls(_read_npy(path), name=name, init="file"), path)
+            return [_checked(cls(_read_npy(path), name=name, init="file"), path)]
         if suffix in (".bin", ".pt", ".pth"):
-            return _checked(cls(_pick_tensor(_torch_load(path, allow_pickle), path), name=name,
-                                init="file"), path)
+            return [_checked(cls(_pick_tensor(_torch_load(path, allow_pickle), path), name=name,
+                                 init="file"), path)]
         raise SoftPromptError(f"unsupported soft prompt file {path.name}; expected a PEFT adapter "
                               "directory, .safetensors, .npy, or .bin/.pt with allow_pickle=True")
 
@@ -255,15 +269,8 @@ class SoftPrompt:
                   task: int | None = None) -> "Prompt":
         """A PEFT prompt-learning adapter directory of any served type (``adapters.load_adapter``);
         a multitask adapter needs ``task`` (or ``Runtime.add_prompt``, which registers every task)."""
-        from .adapters import load_adapter
-
         path = Path(path)
-        prompts = load_adapter(path, name or path.name, allow_pickle=allow_pickle, task=task)
-        if len(prompts) != 1:
-            raise SoftPromptError(f"{path} holds a MULTITASK_PROMPT_TUNING adapter of "
-                                  f"{len(prompts)} tasks; pass task=0..{len(prompts) - 1}, or add it "
-                                  "to a runtime, which registers NAME/0 .. NAME/T-1")
-        return prompts[0]
+        return cls.load(path, name or path.name, allow_pickle, task)
 
     @classmethod
     def from_text(cls, text: str, model, num_virtual_tokens: int, name: str = "prompt",

@@ -117,6 +117,9 @@ def test_hub_ids_and_save_peft_round_trip(adapters, tiny_dirs, tmp_path, monkeyp
             np.testing.assert_allclose(again, want, atol=1e-6, rtol=0, err_msg=name)
             got = rt.score([{"prompt": f"hub-{name}", "context": CTX}])[0]
             np.testing.assert_allclose(got.token_logprobs, want, atol=TOL, rtol=0, err_msg=name)
+    tasks = rt.add_prompt("mt", "someone/multitask")  # a hub id registers every task too
+    assert [p.name for p in tasks] == ["mt/0", "mt/1", "mt/2"]
+    assert rt.prompts["mt/1"].digest == rt.prompts["hub-multitask/1"].digest
     rt.close()
 
 
