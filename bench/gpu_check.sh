@@ -23,7 +23,7 @@ OUT="${OUT:-$(mktemp -d)}"
 export OUT
 mkdir -p "$OUT"
 
-# `import softprompt.<part>` must resolve to this checkout's folders (runtime/, kernels/, models/,
+# `import softprompt.<part>` must resolve to this checkout's folders (runtime/, prefix_kernels/, models/,
 # export/, bench/), which pyproject.toml maps on install. tests/ holds tolerances.py and tiny.py.
 export PYTHONPATH="$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
 from_checkout() {  # softprompt.kernels and softprompt.models import from this checkout
@@ -83,7 +83,7 @@ print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {tor
       f"triton {tv}  device: {dev}")
 print(f"softprompt.kernels from {k.__path__[0]}")
 EOF
-) || echo "import softprompt.kernels failed (see above); gpu_kernels.py falls back to loading kernels/ by path"
+) || echo "import softprompt.kernels failed (see above): install the checkout (pip install --no-deps -e .)"
 
 status=0
 echo "=== CUDA tests: pytest -m cuda tests/test_cuda.py (skipped, with the reason, without a GPU)"

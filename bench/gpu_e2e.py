@@ -84,7 +84,7 @@ SMOKE_CHECKS = ((1, 3, 5), (4, 10, 8))
 
 def _import_softprompt():
     """Import the installed ``softprompt``. A checkout is used installed: ``pip install --no-deps
-    -e .`` maps its runtime/, kernels/, models/, export/, bench/ folders to the subpackages
+    -e .`` maps its runtime/, prefix_kernels/, models/, export/, bench/ folders to the subpackages
     (bench/gpu_check.sh does it first)."""
     try:
         importlib.import_module("softprompt.runtime.api")

@@ -14,12 +14,12 @@
    mask (full over the prefix, causal over own tokens), both with enable_gqa (K/V at Hkv heads)
    and with K/V heads repeated to H. Median of CUDA-event times after warm-up; achieved bandwidth
    against the bytes floor (formula in `bytes_floor`).
-3. Dispatch, the measurement that sets `use_cascade` (kernels/cascade.py): the points where the
+3. Dispatch, the measurement that sets `use_cascade` (prefix_kernels/cascade.py): the points where the
    cascade beats the fused kernel; for each rule (none, which the default path follows until a
    rule is measured; the untimed candidate ``CANDIDATE_RULE``; and the best ``CascadeRule`` over
    a small grid of thresholds fitted to these timings) how often it picks the faster kernel and
    the ms it loses against always picking the faster one. The fitted rule is printed as the line
-   to put into kernels/cascade.py (``MEASURED_RULE``) when it loses less than "none".
+   to put into prefix_kernels/cascade.py (``MEASURED_RULE``) when it loses less than "none".
 
 Speedup columns name what they divide: "kernel vs SDPA" is the faster SDPA's ms / the kernel's ms.
 
@@ -306,7 +306,7 @@ def fit_rule(rows):
 
 def dispatch_summary(rows, device: str = "cuda") -> dict:
     """Where the cascade beats the fused kernel, and what each rule for use_cascade would cost:
-    the measurement that sets MEASURED_RULE in kernels/cascade.py."""
+    the measurement that sets MEASURED_RULE in prefix_kernels/cascade.py."""
     from softprompt.kernels.cascade import CANDIDATE_RULE, MEASURED_RULE
 
     wins = [(r["B"], r["N"], r["P"], r["L"]) for r in rows if r["cascade_ms"] < r["kernel_ms"]]
@@ -321,7 +321,7 @@ def dispatch_summary(rows, device: str = "cuda") -> dict:
     if device != "cuda":
         lines.append("  CPU smoke: interpreter timings set nothing (run this on a GPU)")
     elif costs["fitted to these timings"][1] < costs["none (always fused)"][1]:
-        lines.append(f"  measured: set MEASURED_RULE = {fitted!r} in kernels/cascade.py (these shapes, "
+        lines.append(f"  measured: set MEASURED_RULE = {fitted!r} in prefix_kernels/cascade.py (these shapes, "
                      "this GPU; re-measure on others)")
     else:
         lines.append("  measured: no rule beats always fused on this grid; keep MEASURED_RULE = None")
