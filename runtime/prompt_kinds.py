@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .prompts import (KV, Embeds, Prompt, Segment, SoftPrompt, SoftPromptError, TokenIds,
-                      DEFAULT_MAX_VIRTUAL_TOKENS)
+                      DEFAULT_MAX_VIRTUAL_TOKENS, check_rows)
 
 if TYPE_CHECKING:
     from .requests import ModelInfo, Tokenizer
@@ -241,17 +241,9 @@ def check_prompt(prompt: Prompt, model: ModelInfo,
     maximum and the model's positions, finite values, the model's hidden size for embeddings,
     its layers / K/V heads / head size for K/V, its vocabulary for text."""
     name, P = prompt.name, prompt.num_virtual_tokens
-    if isinstance(prompt, SoftPrompt):  # its own messages (which virtual tokens are bad)
-        prompt.validate(model.hidden_size, max_virtual_tokens)
     for seg in prompt.segments():
         if isinstance(seg, Embeds):
-            if seg.rows.shape[1] != model.hidden_size:
-                raise SoftPromptError(f"soft prompt {name!r} has hidden size {seg.rows.shape[1]} "
-                                      f"but the model's hidden size is {model.hidden_size}")
-            if seg.rows.shape[0] == 0:
-                raise SoftPromptError(f"soft prompt {name!r} has 0 virtual tokens; expected P >= 1")
-            if not np.isfinite(seg.rows).all():
-                raise SoftPromptError(f"soft prompt {name!r} contains NaN/Inf values")
+            check_rows(name, seg.rows, model.hidden_size)
         elif isinstance(seg, KV):
             want = (model.num_layers, model.num_kv_heads, model.head_dim)
             N, H, n, D = seg.keys.shape
@@ -268,7 +260,8 @@ def check_prompt(prompt: Prompt, model: ModelInfo,
                 raise SoftPromptError(f"prompt {name!r}: text ids outside the vocabulary "
                                       f"[0, {model.vocab_size}): {bad[:5]}")
     if P > max_virtual_tokens:
-        raise SoftPromptError(f"prompt {name!r} has {P} virtual tokens, above the maximum of "
+        what = "soft prompt" if isinstance(prompt, SoftPrompt) else "prompt"
+        raise SoftPromptError(f"{what} {name!r} has {P} virtual tokens, above the maximum of "
                               f"{max_virtual_tokens} (max_virtual_tokens)")
     if P >= model.max_positions:
         raise SoftPromptError(f"prompt {name!r} has {P} virtual tokens but the model has only "

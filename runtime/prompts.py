@@ -77,6 +77,21 @@ class KV:
 Segment = Union[Embeds, TokenIds, KV]
 
 
+def check_rows(name: str, rows: np.ndarray, hidden_size: int | None = None) -> None:
+    """Raise SoftPromptError unless ``rows`` ``[P, E]`` has P >= 1, E = ``hidden_size`` (when
+    given) and only finite values (the message names the first bad virtual tokens)."""
+    if rows.shape[0] == 0:
+        raise SoftPromptError(f"soft prompt {name!r} has 0 virtual tokens; expected P >= 1")
+    if hidden_size is not None and rows.shape[1] != hidden_size:
+        raise SoftPromptError(f"soft prompt {name!r} has hidden size {rows.shape[1]} "
+                              f"but the model's hidden size is {hidden_size}")
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        bad_rows = np.flatnonzero(bad.any(axis=1)).tolist()
+        raise SoftPromptError(f"soft prompt {name!r} contains NaN/Inf values (virtual tokens "
+                              f"{bad_rows[:5]}{'...' if len(bad_rows) > 5 else ''})")
+
+
 class Prompt(Protocol):
     """What the runtime needs of a prompt of any kind.
 
@@ -179,19 +194,10 @@ class SoftPrompt:
                  max_virtual_tokens: int = DEFAULT_MAX_VIRTUAL_TOKENS) -> "SoftPrompt":
         """Raise SoftPromptError on P = 0, P above the maximum, NaN/Inf or a hidden-size mismatch."""
         p = self.num_virtual_tokens
-        if p == 0:
-            raise SoftPromptError(f"soft prompt {self.name!r} has 0 virtual tokens; expected P >= 1")
         if p > max_virtual_tokens:
             raise SoftPromptError(f"soft prompt {self.name!r} has {p} virtual tokens, above the "
                                   f"maximum of {max_virtual_tokens} (max_virtual_tokens)")
-        if hidden_size is not None and self.hidden_size != hidden_size:
-            raise SoftPromptError(f"soft prompt {self.name!r} has hidden size {self.hidden_size} "
-                                  f"but the model's hidden size is {hidden_size}")
-        bad = ~np.isfinite(self.embeddings)
-        if bad.any():
-            rows = np.flatnonzero(bad.any(axis=1)).tolist()
-            raise SoftPromptError(f"soft prompt {self.name!r} contains NaN/Inf values "
-                                  f"(virtual tokens {rows[:5]}{'...' if len(rows) > 5 else ''})")
+        check_rows(self.name, self.embeddings, hidden_size)
         return self
 
     def check_base_model(self, fingerprint: str | None, model_name: str | None,
