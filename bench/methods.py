@@ -20,20 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.tolerances import ONNX, SCORE
+from softprompt.tolerances import ONNX, SCORE, SCORE_CPU_BF16
 
 ALL_BACKENDS = ("peft", "reference", "copied", "torch", "onnx", "onnx-int4")
 BASELINE = "peft"  # every speedup column is over this backend
 
 
-def tolerance(backend: str, dtype: str) -> float:
+def tolerance(backend: str, dtype: str, device: str = "cpu") -> float:
     """Max |log-prob - float32 reference| allowed for ``backend`` computing in ``dtype``: SCORE's
-    atol for the dtype; for ``onnx`` the larger of it and ONNX's (the graph against PyTorch);
-    for ``onnx-int4`` the 4-bit bundle's score tolerance ``INT4_SCORE_ATOL``."""
+    atol for the dtype (bfloat16 on a CPU: SCORE_CPU_BF16's max); for ``onnx`` the larger of it
+    and ONNX's (the graph against PyTorch); for ``onnx-int4`` the 4-bit bundle's score
+    tolerance ``INT4_SCORE_ATOL``."""
     if backend == "onnx-int4":
         from softprompt.export.quantize import INT4_SCORE_ATOL
 
         return INT4_SCORE_ATOL
+    if dtype == "bfloat16" and not device.startswith("cuda"):
+        return SCORE_CPU_BF16["float32"]["max"]
     tol = SCORE[dtype]["atol"] if dtype in SCORE else 1e-1
     if backend == "onnx":
         tol = max(tol, ONNX[dtype]["atol"] if dtype in ONNX else 5e-2)
@@ -233,7 +236,9 @@ def load_methods(names, model: str, device: str, dtype: str, max_batch: int,
                 kw = dict(max_batch=max_batch, max_batch_tokens=max_batch_tokens)
                 if name == "onnx":
                     rt = Runtime.load(model, backend="onnx", bundle_dir=bundle_dir,
-                                      dtype=dtype if dtype in ("float32", "float16") else "float32",
+                                      # bfloat16: under OpenVINO on CPU, a float32 graph on CUDA
+                                      dtype="float32" if dtype == "bfloat16" and device.startswith("cuda")
+                                      else dtype,
                                       providers=["CUDAExecutionProvider"] if device.startswith("cuda")
                                       else None, **kw)
                 else:

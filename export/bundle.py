@@ -16,7 +16,10 @@ A bundle is a directory:
   into a float32 weight when the session is created.
 - tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...).
 - ``bundle.json``: dimensions, dtype, opset, input/output names, source fingerprint, eos/bos
-  ids, library versions, ``files`` {name: {size, sha256}}, validation figures.
+  ids, library versions, ``files`` {name: {size, sha256}}, validation figures (with
+  ``validation.bfloat16``: the graph under OpenVINO in bfloat16 against PyTorch in float32, mean
+  and max |delta| of top-1 log-probs per use and the CPU measured on, where OpenVINO and the
+  CPU's bfloat16 units were present at export).
 
 Loading trusts nothing it has not checked: ``bundle.json`` is type-checked (one-line
 ``BundleError`` naming the key), every listed file must match its size and sha256 — the
@@ -55,6 +58,7 @@ from tokenizers import Tokenizer
 from softprompt.models import read_json_object
 
 from .errors import BundleError
+from .ov_session import OpenVinoSession
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -326,7 +330,8 @@ class Bundle:
     """An exported model ready to run under ONNX Runtime.
 
     manifest: the parsed ``bundle.json``.
-    session: the ``onnxruntime.InferenceSession`` over ``model.onnx``.
+    session: the ``onnxruntime.InferenceSession`` over ``model.onnx``, or an
+        ``OpenVinoSession`` (``compute_dtype="bfloat16"`` on CPU, ``export/ov_session.py``).
     embeddings: ``[V, E]`` float32 table, read-only: memory-mapped ``embeddings.npy``, or a
         ``Q8Table`` (rows dequantised on indexing).
     tokenizer: a ``tokenizers.Tokenizer`` from ``tokenizer.json``.
@@ -334,7 +339,7 @@ class Bundle:
 
     path: Path
     manifest: dict
-    session: ort.InferenceSession
+    session: ort.InferenceSession | OpenVinoSession
     embeddings: np.ndarray | Q8Table
     tokenizer: Tokenizer | None
     input_names: list[str] = field(init=False)
@@ -352,6 +357,8 @@ class Bundle:
         self.fingerprint = m.get("fingerprint")
         self.model_type = m["model_type"]
         self.dtype = m["dtype"]
+        # the dtype the graph computes in: the manifest's, or bfloat16 under OpenVINO
+        self.compute_dtype = getattr(self.session, "dtype", None) or self.dtype
         self.np_dtype = np.dtype(NP_DTYPES[self.dtype])
         self.eos_token_ids = [int(i) for i in m.get("eos_token_ids") or []]
         self.bos_token_id = m.get("bos_token_id")
@@ -427,7 +434,8 @@ def _as(x, dtype):
 
 
 def load_bundle(path, providers=None, verify: str = "fast",
-                session_options: ort.SessionOptions | None = None) -> Bundle:
+                session_options: ort.SessionOptions | None = None,
+                compute_dtype: str | None = None) -> Bundle:
     """Open an exported bundle directory.
 
     Args:
@@ -439,6 +447,9 @@ def load_bundle(path, providers=None, verify: str = "fast",
             last passed, as recorded under ``$SOFTPROMPT_HOME/verified/``; ``"full"`` hashes
             every file every time.
         session_options: optional ``onnxruntime.SessionOptions`` (threads, logging).
+        compute_dtype: None (the bundle's own dtype, under onnxruntime) or ``"bfloat16"``: a
+            float32 bundle's graph under OpenVINO in bfloat16 on the CPU's matrix units
+            (``OpenVinoSession``; inputs and outputs stay float32).
 
     Raises:
         BundleError: a file missing or differing from ``bundle.json``, or a graph whose
@@ -457,10 +468,27 @@ def load_bundle(path, providers=None, verify: str = "fast",
     if manifest["input_names"] != input_names(n) or manifest["output_names"] != output_names(n):
         raise BundleError(f"{root / MANIFEST}: input/output names do not follow the "
                           f"{n}-layer contract")
+    if compute_dtype not in (None, manifest["dtype"], "bfloat16"):
+        raise BundleError(f"compute_dtype={compute_dtype!r} for a {manifest['dtype']} bundle; "
+                          "expected None or 'bfloat16'")
+    if compute_dtype == "bfloat16":
+        if manifest["dtype"] != "float32" or providers:
+            raise BundleError(f"{root}: bfloat16 runs a float32 bundle under OpenVINO on the CPU "
+                              f"(got a {manifest['dtype']} bundle, providers {providers})")
+        if (validation.get("bfloat16") or {}).get("passed") is False:
+            raise BundleError(f"{root / MANIFEST}: this graph failed its bfloat16 validation under "
+                              f"OpenVINO ({validation['bfloat16'].get('error')}); serve it in float32")
+        if manifest.get("quantization"):
+            raise BundleError(f"{root}: bfloat16 runs a float32 bundle's graph; this one has "
+                              f"{manifest['quantization']} weights")
     providers = providers or ["CPUExecutionProvider"]
+    session: ort.InferenceSession | OpenVinoSession
     try:
-        session = ort.InferenceSession(str(root / MODEL_FILE), sess_options=session_options,
+        session = OpenVinoSession(root / MODEL_FILE, "bfloat16") if compute_dtype == "bfloat16" \
+            else ort.InferenceSession(str(root / MODEL_FILE), sess_options=session_options,
                                        providers=providers)
+    except BundleError:
+        raise
     except Exception as e:  # onnxruntime raises its own exception types
         raise BundleError(f"{root / MODEL_FILE}: onnxruntime cannot load it "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

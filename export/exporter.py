@@ -39,7 +39,7 @@ from softprompt.models import (LoadedModel, ModelError, check_architecture, eos_
 from .bundle import (EMBEDDINGS_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, WEIGHTS_FILE,
                      file_entry, input_names, load_bundle, output_names, read_manifest)
 from .errors import ExportValidationError
-from .validate import ROUNDED_DRIFT_RATIO, expected_axes, validate_bundle
+from .validate import ROUNDED_DRIFT_RATIO, expected_axes, validate_bundle, validate_cpu_bf16
 from .wrapper import ExportWrapper, ModelSpec
 
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
@@ -141,6 +141,8 @@ def export(model, out_dir, dtype: str = "fp32", opset: int | None = None,
         if validate:
             bar.next()
             figures, error = _validate(reference, tmp)
+            if error is None and dtype_name == "float32":  # bfloat16 on this CPU, where it has it
+                figures["bfloat16"] = validate_cpu_bf16(reference, tmp)
             manifest["validation"] = figures
         if weights == "int4" and error is None:
             bar.next()

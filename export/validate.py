@@ -178,6 +178,8 @@ def validate_bundle(wrapper: ExportWrapper, bundle: Bundle, cases=VALIDATION_CAS
     if logprob_atol is not None:
         del worst["presents"]  # checked through the next use's log-probs
     figures.update({f"max_abs_{k}": float(f"{v:.3g}") for k, v in worst.items()})
+    if logprob_atol is not None:  # and the mean per use, in nats
+        figures.update({f"mean_abs_{use}": float(f"{d / n:.3g}") for use, (d, _, n) in drift.items() if n})
     if drift_ratio is not None:
         figures.update(metric="mean |ORT - PyTorch| of top-1 log-probs / the same of constant "
                               "logits, per use", atol=None, drift_ratio=drift_ratio)
@@ -190,6 +192,32 @@ def validate_bundle(wrapper: ExportWrapper, bundle: Bundle, cases=VALIDATION_CAS
                     f"{ratio:.2f} of what constant logits would ({null / max(n, 1):.3g}), above "
                     f"{drift_ratio:g}: the rounded graph is broken")
     return figures
+
+
+def validate_cpu_bf16(wrapper: ExportWrapper, root, seed: int = 0) -> dict | None:
+    """A float32 bundle's graph under OpenVINO in bfloat16 (``compute_dtype="bfloat16"``)
+    against PyTorch in float32 on VALIDATION_CASES: the log-prob figures of the rounded-graph
+    mode (each side carries its own past; mean and max |delta| of the top-1 log-probs per use,
+    and the ROUNDED_DRIFT_RATIO sanity bound), with the CPU they were measured on; ``passed``
+    False (and ``error``) when the bound fails. None where OpenVINO is not installed or the CPU
+    has no bfloat16 units (nothing measured)."""
+    from softprompt.machine import cpu_model
+
+    from .bundle import load_bundle
+    from .ov_session import cpu_has_bf16, openvino_available
+
+    if not openvino_available() or not cpu_has_bf16():
+        return None
+    bundle = load_bundle(root, compute_dtype="bfloat16")
+    try:
+        figures = validate_bundle(wrapper, bundle, seed=seed, drift_ratio=ROUNDED_DRIFT_RATIO)
+    except ExportValidationError as e:
+        figures = {"passed": False, "error": str(e)}
+    finally:
+        del bundle
+    if "metric" in figures:
+        figures["metric"] = figures["metric"].replace("ORT", "OpenVINO bfloat16")
+    return {**figures, "provider": "OpenVINO", "compute_dtype": "bfloat16", "cpu": cpu_model()}
 
 
 def _embed(bundle: Bundle, ids: np.ndarray) -> np.ndarray:

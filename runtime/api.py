@@ -100,9 +100,16 @@ class Runtime:
                 bundle is exported once into ``$SOFTPROMPT_HOME/bundles``), ``"torch"``
                 (transformers + cached prefix; Triton attention on CUDA), ``"reference"``
                 (PEFT semantics, prompt recomputed every call) or ``"auto"`` (torch on a CUDA
-                device, onnx on CPU).
+                device, onnx on CPU; for bfloat16 on CPU onnx under OpenVINO when installed,
+                else torch).
             device: torch device for the torch backends (default: cuda if available, else cpu).
-            dtype: ``float32`` (default on CPU), ``float16`` or ``bfloat16`` (default on CUDA).
+            dtype: ``float32`` (default on CPU: exact, equal to PEFT within 1e-4), ``float16``,
+                ``bfloat16`` (default on CUDA; on CPU the matrix units: backend onnx runs the
+                float32 bundle under OpenVINO in bfloat16, backend torch runs bfloat16
+                weights), or ``"auto"``: bfloat16 on CUDA and on a CPU with AMX-BF16, float32
+                on other CPUs (``runtime/factory.py``, ``auto_dtype``). bfloat16 moves
+                log-probs by a few hundredths of a nat (``softprompt/tolerances.py``,
+                ``SCORE_CPU_BF16``; measured in bench/RESULTS.md).
             max_batch_tokens: cap on B x L_max per forward; larger calls are split.
             max_batch: cap on rows per forward.
             prefix_cache_bytes: byte budget of the prefix cache (LRU beyond it).

@@ -51,18 +51,54 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def auto_dtype(device: str, flags: frozenset[str] | None = None) -> str:
+    """What ``dtype="auto"`` serves: bfloat16 on CUDA; on a CPU, bfloat16 where it has AMX-BF16
+    tiles (about 6x its float32 GEMM rate, bench/RESULTS.md), else float32. AVX-512 BF16 dot
+    products alone do not make the pick: ``dtype="bfloat16"`` uses them when asked.
+    ``flags``: the CPU's feature flags (default ``softprompt.machine.cpu_flags()``)."""
+    from softprompt.machine import cpu_flags
+
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "float32"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """``dtype`` checked, None made the device's default and ``auto`` resolved (``auto_dtype``)."""
+    if dtype is None:
+        return default_dtype(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+    return auto_dtype(device) if dtype == "auto" else dtype
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO (the bfloat16 CPU engine of the onnx backend) is installed."""
+    from softprompt.export.ov_session import openvino_available as available
+
+    return available()
+
+
 def is_bundle(model: object) -> bool:
     return isinstance(model, (str, Path)) and (Path(model) / "bundle.json").is_file()
 
 
-def resolve_backend(backend: str, model: object, device: str | None = None) -> str:
+def resolve_backend(backend: str, model: object, device: str | None = None,
+                    dtype: str | None = None) -> str:
     """``backend`` checked, with ``auto`` resolved: torch when the device (``device``, else the
-    default device) is CUDA, onnx on CPU (and for a bundle, which only onnx serves)."""
+    default device) is CUDA, onnx on CPU (and for a bundle, which only onnx serves); for
+    bfloat16 on CPU (``dtype``, resolved), onnx under OpenVINO when it is installed, else torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        on_cuda = str(device or default_device()).startswith("cuda")
-        return "torch" if on_cuda and not is_bundle(model) else "onnx"
+        if is_bundle(model):
+            return "onnx"
+        if str(device or default_device()).startswith("cuda"):
+            return "torch"
+        return "torch" if dtype == "bfloat16" and not openvino_available() else "onnx"
     return backend
 
 
@@ -71,7 +107,12 @@ def build(model: object, backend: str = "auto", *, device: str | None = None,
           providers: Sequence[str] | None = None, bundle_dir: str | Path | None = None,
           cuda_graphs: bool | None = None) -> Built:
     """The backend for ``model`` (arguments as ``Runtime.load`` documents them)."""
-    backend = resolve_backend(backend, model, device)
+    on_device = default_device() if device is None else device
+    asked = dtype
+    dtype = None if dtype is None else resolve_dtype(dtype, on_device)
+    if asked == "auto" and dtype == default_dtype(on_device):
+        dtype = None  # auto picked the default: served as the default is (the bundle pick)
+    backend = resolve_backend(backend, model, device, dtype)
     if cuda_graphs is not None and backend != "torch":
         raise ValueError(f"cuda_graphs applies to backend='torch' only, got backend={backend!r}")
     if backend == "onnx":
@@ -79,16 +120,25 @@ def build(model: object, backend: str = "auto", *, device: str | None = None,
 
         from .onnx_backend import OnnxBackend
 
-        path = Path(model) if is_bundle(model) else bundle_for(model, dtype=dtype,  # type: ignore[arg-type]
-                                                              out_dir=bundle_dir)
-        onnx = OnnxBackend(path, providers=providers, prefix_cache_bytes=prefix_cache_bytes)
+        # bfloat16 on CPU: the float32 graph, computed in bfloat16 by OpenVINO
+        cpu_bf16 = dtype == "bfloat16" and not providers
+        if cpu_bf16 and asked == "auto" and not openvino_available():
+            dtype, cpu_bf16 = None, False  # auto never fails for want of an optional engine
+        if is_bundle(model):
+            path = Path(model)  # type: ignore[arg-type]
+        elif cpu_bf16:
+            path = bundle_for(model, dtype="float32", out_dir=bundle_dir, weights="float")
+        else:
+            path = bundle_for(model, dtype=dtype, out_dir=bundle_dir)
+        onnx = OnnxBackend(path, providers=providers, prefix_cache_bytes=prefix_cache_bytes,
+                           compute_dtype="bfloat16" if cpu_bf16 else None)
         return Built(onnx, onnx.tokenizer, onnx.model_name)
     if is_bundle(model):
         raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "
                          "(the torch backends need the Hugging Face model)")
     from softprompt.models import display_name, load_model
 
-    device = default_device() if device is None else device
+    device = on_device
     dtype = default_dtype(device) if dtype is None else dtype
     lm = load_model(model, dtype=dtype, device=device)
     be: Backend

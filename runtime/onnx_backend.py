@@ -121,15 +121,16 @@ def group_rows(prefix_lens: np.ndarray, q_lens: np.ndarray,
 class OnnxBackend(StepperBackend):
     name = "onnx"
 
-    def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30):
+    def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30,
+                 compute_dtype: str | None = None):
         from softprompt.export.bundle import load_bundle
 
-        self.bundle = b = load_bundle(path, providers=providers)
+        self.bundle = b = load_bundle(path, providers=providers, compute_dtype=compute_dtype)
         self.hidden_size, self.vocab_size = b.hidden_size, b.vocab_size
         self.num_layers, self.num_kv_heads, self.head_dim = b.num_layers, b.num_kv_heads, b.head_dim
         self.max_positions = b.max_position_embeddings
         self.fingerprint = b.fingerprint
-        self.dtype_name = b.manifest["dtype"]
+        self.dtype_name = b.compute_dtype  # bfloat16 under OpenVINO: its prefixes differ
         self.model_name = display_name(b.manifest.get("model_name") or b.manifest.get("source"))
         self.tokenizer = Tokenizer.for_bundle(b)
         self.cache = PrefixCache(prefix_cache_bytes, self.fingerprint, self.dtype_name, geometry=dict(

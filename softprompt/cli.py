@@ -28,8 +28,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto = torch+Triton on CUDA, ONNX Runtime on CPU (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for torch/reference (default: "
                    "cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, exact; bfloat16 on CUDA). "
+                        "bfloat16 on CPU uses its matrix units (onnx: OpenVINO, torch: bfloat16 "
+                        "weights); auto = bfloat16 on CUDA and on CPUs with AMX, else float32")
     _add_prompt_arg(p)
     p.add_argument("--max-batch", type=int, default=64, help="rows per forward (default: 64)")
 
@@ -219,8 +221,8 @@ def cmd_info(args) -> int:
     versions = package_versions()
     print(f"softprompt-runtime {versions.pop('softprompt-runtime')} on Python "
           f"{platform.python_version()} ({platform.machine()})")
-    print(f"  cpu           {cpu_model()}: {matrix_units()}; CPU path float32 (exact; "
-          "no bfloat16 CPU path is built yet)")
+    print(f"  cpu           {cpu_model()}: {matrix_units()}")
+    print(f"  cpu path      {cpu_path()}")
     for pkg, version in versions.items():
         print(f"  {pkg:13s} {version or 'not installed'}")
     try:
@@ -249,6 +251,8 @@ def cmd_info(args) -> int:
                 else f"{m.get('dtype')}; a 4-bit bundle is served only when within the score "
                      "tolerance and faster")
         print(f"default bundle  {f'{b} ({what})' if b else 'not exported yet (first CPU use exports it)'}")
+        if b:
+            print(f"  bfloat16      {_bf16_record((m.get('validation') or {}).get('bfloat16'))}")
     sources = prompt_sources(args.prompt)  # a bad spec or prompt file fails before the model
     info = tokenizer = None  # what --prompt is checked against, and reads text parts with
     if args.model and (args.model != "default" or sources):
@@ -280,6 +284,36 @@ def cmd_info(args) -> int:
             for line in describe_prompt(prompt, info):
                 print("  " + line)
     return 0
+
+
+def _bf16_record(v: dict | None) -> str:
+    """The bundle's recorded bfloat16 validation (``validation.bfloat16``) in one line."""
+    if not v:
+        return ("drift not recorded (exported without OpenVINO or on a CPU without bfloat16 "
+                "units; re-export to record it)")
+    if not v.get("passed"):
+        return f"failed its validation on {v.get('cpu')}: {v.get('error')}"
+    uses = ("prefix", "request", "decode")
+    return (f"mean |dlogprob| {max(v.get(f'mean_abs_{u}', 0) for u in uses)}, max "
+            f"{max(v.get(f'max_abs_{u}', 0) for u in uses)} vs PyTorch float32 (top-1 token, "
+            f"validation cases, measured on {v.get('cpu')})")
+
+
+def cpu_path() -> str:
+    """One line: what the CPU serves by default and with ``--dtype auto`` / ``bfloat16``."""
+    from softprompt.machine import cpu_flags
+    from softprompt.runtime.factory import auto_dtype, openvino_available
+
+    flags = cpu_flags()
+    engine = ("onnx under OpenVINO" if openvino_available() else
+              "torch (OpenVINO not installed: pip install 'softprompt-runtime[openvino]')")
+    if auto_dtype("cpu", flags) == "bfloat16":
+        return (f"float32 by default (exact); --dtype auto serves bfloat16 on AMX via {engine} "
+                "(SCORE_CPU_BF16 drift)")
+    if "avx512_bf16" in flags:
+        return (f"float32 (no AMX: --dtype auto falls back to float32; --dtype bfloat16 uses "
+                f"AVX-512 BF16 dot products via {engine})")
+    return "float32 (no AMX, no AVX-512 BF16: --dtype auto falls back to float32; no bfloat16 path)"
 
 
 def _bundle_tokenizer(path: Path):
@@ -495,7 +529,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
     p.add_argument("--backend", default=None, choices=["auto", "onnx", "torch", "reference"])
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-length", type=int, default=None,
                    help="request tokens per forward and rolling-window length")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default 64)")

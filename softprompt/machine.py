@@ -8,7 +8,7 @@ A leaf module (it imports nothing from the project), used by the exporter's reco
 from __future__ import annotations
 
 PACKAGES = ("softprompt-runtime", "torch", "transformers", "peft", "onnx", "onnxruntime",
-            "triton", "numpy", "tokenizers")
+            "openvino", "triton", "numpy", "tokenizers")
 
 
 def cpu_model() -> str:

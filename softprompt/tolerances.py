@@ -5,6 +5,7 @@ Torch-free (keys are dtype names), so a CPU server that only runs a bundle can i
 KERNEL: a kernel against its PyTorch reference (same inputs, same dtype, float32 accumulation).
 SCORE: a backend's per-token log-probabilities against the float32 reference on the single
     request (PEFT or plain transformers with ``inputs_embeds``), by the backend's compute dtype.
+SCORE_CPU_BF16: bfloat16 on a CPU, mean and max over a batch, against PEFT in float32 and bfloat16.
 ONNX: the exported graph under ONNX Runtime against PyTorch (logits and presents).
 """
 
@@ -28,6 +29,18 @@ SCORE = {
 # first-token log-prob of -25.3, 4e-6 relative), so beyond SCORE's floor the bound is relative.
 SCORE_DEFAULT_MODEL = {
     "float32": dict(atol=1e-4, rtol=1e-5),
+}
+
+# bfloat16 computed on a CPU's matrix units (backend onnx under OpenVINO, backend torch with
+# bfloat16 weights) against PEFT on the single request, in float32 and in bfloat16 (the
+# reference's dtype is the key): the mean and the largest |delta log-prob| over a batch's scored
+# tokens. bfloat16 keeps 8 significant bits, so a token's log-prob moves by a few hundredths of
+# a nat; the mean is the issue's bound, the max sits above every token measured on the default
+# model (bench/RESULTS.md, "bfloat16 on the CPU": PEFT's own bfloat16 forward moves random-token
+# requests by mean 0.068, max 0.49; the demo sets by mean 0.042, max 0.30).
+SCORE_CPU_BF16 = {
+    "float32": dict(mean=0.05, max=0.6),
+    "bfloat16": dict(mean=0.05, max=0.6),
 }
 
 ONNX = {

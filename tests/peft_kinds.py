@@ -103,15 +103,20 @@ DTYPE = {"value": torch.float32}  # the references' dtype; `float64()` switches 
 
 
 @contextlib.contextmanager
-def float64():
-    """PEFT's references in float64 inside the block: the exact value, for adapters whose
-    float32 noise is above the SCORE tolerance (PEFT's N(0, 1) prefix-tuning init on the default
-    model gives logits where PEFT's own eager and sdpa float32 forwards differ by 1e-4)."""
-    DTYPE["value"] = torch.float64
+def reference_dtype(dtype: torch.dtype):
+    """PEFT's references computed in ``dtype`` inside the block (base model loaded in it)."""
+    DTYPE["value"] = dtype
     try:
         yield
     finally:
         DTYPE["value"] = torch.float32
+
+
+def float64():
+    """PEFT's references in float64 inside the block: the exact value, for adapters whose
+    float32 noise is above the SCORE tolerance (PEFT's N(0, 1) prefix-tuning init on the default
+    model gives logits where PEFT's own eager and sdpa float32 forwards differ by 1e-4)."""
+    return reference_dtype(torch.float64)
 
 
 def load_base(model_dir, dtype=None):

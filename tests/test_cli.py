@@ -209,10 +209,10 @@ def test_eval_and_ray_take_the_same_parts(kinds, monkeypatch):
 
 
 def test_info_names_the_matrix_units(capsys):
-    from softprompt.machine import matrix_units
+    from softprompt.machine import cpu_model, matrix_units
 
     assert matrix_units(frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16"})) == \
         "avx2 avx512f amx_tile amx_bf16; AMX bf16"
     assert matrix_units(frozenset({"sse2"})).endswith("; no AMX")
     cli.main(["info"])
-    assert f"{matrix_units()}; CPU path float32" in capsys.readouterr().out
+    assert f"{cpu_model()}: {matrix_units()}\n" in capsys.readouterr().out  # the path: test_cpu_bf16
