@@ -102,6 +102,28 @@ def resolve_backend(backend: str, model: object, device: str | None = None,
     return backend
 
 
+def cpu_decoders(model: object, path: Path, bf16: bool) -> list:
+    """The other bundles decode steps on CPU may run on (``OnnxBackend.decoders``): under
+    bfloat16, the same float32 graph under ONNX Runtime; and the model's exact 4-bit sibling
+    when it exists (never written here) and its recorded score drift is within tolerance, or the
+    float32 bundle when the 4-bit one is served."""
+    from softprompt.export import bundle_for
+    from softprompt.export.bundle import load_bundle, read_manifest
+
+    found = [path] if bf16 else []
+    if not is_bundle(model):
+        int4 = bundle_for(model, dtype="float32", weights="int4", create=False)
+        flt = bundle_for(model, dtype="float32", weights="float", create=False)
+        for other in (int4, flt):
+            if other is None or Path(other) == Path(path):
+                continue
+            scores = ((read_manifest(Path(other)).get("validation") or {}).get("scores") or {}) \
+                if other == int4 else {"within_tolerance": True}
+            if scores.get("within_tolerance"):
+                found.append(other)
+    return [load_bundle(p) for p in found]
+
+
 def build(model: object, backend: str = "auto", *, device: str | None = None,
           dtype: str | None = None, prefix_cache_bytes: int = 1 << 30,
           providers: Sequence[str] | None = None, bundle_dir: str | Path | None = None,
@@ -130,8 +152,11 @@ def build(model: object, backend: str = "auto", *, device: str | None = None,
             path = bundle_for(model, dtype="float32", out_dir=bundle_dir, weights="float")
         else:
             path = bundle_for(model, dtype=dtype, out_dir=bundle_dir)
+        decoders = [] if providers else cpu_decoders(model, path, cpu_bf16)
         onnx = OnnxBackend(path, providers=providers, prefix_cache_bytes=prefix_cache_bytes,
-                           compute_dtype="bfloat16" if cpu_bf16 else None)
+                           compute_dtype="bfloat16" if cpu_bf16 else None, decoders=decoders)
+        if decoders:
+            onnx.calibrate_decode()
         return Built(onnx, onnx.tokenizer, onnx.model_name)
     if is_bundle(model):
         raise ValueError(f"{model} is an ONNX bundle: it serves only backend='onnx' "

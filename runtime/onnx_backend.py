@@ -18,12 +18,23 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
    gaps); each decode step appends one column; rows that leave are dropped and columns no
    remaining row uses are trimmed. ONNX Runtime returns a new ``present`` every call, so the
    state is its output, never a copy the backend makes per row.
+4. decode steps may run on another session over the same graph than scoring and prefill
+   (``decoders``): per step kind, the faster one. A decode step reads every weight for one token
+   per row, so it is bound by memory bandwidth where a score batch is bound by the matrix units:
+   bfloat16 under OpenVINO scores fastest, while its decode steps pay a bfloat16 conversion of
+   the whole past at every step and lose to ONNX Runtime's float32 at larger batches; an exact
+   4-bit sibling reads a quarter of the bytes. ``calibrate_decode`` times one decode step of each
+   candidate at a few batch sizes, once, and ``decode`` uses the fastest for the nearest size
+   (``decode_plan``; measured in bench/RESULTS.md). Every candidate is within the served
+   dtype's tolerance of the float32 reference, so the pick changes speed, not the guarantees.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +47,9 @@ from .prompts import KV, Embeds
 from .requests import Tokenizer, log_softmax
 from .sampling import pick_numpy
 from .stats import BackendStats
+
+if TYPE_CHECKING:
+    from softprompt.export.bundle import Bundle
 
 
 @dataclass
@@ -122,10 +136,20 @@ class OnnxBackend(StepperBackend):
     name = "onnx"
 
     def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, decoders: Sequence[Bundle] = ()):
+        """``path``: the bundle directory; ``providers``: ONNX Runtime's (default CPU);
+        ``compute_dtype``: None, or ``"bfloat16"`` (OpenVINO, ``load_bundle``); ``decoders``:
+        other opened bundles of the same model and geometry that decode steps may run on, picked
+        by ``calibrate_decode`` (call it once; until then decode runs on the bundle itself)."""
         from softprompt.export.bundle import load_bundle
 
         self.bundle = b = load_bundle(path, providers=providers, compute_dtype=compute_dtype)
+        for d in decoders:
+            if (d.fingerprint, d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size) != (
+                    b.fingerprint, b.num_layers, b.num_kv_heads, b.head_dim, b.vocab_size):
+                raise ValueError(f"decoder bundle {d.path} is not of the model of {b.path}")
+        self.decoders = [b, *decoders]
+        self.decode_plan: dict[int, int] = {}  # batch size -> index into decoders (calibrated)
         self.hidden_size, self.vocab_size = b.hidden_size, b.vocab_size
         self.num_layers, self.num_kv_heads, self.head_dim = b.num_layers, b.num_kv_heads, b.head_dim
         self.max_positions = b.max_position_embeddings
@@ -308,8 +332,47 @@ class OnnxBackend(StepperBackend):
         next_pos = plan.prefix_lens + plan.past_lens + plan.q_lens
         return _GenState(presents, mask, next_pos), logits[:, 0]
 
-    def decode(self, state: _GenState, next_ids: np.ndarray):
+    def decoder(self, batch: int):
+        """The bundle decode steps of ``batch`` rows run on: the calibrated pick for the
+        nearest calibrated batch size (``decode_plan``), else the bundle itself."""
+        if not self.decode_plan:
+            return self.bundle
+        near = min(self.decode_plan, key=lambda n: (abs(np.log(n / batch)), n))
+        return self.decoders[self.decode_plan[near]]
+
+    def calibrate_decode(self, batches: Sequence[int] = (1, 8, 32), past: int = 64,
+                         repeats: int = 3) -> dict[int, str]:
+        """Time one decode step (``batches`` rows on a ``past``-token past, random values) on
+        every candidate in ``decoders``, best of ``repeats`` after a warm-up, and keep the fastest
+        per batch size for ``decode``. Returns {batch: chosen bundle's engine and weights}."""
+        import time
+
         b = self.bundle
+        if len(self.decoders) == 1:
+            self.decode_plan = {n: 0 for n in batches}
+            return {n: _engine(b) for n in batches}
+        rng = np.random.default_rng(0)
+        for n in batches:
+            shape = (n, b.num_kv_heads, past, b.head_dim)
+            kv = [(rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
+                  for _ in range(b.num_layers)]
+            args = (b.embeddings[rng.integers(0, b.vocab_size, (n, 1))].astype(np.float32),
+                    np.ones((n, past + 1), np.int64), np.full((n, 1), past, np.int64), kv,
+                    np.zeros((n, 1), np.int64))
+            best = []
+            for d in self.decoders:
+                d.run(*args)
+                ts = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    d.run(*args)
+                    ts.append(time.perf_counter() - t)
+                best.append(min(ts))
+            self.decode_plan[n] = int(np.argmin(best))
+        return {n: _engine(self.decoders[i]) for n, i in self.decode_plan.items()}
+
+    def decode(self, state: _GenState, next_ids: np.ndarray):
+        b = self.decoder(len(next_ids))
         state.mask = np.concatenate([state.mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
         emb = b.embeddings[next_ids][:, None].astype(b.np_dtype)  # [B, 1, E]
         logits, state.past = b.run(emb, state.mask, state.next_pos[:, None], state.past,
@@ -345,3 +408,9 @@ class OnnxBackend(StepperBackend):
     @staticmethod
     def pick(logits, samplers):
         return pick_numpy(logits, samplers)
+
+
+def _engine(bundle) -> str:
+    """e.g. ``"OpenVINO bfloat16"``, ``"CPUExecutionProvider float32 int4"``."""
+    q = bundle.manifest.get("quantization")
+    return f"{bundle.session.get_providers()[0]} {bundle.compute_dtype}{' ' + q if q else ''}"

@@ -44,6 +44,16 @@ def bf16(tiny_dirs, tiny_bundles, adapters):
         rt.close()
 
 
+@pytest.fixture(scope="module")
+def rts_reference(tiny_dirs, adapters):
+    """The float32 reference (PEFT semantics) on the tiny Llama with both adapters."""
+    rt = Runtime.load(str(tiny_dirs["llama"]), backend="reference", device="cpu")
+    for kind, path in adapters.items():
+        rt.add_prompt(kind, path)
+    yield rt
+    rt.close()
+
+
 def _requests(seed=0, n=12):
     """(adapter kind, token ids) pairs of lengths 2..40; the first id is the context."""
     rng = np.random.default_rng(seed)
@@ -77,7 +87,7 @@ def test_bf16_scores_within_tolerance_of_peft(bf16, tiny_dirs, adapters, backend
 @pytest.mark.parametrize("backend", BF16_BACKENDS)
 def test_bf16_batch_invariance(bf16, backend):
     """In bfloat16 too, a request scores the same alone and in any batch (SCORE's bfloat16
-    tolerance), and greedy generation gives it the same tokens."""
+    tolerance)."""
     rt = bf16(backend)
     reqs = [{"prompt": k, "context": ids[:-3], "continuation": ids[-3:]} for k, ids in _requests(1)
             if len(ids) > 3] + [{"prompt": None, "context": [5, 6, 7], "continuation": [8]}]
@@ -85,9 +95,26 @@ def test_bf16_batch_invariance(bf16, backend):
     for perm in (list(range(len(reqs)))[::-1], np.random.default_rng(2).permutation(len(reqs)).tolist()):
         for got, r in zip(rt.score([reqs[i] for i in perm]), perm):
             np.testing.assert_allclose(got.token_logprobs, alone[r].token_logprobs, **SCORE["bfloat16"])
-    names, ctxs = list(KINDS) + [None], [[5, 6, 7], [9] * 11, [4, 40]]
-    want = [rt.generate(n, [c], max_new_tokens=6, stop_at_eos=False)[0].token_ids for n, c in zip(names, ctxs)]
-    assert [g.token_ids for g in rt.generate(names, ctxs, max_new_tokens=6, stop_at_eos=False)] == want
+
+
+def test_bf16_decode_on_every_candidate(bf16, rts_reference):
+    """onnx in bfloat16 may decode on OpenVINO (bfloat16) or ONNX Runtime (float32), whichever
+    its calibration found faster for the batch size: generation through each, forced, gives
+    tokens whose log-probs are the float32 reference's for those tokens (SCORE_CPU_BF16)."""
+    rt = bf16("onnx")
+    be = rt.backend
+    assert [d.session.get_providers()[0] for d in be.decoders] == ["OpenVINO", "CPUExecutionProvider"]
+    assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1}
+    names, ctxs = [KINDS[0], KINDS[1], None], [[5, 6, 7], [9] * 11, [4, 40]]
+    for i in range(len(be.decoders)):
+        be.decode_plan = dict.fromkeys(be.decode_plan, i)
+        assert be.decoder(3) is be.decoders[i]
+        out = rt.generate(names, ctxs, max_new_tokens=8, stop_at_eos=False)
+        want = rts_reference.score([{"prompt": n, "context": c, "continuation": g.token_ids}
+                                    for n, c, g in zip(names, ctxs, out)])
+        d = np.abs(np.concatenate([g.token_logprobs for g in out]) -
+                   np.concatenate([w.token_logprobs for w in want]))
+        assert d.mean() <= SCORE_CPU_BF16["float32"]["mean"] and d.max() <= SCORE_CPU_BF16["float32"]["max"]
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
