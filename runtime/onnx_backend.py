@@ -149,6 +149,11 @@ class OnnxBackend(StepperBackend):
                     b.fingerprint, b.num_layers, b.num_kv_heads, b.head_dim, b.vocab_size):
                 raise ValueError(f"decoder bundle {d.path} is not of the model of {b.path}")
         self.decoders = [b, *decoders]
+        # a prompt's prefix is computed once and then read by every request: in float32 when a
+        # float32 candidate is at hand (bfloat16 serving), which halves bfloat16's drift on the
+        # default model (bench/RESULTS.md, "bfloat16 on the CPU")
+        self.prefix_bundle = next((d for d in self.decoders if d.compute_dtype == "float32"
+                                   and not d.manifest.get("quantization")), b)
         self.decode_plan: dict[int, int] = {}  # batch size -> index into decoders (calibrated)
         self.hidden_size, self.vocab_size = b.hidden_size, b.vocab_size
         self.num_layers, self.num_kv_heads, self.head_dim = b.num_layers, b.num_kv_heads, b.head_dim
@@ -169,11 +174,11 @@ class OnnxBackend(StepperBackend):
 
     # ----------------------------------------------------------------------------- prefix
     def _compute_prefix(self, prompt) -> PrefixEntry:
-        """The prompt's segments in order, once: K/V segments join the past as they are,
-        embeddings and text run through the graph on the past so far (its ``present.*`` is the
-        new past). Per-layer K/V ``[Hkv, P, D]`` and first-token log-probs (None when the prompt
-        ends in K/V)."""
-        b = self.bundle
+        """The prompt's segments in order, once (on ``prefix_bundle``): K/V segments join the
+        past as they are, embeddings and text run through the graph on the past so far (its
+        ``present.*`` is the new past). Per-layer K/V ``[Hkv, P, D]`` and first-token log-probs
+        (None when the prompt ends in K/V)."""
+        b = self.prefix_bundle
         past = b.empty_past(1)  # N x (K, V) [1, Hkv, 0, D]
         first = None
         for seg in prompt.segments():

@@ -117,6 +117,20 @@ def test_bf16_decode_on_every_candidate(bf16, rts_reference):
         assert d.mean() <= SCORE_CPU_BF16["float32"]["mean"] and d.max() <= SCORE_CPU_BF16["float32"]["max"]
 
 
+def test_bf16_prefix_is_computed_in_float32(bf16, tiny_bundles, adapters):
+    """onnx in bfloat16 computes each prompt's prefix once on its float32 session: the log-prob
+    of the first token after the prompt (read from the prefix alone) is float32's exactly."""
+    rt = bf16("onnx")
+    assert rt.backend.prefix_bundle.compute_dtype == "float32"
+    f32 = Runtime.load(str(tiny_bundles["llama"]))
+    f32.add_prompt("prompt_tuning", adapters["prompt_tuning"])
+    req = [{"prompt": "prompt_tuning", "context": [7, 8]}]  # a context alone: all its tokens scored
+    got, want = rt.score(req)[0].token_logprobs, f32.score(req)[0].token_logprobs
+    np.testing.assert_allclose(got[0], want[0], **SCORE["float32"])
+    assert got[1] != want[1]  # the request's own tokens: bfloat16
+    f32.close()
+
+
 def test_auto_dtype_follows_the_cpu(monkeypatch):
     """dtype='auto': bfloat16 on CUDA and on a CPU with AMX-BF16; float32 on one with AVX-512
     BF16 dot products only, or neither."""
