@@ -59,9 +59,18 @@ methods side by side (``--kv-methods``: PEFT's prefix-tuning forward, the torch 
 runtimes with that adapter, and an equally long text in the context, plain and as a cached
 composed prompt); default P 20,512,2048 and B 1,8. Described in bench/long_kv.py.
 
+``--generate``: greedy generation instead of scoring, tokens/s of one ``generate`` call over B
+rows of L context ids and N = ``--new-tokens`` new tokens under a P-token soft prompt (one L and
+one P; default B 1,8,32, L 32, P 20, N 32), the runtimes (``--methods``: torch, onnx, onnx-int4
+and their bf16 forms) beside transformers' ``generate`` with the prompt as ``inputs_embeds``
+(``hf``, ``hf-bf16``), and llama.cpp over ``--gguf`` where ``llama-cpp-python`` is installed (no
+soft prompt); one warm-up call per method and B (``--warmup`` is not read), a check column of rows
+whose greedy ids equal hf's. Described in bench/generation.py.
+
 This file is the CLI and the sweep (points, timing, results.csv/json/md, the reproducing
 command); the FLOP model is bench/flops.py, the methods and their tolerances bench/methods.py,
-the figures bench/plots.py, the K/V-prompt mode bench/long_kv.py.
+the figures bench/plots.py, the K/V-prompt mode bench/long_kv.py, the generation mode
+bench/generation.py.
 """
 
 from __future__ import annotations
@@ -186,7 +195,8 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
         live, res = {}, {}
         for name, m in methods.items():
             r = Result(name, B, L, P, n,
-                       "float32" if name.startswith("onnx") and dtype == "bfloat16" else dtype,
+                       "float32" if name == "onnx-int4" or (name == "onnx" and dtype == "bfloat16"
+                                                             and device.startswith("cuda")) else dtype,
                        device, ideal_speedup=(P + L) / L,
                        gflop=flops(dims, name, B, P, L, n) / 1e9)
             res[name] = r
@@ -202,7 +212,7 @@ def run_benchmark(args, log=print) -> tuple[list[Result], dict]:
                 log(f"{name} B={B} L={L} P={P}: {r.status}")
                 continue
             if want is not None:
-                r.tol = tolerance(name, r.dtype)
+                r.tol = tolerance(name, r.dtype, device)
                 r.max_abs_diff = float(np.max(np.abs(got - want)))
                 if not r.max_abs_diff <= r.tol:
                     r.status = "FAILED"
@@ -395,8 +405,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--score-tokens", type=int, default=1,
                    help="trailing tokens of each request scored as its continuation (default: 1)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype of the torch backends (default: float32 on CPU, bfloat16 "
-                        "on CUDA); onnx uses an fp32 bundle unless float16 is asked")
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA); bfloat16 on "
+                        "CPU runs onnx's float32 bundle under OpenVINO in bfloat16, on CUDA onnx "
+                        "stays float32; onnx-int4 is always a float32 graph")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per point (default: 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per backend and point "
@@ -428,6 +439,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                    help="measure nothing: combine earlier results.json files into --out (a later "
                         "file replaces the points it contains)")
+    from softprompt.bench.generation import add_options
+
+    add_options(p)  # --generate, --new-tokens, --methods, --gguf
     p.set_defaults(func=run)
     return p
 
@@ -471,6 +485,10 @@ def merge(paths: list[str], out: Path) -> int:
 def run(args) -> int:
     if args.merge:
         return merge(args.merge, Path(args.out))
+    if args.generate:
+        from softprompt.bench.generation import run_generate
+
+        return run_generate(args)
     if args.quick:
         args.P, args.B, args.L, args.repeats, args.warmup = [0, 5, 20], [2], [8], 2, 1
         if args.kv_prompt:

@@ -61,3 +61,30 @@ def test_activation_schemes_round_to_int8_grids():
         assert (y - x).abs().max() <= x.abs().max() / 127  # half a step of the coarsest scale
     row = SCHEMES["A8 per-token"][0](x)[0, 0]
     assert len(torch.unique(row)) <= 255
+
+
+def test_generation_bench_times_each_method_and_float32_ids_match_hf(tiny_dirs, tmp_path, capsys):
+    """``softprompt bench --generate`` (bench/generation.py) on a tiny model: a row per method and
+    B with tokens/s > 0, and the float32 runtimes' greedy ids equal transformers' generate."""
+    import json
+
+    from softprompt.bench import driver
+
+    out = tmp_path / "generate"
+    rc = driver.main(["--generate", "--model", str(tiny_dirs["llama"]), "--methods", "hf,torch,onnx",
+                      "--B", "1,2", "--L", "5", "--P", "3", "--new-tokens", "3", "--repeats", "1",
+                      "--no-progress", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["B"]): r for r in data["results"]}
+    assert set(rows) == {(m, B) for m in ("hf", "torch", "onnx") for B in (1, 2)}
+    for (m, B), r in rows.items():
+        assert r["status"] == "ok", (m, B, r["status"])
+        assert r["N"] == 3 and r["tok_per_s"] > 0 and r["prefill_ms"] > 0
+        assert len(r["times_ms"]) == 1
+        if m != "hf":  # float32, the same function: the very same greedy ids on every row
+            assert r["same_as_hf"] == B and r["agree_prefix"] == 3, (m, B)
+    assert "--generate" in data["command"] and "--new-tokens 3" in data["command"]
+    printed = capsys.readouterr().out
+    assert "| torch | 2 | 5 | 3 | 3 | float32 | ok |" in printed
+    assert (out / "results.csv").is_file() and (out / "results.md").is_file()
