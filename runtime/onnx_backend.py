@@ -155,6 +155,7 @@ class OnnxBackend(StepperBackend):
         self.prefix_bundle = next((d for d in self.decoders if d.compute_dtype == "float32"
                                    and not d.manifest.get("quantization")), b)
         self.decode_plan: dict[int, int] = {}  # batch size -> index into decoders (calibrated)
+        self.decode_ms: dict[int, list[float]] = {}  # batch size -> step ms per decoder (calibrated)
         self.hidden_size, self.vocab_size = b.hidden_size, b.vocab_size
         self.num_layers, self.num_kv_heads, self.head_dim = b.num_layers, b.num_kv_heads, b.head_dim
         self.max_positions = b.max_position_embeddings
@@ -349,7 +350,8 @@ class OnnxBackend(StepperBackend):
                          repeats: int = 3) -> dict[int, str]:
         """Time one decode step (``batches`` rows on a ``past``-token past, random values) on
         every candidate in ``decoders``, best of ``repeats`` after a warm-up, and keep the fastest
-        per batch size for ``decode``. Returns {batch: chosen bundle's engine and weights}."""
+        per batch size for ``decode`` (times in ``decode_ms``). Returns {batch: chosen bundle's
+        engine and weights}."""
         import time
 
         b = self.bundle
@@ -374,6 +376,7 @@ class OnnxBackend(StepperBackend):
                     ts.append(time.perf_counter() - t)
                 best.append(min(ts))
             self.decode_plan[n] = int(np.argmin(best))
+            self.decode_ms[n] = [round(t * 1e3, 2) for t in best]
         return {n: _engine(self.decoders[i]) for n, i in self.decode_plan.items()}
 
     def decode(self, state: _GenState, next_ids: np.ndarray):
