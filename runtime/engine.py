@@ -12,6 +12,11 @@ Control calls that touch the backend (``call``: preparing a prompt, saving the c
 its stats) run on the engine thread between steps, so the backend is only ever used by one
 thread. ``close`` stops accepting work, then drains (finishes everything accepted) or cancels
 it; every accepted request ends with a result, an error or a cancellation.
+
+A backend may define two optional hooks, ``on_caller_thread`` (run on each thread that hands
+the engine work, as it does) and ``on_engine_idle`` (run on the engine thread whenever it runs
+out of work). The torch backend on CPU uses both to hand back that thread's OpenMP team, so the
+engine thread's team is the only one while it computes (``torch_backend.release_openmp_threads``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Engine:
         self._calls: deque[tuple[Callable[[], object], Future[object]]] = deque()
         self._closing = False
         self._drain = True
+        self._on_caller = _hook(backend, "on_caller_thread")
+        self._on_idle = _hook(backend, "on_engine_idle")
         self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
         self._thread.start()
 
@@ -61,6 +68,7 @@ class Engine:
         if not rows:
             fut.set_result([])
             return fut
+        self._caller()
         with self._cv:
             self._check_open()
             self.scheduler.add(ScoreWork(list(rows), fut, on_progress, count))
@@ -69,6 +77,7 @@ class Engine:
 
     def submit_generations(self, gens: list[Generation]) -> None:
         """Queue generating rows together: one call's rows arrive in the same step."""
+        self._caller()
         with self._cv:
             self._check_open()
             for g in gens:
@@ -80,11 +89,18 @@ class Engine:
         if threading.current_thread() is self._thread:
             return fn()
         fut: Future[T] = Future()
+        self._caller()
         with self._cv:
             self._check_open()
             self._calls.append((fn, fut))  # type: ignore[arg-type]
             self._cv.notify()
         return fut.result()
+
+    def _caller(self) -> None:
+        """The backend's ``on_caller_thread`` hook, on the thread handing over work (not the
+        engine's own)."""
+        if self._on_caller is not None and threading.current_thread() is not self._thread:
+            self._on_caller()
 
     def wake(self) -> None:
         """Make the loop look at cancellations now."""
@@ -126,6 +142,11 @@ class Engine:
         sched = self.scheduler
         try:
             while True:
+                if self._on_idle is not None:
+                    with self._cv:
+                        idle = not (self._calls or not sched.idle or self._closing)
+                    if idle:  # once per idle spell, outside the lock
+                        self._on_idle()
                 with self._cv:
                     while not (self._calls or not sched.idle or self._closing):
                         self._cv.wait()
@@ -159,6 +180,12 @@ class Engine:
                         fut.set_exception(exc)
                 self._calls.clear()
             raise
+
+
+def _hook(backend: Backend, name: str) -> Callable[[], object] | None:
+    """The backend's optional hook ``name`` (see the module docstring), or None."""
+    fn = getattr(backend, name, None)
+    return fn if callable(fn) else None
 
 
 def _run_call(fn: Callable[[], object], fut: Future[object]) -> None:

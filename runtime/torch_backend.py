@@ -4,16 +4,29 @@ Per request only the request's own L tokens go through the model. Attention is
 ``softprompt_attention``, registered in transformers' attention registry as ``ATTN_NAME``
 (``register_attention``): when a forward carries a ``softprompt_batch`` it attends each row's
 queries over its prompt's cached prefix ``[N_prompts, Hkv, P_max, D]`` (shared, indexed by
-``prompt_idx``, never copied per row) and then causally over the row's own keys, through the
-Triton kernels on CUDA and their PyTorch reference on CPU, as planned once per forward by
-``plan_forward`` (``kernels.plan_attention``: checks and the kernel choice; each layer then only
-runs ``kernels.run_attention``). Without a ``softprompt_batch`` it is plain SDPA, so the same
-model also computes the prefixes themselves. The vocabulary projection runs only where a score or
-the next token needs it.
+``prompt_idx``; the Triton kernels never copy it per row) and then causally over the row's own
+keys, through the Triton kernels on CUDA and PyTorch on CPU (below), as planned once per forward
+by ``plan_forward`` (``kernels.plan_attention``: checks and the kernel choice; each layer then
+only runs ``kernels.run_attention``, or ``SdpaPlan.attend`` on CPU). Without a
+``softprompt_batch`` it is plain SDPA, so the same model also computes the prefixes themselves.
+The vocabulary projection runs only where a score or the next token needs it.
+
+On CPU (the PyTorch path, ``triton=False``) each layer attends in one
+``scaled_dot_product_attention`` call over ``[prompt prefix ; own keys]`` with a mask made once
+per forward from the reference's checked plan (``SdpaPlan``) instead of the reference's ~35 small
+ops per layer (decode steps that would re-read a long prefix per row keep the reference). And
+idle OpenMP teams are handed back (``release_openmp_threads``): the loading thread's at load, a
+caller's as it hands the engine work, the engine's when it runs out of work (the engine's hooks
+``on_caller_thread`` / ``on_engine_idle``), so the engine thread's team is the only one while it
+computes: GNU OpenMP throttles every team's spin-wait once a process holds more OpenMP threads
+than cores.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,6 +63,7 @@ class PrefixBatch:
     triton: attend through the Triton kernels instead of their PyTorch references.
     plan: this forward's ``kernels.AttentionPlan`` (``plan_forward``), made once before the model
         runs and read by every layer; None on batches that only carry inputs between steps.
+    sdpa: without Triton, this forward's ``SdpaPlan`` (made from ``plan`` by ``plan_batch``).
     """
 
     prefix_k: list
@@ -63,6 +77,7 @@ class PrefixBatch:
     decoding: bool = False
     triton: bool = False  # Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or references
     plan: AttentionPlan | None = None
+    sdpa: SdpaPlan | None = None  # the PyTorch path's per-forward masks (``plan_batch``)
 
 
 def _nbytes(tensors) -> int:
@@ -84,14 +99,114 @@ def plan_forward(b: PrefixBatch, num_heads: int, q_len: int) -> AttentionPlan:
                                   kernel="auto" if b.triton else "reference")
 
 
+@dataclass
+class SdpaPlan:
+    """One forward's attention on the PyTorch path (``triton=False``: the CPU default), made once
+    from its checked ``AttentionPlan`` (``plan.ref``: the reference's masks, lengths read on the
+    host once) and read by every layer: each row's queries attend over ``[its prompt's prefix ;
+    its own keys]`` in one ``scaled_dot_product_attention`` call per layer (``attend``), the
+    prefix gathered per row (a few rows x P x Hkv x D per layer), with the same masks and float32
+    softmax as ``kernels.attend_reference``, which runs ~35 small ops per layer.
+
+    rows: ``[B]`` int64 prompt of each row, or None when the stack holds one prompt (expanded).
+    P: prefix columns (the stack's P_max); K: own keys any row sees (the longest kv_len).
+    mask: ``[B, 1, Lq, P + K]`` bool, key visible to query; pad: ``[B, 1, Lq, 1]`` bool, queries
+        past q_lens (their output is 0), or None when every query is real.
+    write: decoding, where each row's new K/V go in its buffer, as ``kernels.write_kv_ref``
+        (rows at a position in [0, cap); idle slots write nowhere): ``[B, Hkv, 1, D]`` positions
+        for ``scatter_`` when every row writes, else (rows ``[n]``, positions ``[n]``).
+    """
+
+    rows: torch.Tensor | None
+    P: int
+    K: int
+    mask: torch.Tensor
+    pad: torch.Tensor | None
+    write: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, Hkv, P + K, D] K and V, every layer's
+
+    @classmethod
+    def make(cls, b: PrefixBatch) -> SdpaPlan:
+        plan = b.plan
+        assert plan is not None and plan.ref is not None, "plan_forward(kernel='reference') first"
+        ref, (B, _, Lq, D, Hkv, _, N, P) = plan.ref, plan.dims
+        idx = plan.prompt_idx.long()
+        seen = torch.arange(P, device=idx.device) < plan.prefix_lens.long()[idx][:, None]  # [B, P]
+        mask = torch.cat([seen[:, None].expand(B, Lq, P), ref.own_ok], -1)[:, None]
+        pad = None if bool(ref.q_ok.all()) else ~ref.q_ok[:, None, :, None]
+        out = cls(None if N == 1 else idx, P, ref.K, mask, pad)
+        if b.decoding and b.own_k is not None:
+            pos = b.kv_lens.long() - 1
+            ok = (pos >= 0) & (pos < b.own_k[0].shape[2])
+            if bool(ok.all()):
+                out.write = pos.view(B, 1, 1, 1).expand(B, Hkv, 1, D)
+            else:
+                rows = torch.nonzero(ok).squeeze(1)
+                out.write = rows, pos[rows]
+        return out
+
+    def write_kv(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """``cache[b, :, pos[b]] = new[b, :, 0]`` for the planned rows (``kernels.write_kv_ref``)."""
+        if isinstance(self.write, torch.Tensor):
+            cache.scatter_(2, self.write, new)
+        elif self.write is not None:
+            rows, pos = self.write
+            cache[rows, :, pos] = new[rows, :, 0]
+
+    def attend(self, q, k, v, prefix_k, prefix_v, scale) -> torch.Tensor:
+        """One layer: q ``[B, H, Lq, D]``, own k/v ``[B, Hkv, Lk, D]``, prefix ``[N, Hkv, P, D]``;
+        returns ``[B, H, Lq, D]`` in q.dtype."""
+        import torch.nn.functional as F
+
+        B, H = q.shape[:2]
+        if self.rows is None:
+            pk, pv = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+        else:
+            pk, pv = prefix_k.index_select(0, self.rows), prefix_v.index_select(0, self.rows)
+        if self.keys is None:  # one buffer per forward, refilled by each layer: fresh large
+            shape = (B, k.shape[1], self.P + self.K, k.shape[3])  # tensors per layer page-fault
+            self.keys = torch.empty(shape, dtype=k.dtype, device=k.device), \
+                torch.empty(shape, dtype=v.dtype, device=v.device)
+        keys, values = self.keys
+        torch.cat([pk, k[:, :, : self.K]], 2, out=keys)  # [B, Hkv, P + K, D]
+        torch.cat([pv, v[:, :, : self.K]], 2, out=values)
+        dtype = q.dtype
+        if dtype != torch.float32:  # float32 softmax and sums, as the reference
+            q, keys, values = q.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
+                                             enable_gqa=H != keys.shape[1])
+        if self.pad is not None:  # padding queries (a row that sees no key: NaN) give 0
+            out = out.masked_fill(self.pad, 0.0)
+        return out if out.dtype == dtype else out.to(dtype)
+
+
+# A decode step re-reads the prefix of each row beyond its prompt's first: SdpaPlan copies it
+# per row and layer, the reference reads each prompt's once (its queries stacked into one product).
+# Past this many re-read prefix tokens ((B - N) x P) the reference's decode step is the faster
+# (measured on 2 cores: B=8 rows of one prompt, P=512 -> SDPA 0.8-0.94x the reference's time,
+# P=2048 -> 2.8-2.9x; prefills and scores take SDPA at every size measured, up to B=32, P=2048).
+SDPA_DECODE_MAX_REREAD = 4096
+
+
+def plan_batch(b: PrefixBatch, num_heads: int, q_len: int) -> None:
+    """Plan one forward over ``b`` before the model runs: ``b.plan`` (``plan_forward``) and, on
+    the PyTorch path, ``b.sdpa`` (``SdpaPlan``; None leaves it to ``kernels.run_attention``'s
+    reference: decode steps that would re-read a long prefix per row)."""
+    b.plan = plan_forward(b, num_heads, q_len)
+    dims = b.plan.dims
+    reread = (dims.B - dims.N) * dims.Pmax if b.decoding else 0
+    b.sdpa = None if b.triton or reread > SDPA_DECODE_MAX_REREAD else SdpaPlan.make(b)
+
+
 def softprompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                          softprompt_batch: PrefixBatch | None = None, **kwargs):
     """Every layer's attention (registered as ``ATTN_NAME``). query: [B, H, L, D]; key/value:
     [B, Hkv, L, D] (RoPE applied). Returns ([B, L, H, D], None).
 
     With ``softprompt_batch`` (passed to the model by ``TorchBackend._run``):
-    ``kernels.run_attention`` with the batch's plan, made once for this forward by
-    ``plan_forward``; this layer only checks its own tensors against it. Without: plain SDPA."""
+    ``kernels.run_attention`` with the batch's plan (Triton), or the batch's ``SdpaPlan`` (the
+    PyTorch path), made once for this forward by ``plan_batch``; this layer only checks its own
+    tensors against the plan. Without: plain SDPA."""
     if softprompt_batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -99,16 +214,27 @@ def softprompt_attention(module, query, key, value, attention_mask, scaling=None
                                       scaling=scaling, dropout=dropout, **kwargs)
     from softprompt import kernels
 
-    b, i = softprompt_batch, module.layer_idx
+    b, i, sdpa = softprompt_batch, module.layer_idx, softprompt_batch.sdpa
     if b.own_k is not None:
         if b.decoding:  # append this step's K/V to each row's buffer, attend over the buffer
-            write_kv = kernels.write_kv if b.triton else kernels.write_kv_ref
-            write_kv(b.own_k[i], b.own_v[i], key, value, b.kv_lens - 1)
+            if sdpa is not None:
+                sdpa.write_kv(b.own_k[i], key)
+                sdpa.write_kv(b.own_v[i], value)
+            else:
+                write_kv = kernels.write_kv if b.triton else kernels.write_kv_ref
+                write_kv(b.own_k[i], b.own_v[i], key, value, b.kv_lens - 1)
             key, value = b.own_k[i], b.own_v[i]
         else:  # prefill: keep the request's K/V for the decode steps that follow
             b.own_k[i][:, :, : key.shape[2]] = key
             b.own_v[i][:, :, : value.shape[2]] = value
-    out = kernels.run_attention(b.plan, query, key, value, b.prefix_k[i], b.prefix_v[i], scale=scaling)
+    if sdpa is None:
+        out = kernels.run_attention(b.plan, query, key, value, b.prefix_k[i], b.prefix_v[i],
+                                    scale=scaling)
+    else:
+        # the module (the package's prefix_attention is its function of that name)
+        pa = sys.modules["softprompt.kernels.prefix_attention"]  # imported with kernels
+        pa._check_layer(b.plan, query, key, value, b.prefix_k[i], b.prefix_v[i])
+        out = sdpa.attend(query, key, value, b.prefix_k[i], b.prefix_v[i], scaling)
     return out.transpose(1, 2), None
 
 
@@ -127,6 +253,44 @@ def register_attention() -> None:
 
     AttentionInterface.register(ATTN_NAME, softprompt_attention)
     _registered = True
+
+
+_gomp: list | None = None  # the GNU OpenMP runtimes torch runs on, found once
+
+
+def release_openmp_threads() -> bool:
+    """Hand back the calling thread's GNU OpenMP thread team (``omp_pause_resource_all``); the
+    thread's next parallel op starts a new one. Returns False where torch does not run on GNU
+    OpenMP (nothing to do).
+
+    GNU OpenMP keeps one team per thread that ran a parallel region, for the thread's life, and
+    once the process holds more OpenMP threads than cores it cuts every team's spin-wait between
+    parallel regions (``GOMP_SPINCOUNT``'s throttled count), so each of the thousands of small
+    parallel ops of a forward waits for its workers to wake up. The torch backend runs on its
+    engine thread while the model was loaded on the caller's thread, whose team would otherwise
+    stay: on 2 cores that made the engine thread 1.1-1.5x slower than the same call made alone
+    (B=1 generation to B=8 generation). Any thread that ran torch work beside a runtime may call
+    this when done with it."""
+    global _gomp
+    if _gomp is None:
+        found = []  # assigned once complete: a concurrent first caller never sees half a list
+        if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+            try:
+                with open("/proc/self/maps") as f:  # the libgomp torch loaded, by its path
+                    paths = sorted({line.split(maxsplit=5)[-1].strip() for line in f
+                                    if os.path.basename(line.rstrip()).startswith("libgomp")})
+            except OSError:
+                paths = []
+            for path in paths:
+                try:
+                    lib = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
+                    pause = lib.omp_pause_resource_all  # OpenMP 5.0 (GCC 9+)
+                except (OSError, AttributeError):
+                    continue
+                pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+                found.append(pause)
+        _gomp = found
+    return bool(_gomp) and all(pause(1) == 0 for pause in _gomp)  # 1: omp_pause_soft
 
 
 @dataclass
@@ -196,9 +360,26 @@ class TorchBackend(TorchModelMixin, StepperBackend):
         self.decode_buffer_bytes = decode_buffer_bytes
         self.tokens_computed = 0
         self.batches = 0
+        if self.device.type == "cpu":  # the engine thread will run every forward: its OpenMP
+            release_openmp_threads()  # team must be the only one (see release_openmp_threads)
 
     def _pad(self, n: int) -> int:
         return bucket(n) if self.buckets else n
+
+    # ------------------------------------------------------------------- engine thread hooks
+    def on_caller_thread(self) -> None:
+        """Run by the engine on each thread that hands it work (``engine.Engine``): on CPU that
+        thread's OpenMP team goes (``release_openmp_threads``), e.g. one left by torch work it
+        did before, so the engine thread's team is the only one while it computes."""
+        if self.device.type == "cpu":
+            release_openmp_threads()
+
+    def on_engine_idle(self) -> None:
+        """Run by the engine on its thread whenever it runs out of work: on CPU the engine's
+        OpenMP team goes until the next forward, so torch work on another thread meanwhile
+        (PEFT beside the runtime, say) runs unthrottled too, and idle workers stop spinning."""
+        if self.device.type == "cpu":
+            release_openmp_threads()
 
     # ----------------------------------------------------------------------------- prefix
     @torch.inference_mode()
@@ -236,7 +417,7 @@ class TorchBackend(TorchModelMixin, StepperBackend):
         batch = PrefixBatch(stack, vstack, torch.tensor([P], **i32), torch.zeros(1, **i32),
                             torch.tensor([n], **i32), torch.tensor([n], **i32), own_k, own_v,
                             triton=self.triton)
-        batch.plan = plan_forward(batch, self.num_heads, q_len=n)
+        plan_batch(batch, self.num_heads, q_len=n)
         pos = torch.arange(P, P + n, device=self.device)[None]
         out = self.model.base_model(inputs_embeds=emb[None], position_ids=pos, use_cache=False,
                                     softprompt_batch=batch)
@@ -372,7 +553,7 @@ class TorchBackend(TorchModelMixin, StepperBackend):
         def forward(emb, pos, prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens, **kv):
             batch = PrefixBatch(prefix_k, prefix_v, prefix_lens, prompt_idx, kv_lens, q_lens,
                                 kv.get(own[0]), kv.get(own[1]), decoding, triton)
-            batch.plan = plan_forward(batch, self.num_heads, q_len=emb.shape[1])  # once, not per layer
+            plan_batch(batch, self.num_heads, q_len=emb.shape[1])  # once, not per layer
             # Each layer's attention is softprompt_attention (registered as ATTN_NAME by
             # register_attention): transformers hands it `softprompt_batch`, and it runs
             # kernels.run_attention(batch.plan, <that layer's q, k, v, prefix K/V>).
