@@ -327,13 +327,15 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[Result], env: dict, cmd: str, out: Path, render=None,
+def write_outputs(results: list, env: dict, cmd: str, out: Path, render=None,
                   plots: bool = True) -> list[Path]:
     """results.csv/.json/.md (the table by ``render``, default ``table``) and, with ``plots``,
-    the sweep's plots into ``out``."""
+    the sweep's plots into ``out``. ``results``: dataclass rows of one type (``Result``, or
+    another mode's); the CSV leaves out their per-call ``*times_ms`` lists."""
     render = render or table
     out.mkdir(parents=True, exist_ok=True)
-    cols = [k for k in Result.__dataclass_fields__ if k != "times_ms"]
+    cols = [k for k in type(results[0]).__dataclass_fields__ if not k.endswith("times_ms")] \
+        if results else []
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()

@@ -64,15 +64,13 @@ onnx runtime alone (ONNX Runtime has its own pool), then llama.cpp.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -408,18 +406,11 @@ def gen_table(results: list[GenResult]) -> str:
 
 
 def write_outputs(results: list[GenResult], env: dict, cmd: str, out: Path) -> list[Path]:
-    """results.csv/.json/.md in ``out`` (as the other ``softprompt bench`` modes)."""
-    out.mkdir(parents=True, exist_ok=True)
-    cols = [k for k in GenResult.__dataclass_fields__ if not k.endswith("times_ms")]
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in results:
-            w.writerow({k: getattr(r, k) for k in cols})
-    (out / "results.json").write_text(json.dumps(
-        {"command": cmd, "env": env, "results": [asdict(r) for r in results]}, indent=1))
-    (out / "results.md").write_text(f"`{cmd}`\n\n{gen_table(results)}\n")
-    return [out / "results.csv", out / "results.json", out / "results.md"]
+    """results.csv/.json/.md in ``out``, written as the other ``softprompt bench`` modes write
+    theirs (``driver.write_outputs``, the table by ``gen_table``, no plots)."""
+    from softprompt.bench.driver import write_outputs as write
+
+    return write(results, env, cmd, out, render=gen_table, plots=False)
 
 
 def command_line(args) -> str:
