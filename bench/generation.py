@@ -33,7 +33,11 @@ Methods (``--methods``):
               max_new_tokens=N, stop_at_eos=False)``, the prompt's prefix cached once (before
               timing) and shared by every row.
   torch-bf16  the torch runtime in bfloat16.
-  onnx        ``Runtime.load(model, backend="onnx")``: the float32 bundle under ONNX Runtime.
+  onnx        ``Runtime.load(model, backend="onnx")``: the float32 bundle under ONNX Runtime,
+              decode steps in place on its decode graph (``export/decode_graph.py``) or on
+              another candidate where ``calibrate_decode`` found one faster.
+  onnx-dense  the same with decode steps on the bundles' own graphs (``decode_graphs=False``:
+              the past copied once per step inside the graph), the baseline of the decode graph.
   onnx-int4   the 4-bit weight bundle (``softprompt.export.bundle_for(model, dtype="fp32",
               weights="int4")``, exported once if needed) under ``backend="onnx"``.
   onnx-bf16   ``Runtime.load(model, backend="onnx", dtype="bfloat16")`` (where the build serves
@@ -76,9 +80,10 @@ from typing import Callable
 
 import numpy as np
 
-GEN_METHODS = ("hf", "hf-bf16", "torch", "torch-bf16", "onnx", "onnx-int4", "onnx-bf16", "llama.cpp")
+GEN_METHODS = ("hf", "hf-bf16", "torch", "torch-bf16", "onnx", "onnx-dense", "onnx-int4", "onnx-bf16",
+               "llama.cpp")
 REFERENCE = "hf"  # the check column compares every method's ids with this one's
-EXPECT_SAME = ("torch", "onnx")  # float32, same function: greedy ids expected equal to hf's
+EXPECT_SAME = ("torch", "onnx", "onnx-dense")  # float32, same function: greedy ids expected equal to hf's
 GEN_B = (1, 8, 32)
 GEN_P = 20
 GEN_N = 32
@@ -205,6 +210,17 @@ def _executor_call():
 
 
 # ------------------------------------------------------------------------------- the run
+def dense_decode(backend) -> None:
+    """Decode on the bundles' own graphs only (no ``DecodeGraph``), recalibrated among them."""
+    from softprompt.export.decode_graph import DecodeGraph
+
+    backend.decode_graphs = False
+    backend.decoders = [d for d in backend.decoders if not isinstance(d, DecodeGraph)]
+    backend.decode_plan, backend.decode_ms = {}, {}
+    if len(backend.decoders) > 1:
+        backend.calibrate_decode()
+
+
 def make_ids(B: int, L: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, B, L]).integers(0, vocab, size=(B, L), dtype=np.int64)
 
@@ -317,7 +333,7 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
             close_thread()
 
     # --- onnx runtimes, one at a time
-    for m in ("onnx", "onnx-int4", "onnx-bf16"):
+    for m in ("onnx", "onnx-dense", "onnx-int4", "onnx-bf16"):
         if m not in args.methods:
             continue
         t0 = time.perf_counter()
@@ -327,8 +343,10 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
 
                 path = args.bundle_int4 or bundle_for(args.model, dtype="fp32", weights="int4")
                 rt = Runtime.load(str(path), backend="onnx", **kw)
-            elif m == "onnx":
+            elif m in ("onnx", "onnx-dense"):
                 rt = Runtime.load(args.model, backend="onnx", bundle_dir=args.bundle, **kw)
+                if m == "onnx-dense":
+                    dense_decode(rt.backend)
             else:
                 rt = Runtime.load(args.model, backend="onnx", dtype="bfloat16", **kw)
             rt.add_prompt("p", sp)

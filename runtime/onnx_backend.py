@@ -13,13 +13,19 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
    single row reads its cache entry in place; and score rows whose prefix lengths differ are
    split into graph calls by prefix length (``group_rows``) when that costs less than padding
    the short ones to the longest prompt of the batch;
-3. generating rows form one decode state: per layer K/V ``[B, Hkv, S, D]`` with a mask
-   ``[B, S]``. Rows with different past lengths share it (a row that joined later has mask-0
-   gaps); each decode step appends one column; rows that leave are dropped and columns no
-   remaining row uses are trimmed. ONNX Runtime returns a new ``present`` every call, so the
-   state is its output, never a copy the backend makes per row.
-4. decode steps may run on another session over the same graph than scoring and prefill
-   (``decoders``): per step kind, the faster one. A decode step reads every weight for one token
+3. generating rows form one decode state (``_GenState``). Dense: per layer K/V
+   ``[B, Hkv, S, D]`` with a mask ``[B, S]``; rows with different past lengths share it (a row
+   that joined later has mask-0 gaps); the bundle's graph appends one column per step and
+   returns a new ``present``, so each step copies the whole past once inside the graph. Packed:
+   row b's keys are columns ``[0, n_b)`` of buffers with room to grow (the rows' capacities),
+   and a ``DecodeGraph`` (``export/decode_graph.py``: the bundle's graph with its attention as
+   ONNX Runtime's GroupQueryAttention, past and present bound to one buffer) writes each new
+   key in place at column n_b: no per-step copy of the past. The prefill's dense state is
+   packed once at its first decode step (or join), buffers grow by doubling, rows that leave
+   are dropped; a row whose next position is not its key count keeps the state dense;
+4. decode steps may run on another session than scoring and prefill (``decoders``: the
+   bundle's decode graph, other bundles of the same model and theirs): per step kind, the
+   faster one. A decode step reads every weight for one token
    per row, so it is bound by memory bandwidth where a score batch is bound by the matrix units:
    bfloat16 under OpenVINO scores fastest, while its decode steps pay a bfloat16 conversion of
    the whole past at every step and lose to ONNX Runtime's float32 at larger batches; an exact
@@ -31,6 +37,7 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from softprompt.export.decode_graph import DecodeGraph, DecodeGraphError
 from softprompt.models import display_name
 
 from .backend import StepperBackend
@@ -51,16 +59,31 @@ from .stats import BackendStats
 if TYPE_CHECKING:
     from softprompt.export.bundle import Bundle
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _GenState:
+    """Generating rows. Dense (``packed`` False): per layer (K, V) ``[B, Hkv, S, D]`` where
+    ``mask`` ``[B, S]`` says which columns hold a key (gaps allowed), the bundle's graph
+    appends one column per step. Packed: row b's keys are columns ``[0, n_b)`` of buffers of
+    capacity S > every n_b (``mask`` 1 exactly there) and its next position is n_b; a decode
+    graph (``DecodeGraph``) writes each new key in place at column n_b."""
+
     past: list  # per layer (K, V) [B, Hkv, S, D]
     mask: np.ndarray  # [B, S] int64: 1 where a row has a key
     next_pos: np.ndarray  # [B] position id of each row's next token
+    packed: bool = False
+    reach: int = 0  # the most keys a row may come to hold (prefix + own capacity), 0: unknown
 
     @property
     def nbytes(self) -> int:
         return _past_bytes(self.past)
+
+    @property
+    def lens(self) -> np.ndarray:
+        """Keys per row ``[B]``."""
+        return self.mask.sum(1)
 
 
 def _past_bytes(past) -> int:
@@ -136,11 +159,16 @@ class OnnxBackend(StepperBackend):
     name = "onnx"
 
     def __init__(self, path, providers=None, prefix_cache_bytes: int = 1 << 30,
-                 compute_dtype: str | None = None, decoders: Sequence[Bundle] = ()):
+                 compute_dtype: str | None = None, decoders: Sequence[Bundle] = (),
+                 decode_graphs: bool = True):
         """``path``: the bundle directory; ``providers``: ONNX Runtime's (default CPU);
         ``compute_dtype``: None, or ``"bfloat16"`` (OpenVINO, ``load_bundle``); ``decoders``:
         other opened bundles of the same model and geometry that decode steps may run on, picked
-        by ``calibrate_decode`` (call it once; until then decode runs on the bundle itself)."""
+        by ``calibrate_decode`` (call it once; until then decode runs on the bundle itself, or
+        its decode graph); ``decode_graphs``: at the first decode step (or calibration), add a
+        ``DecodeGraph`` (attention in place, ``export/decode_graph.py``) of each float32
+        candidate under ONNX Runtime's CPU provider whose graph has the usual shape; each holds
+        its weights once more in memory."""
         from softprompt.export.bundle import load_bundle
 
         self.bundle = b = load_bundle(path, providers=providers, compute_dtype=compute_dtype)
@@ -148,7 +176,9 @@ class OnnxBackend(StepperBackend):
             if (d.fingerprint, d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size) != (
                     b.fingerprint, b.num_layers, b.num_kv_heads, b.head_dim, b.vocab_size):
                 raise ValueError(f"decoder bundle {d.path} is not of the model of {b.path}")
-        self.decoders = [b, *decoders]
+        self.decoders: list[Bundle | DecodeGraph] = [b, *decoders]
+        self.decode_graphs = decode_graphs
+        self._graphs_opened = False
         # a prompt's prefix is computed once and then read by every request: in float32 when a
         # float32 candidate is at hand (bfloat16 serving), which halves bfloat16's drift on the
         # default model (bench/RESULTS.md, "bfloat16 on the CPU")
@@ -336,24 +366,54 @@ class OnnxBackend(StepperBackend):
     def prefill(self, plan: BatchPlan, capacity):
         logits, presents, mask, entries = self._run_plan(plan, plan.last_cols[:, None])
         next_pos = plan.prefix_lens + plan.past_lens + plan.q_lens
-        return _GenState(presents, mask, next_pos), logits[:, 0]
+        reach = int((plan.prefix_lens + np.asarray(capacity, np.int64)).max()) if len(capacity) else 0
+        return _GenState(presents, mask, next_pos, reach=reach), logits[:, 0]
 
-    def decoder(self, batch: int):
-        """The bundle decode steps of ``batch`` rows run on: the calibrated pick for the
-        nearest calibrated batch size (``decode_plan``), else the bundle itself."""
+    def open_decode_graphs(self) -> list[str]:
+        """Once: a ``DecodeGraph`` of each float32 ONNX Runtime CPU candidate in ``decoders``,
+        appended to them (see ``__init__``); a graph of another shape is skipped with its reason
+        logged. Returns what was added (``_engine``)."""
+        if self._graphs_opened or not self.decode_graphs:
+            return []
+        self._graphs_opened = True
+        added = []
+        for d in list(self.decoders):
+            if isinstance(d, DecodeGraph) or d.compute_dtype != "float32" \
+                    or d.session.get_providers()[0] != "CPUExecutionProvider":
+                continue
+            try:
+                self.decoders.append(DecodeGraph.open(d))
+                added.append(_engine(self.decoders[-1]))
+            except DecodeGraphError as e:
+                log.info("decode steps on %s stay on its graph: %s", d.path, e)
+        return added
+
+    def decoder(self, batch: int, packed: bool | None = None) -> Bundle | DecodeGraph:
+        """What decode steps of ``batch`` rows run on: the calibrated pick for the nearest
+        calibrated batch size (``decode_plan``), else the bundle's decode graph if it has one,
+        else the bundle. ``packed=False``: the fastest candidate that takes a dense past."""
+        def ok(d):
+            return packed is None or getattr(d, "packed", False) == packed
+
         if not self.decode_plan:
-            return self.bundle
+            return next((d for d in self.decoders if isinstance(d, DecodeGraph)
+                         and d.bundle is self.bundle and ok(d)), self.bundle)
         near = min(self.decode_plan, key=lambda n: (abs(np.log(n / batch)), n))
-        return self.decoders[self.decode_plan[near]]
+        if ok(self.decoders[self.decode_plan[near]]):
+            return self.decoders[self.decode_plan[near]]
+        ms = self.decode_ms.get(near)
+        order = np.argsort(ms) if ms else range(len(self.decoders))
+        return next((self.decoders[i] for i in order if ok(self.decoders[i])), self.bundle)
 
     def calibrate_decode(self, batches: Sequence[int] = (1, 8, 32), past: int = 64,
                          repeats: int = 3) -> dict[int, str]:
         """Time one decode step (``batches`` rows on a ``past``-token past, random values) on
-        every candidate in ``decoders``, best of ``repeats`` after a warm-up, and keep the fastest
-        per batch size for ``decode`` (times in ``decode_ms``). Returns {batch: chosen bundle's
-        engine and weights}."""
+        every candidate in ``decoders`` (decode graphs opened first), best of ``repeats`` after a
+        warm-up, and keep the fastest per batch size for ``decode`` (times in ``decode_ms``).
+        Returns {batch: chosen candidate's engine and weights}."""
         import time
 
+        self.open_decode_graphs()
         b = self.bundle
         if len(self.decoders) == 1:
             self.decode_plan = {n: 0 for n in batches}
@@ -363,16 +423,20 @@ class OnnxBackend(StepperBackend):
             shape = (n, b.num_kv_heads, past, b.head_dim)
             kv = [(rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
                   for _ in range(b.num_layers)]
-            args = (b.embeddings[rng.integers(0, b.vocab_size, (n, 1))].astype(np.float32),
-                    np.ones((n, past + 1), np.int64), np.full((n, 1), past, np.int64), kv,
-                    np.zeros((n, 1), np.int64))
+            room = [(np.pad(k, ((0, 0), (0, 0), (0, 1), (0, 0))), np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 0))))
+                    for k, v in kv]  # packed, one free column
+            emb = b.embeddings[rng.integers(0, b.vocab_size, (n, 1))].astype(np.float32)
+            lens = np.full(n, past)
+            dense = (emb, np.ones((n, past + 1), np.int64), lens[:, None], kv, np.zeros((n, 1), np.int64))
             best = []
             for d in self.decoders:
-                d.run(*args)
+                step = (lambda d=d: d.run(emb, lens, room)) if isinstance(d, DecodeGraph) \
+                    else (lambda d=d: d.run(*dense))
+                step()
                 ts = []
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    d.run(*args)
+                    step()
                     ts.append(time.perf_counter() - t)
                 best.append(min(ts))
             self.decode_plan[n] = int(np.argmin(best))
@@ -380,26 +444,50 @@ class OnnxBackend(StepperBackend):
         return {n: _engine(self.decoders[i]) for n, i in self.decode_plan.items()}
 
     def decode(self, state: _GenState, next_ids: np.ndarray):
-        b = self.decoder(len(next_ids))
-        state.mask = np.concatenate([state.mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
-        emb = b.embeddings[next_ids][:, None].astype(b.np_dtype)  # [B, 1, E]
-        logits, state.past = b.run(emb, state.mask, state.next_pos[:, None], state.past,
-                                   np.zeros((len(next_ids), 1), np.int64))
+        self.open_decode_graphs()
+        B = len(next_ids)
+        d = self.decoder(B)
+        if isinstance(d, DecodeGraph):
+            if not state.packed and not _pack(state):
+                d = self.decoder(B, packed=False)  # positions not contiguous: the bundle's graph
+        elif state.packed:
+            _unpack(state)
+        emb = d.embeddings[next_ids][:, None].astype(d.np_dtype)  # [B, 1, E]
+        if isinstance(d, DecodeGraph):
+            lens = state.lens
+            if lens.max() + 1 > state.mask.shape[1]:
+                _grow(state, int(lens.max()) + 1)
+            logits = d.run(emb, lens, state.past)
+            state.mask[np.arange(B), lens] = 1
+        else:
+            state.mask = np.concatenate([state.mask, np.ones((B, 1), np.int64)], axis=1)
+            logits, state.past = d.run(emb, state.mask, state.next_pos[:, None], state.past,
+                                       np.zeros((B, 1), np.int64))
+            logits = logits[:, 0]
         state.next_pos = state.next_pos + 1
-        self.tokens_computed += len(next_ids)
-        return logits[:, 0]
+        self.tokens_computed += B
+        return logits
 
     def select(self, state: _GenState, keep: list[int]) -> _GenState:
         mask = state.mask[keep]
+        if state.packed:  # the rows leave; the buffers keep their capacity
+            state.past = [(k[keep], v[keep]) for k, v in state.past]
+            state.mask, state.next_pos = mask, state.next_pos[keep]
+            return state
         cols = np.flatnonzero(mask.any(0))  # columns some remaining row still uses
         state.past = [(k[keep][:, :, cols], v[keep][:, :, cols]) for k, v in state.past]
         state.mask, state.next_pos = mask[:, cols], state.next_pos[keep]
         return state
 
     def join(self, state: _GenState | None, new: _GenState) -> _GenState:
-        """Rows of ``new`` after those of ``state``; the shorter past is right-padded (mask 0)."""
+        """Rows of ``new`` after those of ``state``; the shorter past is right-padded (mask 0).
+        A packed state takes new rows packed (or becomes dense when they cannot be)."""
         if state is None:
             return new
+        if state.packed and not new.packed and not _pack(new, state.mask.shape[1]):
+            _unpack(state)
+        elif new.packed and not state.packed:
+            _unpack(new)
         S = max(state.mask.shape[1], new.mask.shape[1])
 
         def pad(a, axis):
@@ -411,6 +499,7 @@ class OnnxBackend(StepperBackend):
                       for (k0, v0), (k1, v1) in zip(state.past, new.past)]
         state.mask = np.concatenate([pad(state.mask, 1), pad(new.mask, 1)])
         state.next_pos = np.concatenate([state.next_pos, new.next_pos])
+        state.reach = max(state.reach, new.reach)
         return state
 
     @staticmethod
@@ -418,7 +507,57 @@ class OnnxBackend(StepperBackend):
         return pick_numpy(logits, samplers)
 
 
-def _engine(bundle) -> str:
-    """e.g. ``"OpenVINO bfloat16"``, ``"CPUExecutionProvider float32 int4"``."""
-    q = bundle.manifest.get("quantization")
-    return f"{bundle.session.get_providers()[0]} {bundle.compute_dtype}{' ' + q if q else ''}"
+def _engine(d) -> str:
+    """e.g. ``"OpenVINO bfloat16"``, ``"CPUExecutionProvider float32 int4"``,
+    ``"CPUExecutionProvider float32 int4 in place"`` (a ``DecodeGraph``)."""
+    q = d.manifest.get("quantization")
+    return (f"{d.session.get_providers()[0]} {d.compute_dtype}{' ' + q if q else ''}"
+            f"{' in place' if isinstance(d, DecodeGraph) else ''}")
+
+
+def _pack(state: _GenState, capacity: int = 0) -> bool:
+    """Make a dense state packed (row b's keys to columns ``[0, n_b)``, capacity at least
+    ``capacity``, ``state.reach`` and max n_b + 1), one copy of the past; False (state unchanged)
+    when a row's next position is not its number of keys (a decode graph takes one as the other)."""
+    lens = state.lens
+    if not np.array_equal(lens, state.next_pos):
+        return False
+    B, S = state.mask.shape
+    M = max(capacity, state.reach, int(lens.max()) + 1)
+    M = -(-M // 16) * 16
+    contiguous = all(state.mask[b, :n].all() for b, n in enumerate(lens))
+    past = []
+    for k, v in state.past:
+        out = []
+        for a in (k, v):
+            p = np.zeros((B, a.shape[1], M, a.shape[3]), a.dtype)
+            if contiguous:  # every row's keys already start at column 0
+                n = min(S, M)
+                p[:, :, :n] = a[:, :, :n]
+            else:
+                for b in range(B):
+                    p[b, :, :lens[b]] = a[b][:, state.mask[b].astype(bool)]
+            out.append(p)
+        past.append(tuple(out))
+    state.past = past
+    state.mask = (np.arange(M)[None] < lens[:, None]).astype(np.int64)
+    state.packed = True
+    return True
+
+
+def _unpack(state: _GenState) -> None:
+    """A packed state as a dense one (its columns up to the longest row), for the bundle's graph."""
+    S = int(state.lens.max())
+    state.past = [(np.ascontiguousarray(k[:, :, :S]), np.ascontiguousarray(v[:, :, :S]))
+                  for k, v in state.past]
+    state.mask = np.ascontiguousarray(state.mask[:, :S])
+    state.packed = False
+
+
+def _grow(state: _GenState, need: int) -> None:
+    """Packed buffers with room for ``need`` keys per row (at least double), one copy."""
+    B, S = state.mask.shape
+    M = -(-max(need, 2 * S) // 16) * 16
+    state.past = [tuple(np.concatenate([a, np.zeros(a.shape[:2] + (M - S,) + a.shape[3:], a.dtype)], 2)
+                        for a in kv) for kv in state.past]
+    state.mask = np.pad(state.mask, ((0, 0), (0, M - S)))

@@ -98,13 +98,17 @@ def test_bf16_batch_invariance(bf16, backend):
 
 
 def test_bf16_decode_on_every_candidate(bf16, rts_reference):
-    """onnx in bfloat16 may decode on OpenVINO (bfloat16) or ONNX Runtime (float32), whichever
-    its calibration found faster for the batch size: generation through each, forced, gives
-    tokens whose log-probs are the float32 reference's for those tokens (SCORE_CPU_BF16)."""
+    """onnx in bfloat16 may decode on OpenVINO (bfloat16), ONNX Runtime (float32) or the float32
+    bundle's decode graph (in place), whichever its calibration found faster for the batch size:
+    generation through each, forced, gives tokens whose log-probs are the float32 reference's
+    for those tokens (SCORE_CPU_BF16)."""
+    from softprompt.runtime.onnx_backend import _engine
+
     rt = bf16("onnx")
     be = rt.backend
-    assert [d.session.get_providers()[0] for d in be.decoders] == ["OpenVINO", "CPUExecutionProvider"]
-    assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1}
+    assert [_engine(d) for d in be.decoders] == [
+        "OpenVINO bfloat16", "CPUExecutionProvider float32", "CPUExecutionProvider float32 in place"]
+    assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1, 2}
     names, ctxs = [KINDS[0], KINDS[1], None], [[5, 6, 7], [9] * 11, [4, 40]]
     for i in range(len(be.decoders)):
         be.decode_plan = dict.fromkeys(be.decode_plan, i)

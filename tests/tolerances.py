@@ -3,6 +3,6 @@ keyed by torch dtype here for the kernel tests' convenience."""
 
 import torch
 
-from softprompt.tolerances import KERNEL as _KERNEL, ONNX, SCORE, SCORE_CPU_BF16, SCORE_DEFAULT_MODEL  # noqa: F401
+from softprompt.tolerances import KERNEL as _KERNEL, DECODE_GRAPH, ONNX, SCORE, SCORE_CPU_BF16, SCORE_DEFAULT_MODEL  # noqa: F401
 
 KERNEL = {getattr(torch, name): tol for name, tol in _KERNEL.items()}

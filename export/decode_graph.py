@@ -1,0 +1,354 @@
+"""A decode-step graph for a bundle: its own ``model.onnx`` with each layer's attention replaced
+by ONNX Runtime's ``GroupQueryAttention`` over a K/V buffer that past and present share.
+
+Why: the exported graph takes the past as an input and returns ``present = Concat(past, new)``,
+so every decode step copies each layer's whole past once in the graph, and its attention is
+~35 small nodes per layer (RoPE as Slice/Neg/Concat, the causal mask, repeat-kv, softmax), which
+at one token per row cost as much as the weights do. ``GroupQueryAttention`` (com.microsoft,
+CPU kernel) applies RoPE from cos/sin tables, writes the new key and value of row b at column
+``seqlens_k[b]`` of the buffer it is given, and attends over columns ``[0, seqlens_k[b]]``;
+when the ``present`` output is bound to the ``past`` input's memory (IOBinding), nothing else
+is copied. Rows must hold their keys packed from column 0 with position = column (the host
+packs them, ``runtime/onnx_backend.py``).
+
+How: the rewrite works on the graph's structure, not on names. Per layer, ``present.{i}.value``
+is ``Concat(past, Transpose(Reshape(v)))`` and ``present.{i}.key`` is the same over RoPE of k;
+the attention's two MatMuls read them, the scores' other operand leads back to q, and the
+probabilities times V lead through Transpose/Reshape to the output projection's input. Those
+tensors become one ``GroupQueryAttention`` node; every node then unused is dropped with the
+attention mask and position ids. The cos/sin tables are the graph's own rotary subgraph run over
+positions ``0..max_position_embeddings-1``, so any RoPE scaling the exporter traced is kept.
+A graph that does not have this shape (GPT-2's learned positions, partial rotary, a changed
+attention scale) raises ``DecodeGraphError`` and decode stays on the bundle's graph.
+
+Weights are not copied: the rewritten graph references the bundle's external data files, and
+``DecodeGraph.open`` checks one decode step against the bundle's graph on random rows of
+different lengths (``DECODE_GRAPH`` in the tolerance table) before it is used.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from softprompt.tolerances import DECODE_GRAPH
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+
+    from .bundle import Bundle
+
+SEQLENS = "seqlens_k"  # [B] int32: keys each row holds before this step (its new key's column)
+TOTAL = "total_sequence_length"  # [] int32: max over rows of seqlens_k + 1
+COS, SIN = "gqa_cos_cache", "gqa_sin_cache"  # [max_positions, head_dim / 2] float32
+_ROPE_OPS = {"Mul", "Add", "Sub", "Concat", "Neg", "Slice", "Split"}
+_VIEW_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze"}
+
+
+class DecodeGraphError(ValueError):
+    """The bundle's graph cannot be rewritten (or the rewrite differs from it)."""
+
+
+@dataclass
+class _Layer:
+    q: str
+    k: str
+    v: str
+    out: str  # the attention output, the output projection's input [B, S, H * D]
+    removed: list  # node names replaced by the GroupQueryAttention node
+
+
+def _maps(graph) -> tuple[dict, dict]:
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _projection(start: str, producer: dict, limit: int = 24) -> tuple[str, str]:
+    """From a head-split tensor back to the projection it came from: the nearest
+    ``Transpose(Reshape(x))`` above ``start`` (breadth first) through RoPE's element-wise ops
+    and views. Returns (x, the Transpose's output)."""
+    seen, todo = set(), deque([start])
+    while todo and len(seen) < limit:
+        t = todo.popleft()
+        n = producer.get(t)
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type == "Transpose":
+            r = producer.get(n.input[0])
+            if r is not None and r.op_type == "Reshape":
+                return r.input[0], n.output[0]
+            continue
+        if n.op_type in _ROPE_OPS or n.op_type in _VIEW_OPS:
+            todo.extend(i for i in n.input if i)
+    raise DecodeGraphError(f"no Transpose(Reshape(projection)) above {start!r}")
+
+
+def _reader(tensor: str, consumers: dict) -> tuple:
+    """The MatMul reading ``tensor`` through view ops (repeat-kv, K^T) and a scaling Mul;
+    (node, the input it reads it on)."""
+    todo = deque([tensor])
+    while todo:
+        t = todo.popleft()
+        for n in consumers.get(t, []):
+            if n.op_type == "MatMul":
+                return n, t
+            if n.op_type in _VIEW_OPS or n.op_type == "Mul":
+                todo.append(n.output[0])
+    raise DecodeGraphError(f"no MatMul reads {tensor!r}")
+
+
+def _find_layer(i: int, producer: dict, consumers: dict) -> tuple[_Layer, str, str]:
+    """Layer ``i``'s attention tensors; also its key RoPE's two table operands (cos, sin
+    candidates, in no particular order)."""
+    ck, cv = producer.get(f"present.{i}.key"), producer.get(f"present.{i}.value")
+    for c, name in ((ck, "key"), (cv, "value")):
+        if c is None or c.op_type != "Concat" or list(c.input[:1]) != [f"past_key_values.{i}.{name}"] \
+                or len(c.input) != 2:
+            raise DecodeGraphError(f"present.{i}.{name} is not Concat(past, new)")
+    vt = producer.get(cv.input[1])
+    vr = producer.get(vt.input[0]) if vt is not None and vt.op_type == "Transpose" else None
+    if vr is None or vr.op_type != "Reshape":
+        raise DecodeGraphError(f"layer {i}: the new value is not Transpose(Reshape(v))")
+    v = vr.input[0]
+    k, k_heads = _projection(ck.input[1], producer)
+    scores, via = _reader(ck.output[0], consumers)
+    q, _ = _projection(scores.input[0] if via == scores.input[1] else scores.input[1], producer)
+    pv, _ = _reader(cv.output[0], consumers)
+    out, node = pv.output[0], pv
+    while True:  # probabilities @ V, then back to [B, S, H * D] through views
+        nxt = consumers.get(out, [])
+        if len(nxt) != 1 or nxt[0].op_type not in ("Transpose", "Reshape"):
+            break
+        node = nxt[0]
+        out = node.output[0]
+    if node is pv:
+        raise DecodeGraphError(f"layer {i}: no Transpose/Reshape after the attention's P @ V")
+    # the key's RoPE: Add(Mul(k_heads, cos), Mul(rotate_half(k_heads), sin))
+    tables = []
+    for n in consumers.get(k_heads, []):
+        if n.op_type == "Mul":
+            tables.append(n.input[1] if n.input[0] == k_heads else n.input[0])
+    rope_add = producer.get(ck.input[1])
+    if rope_add is None or rope_add.op_type != "Add" or len(tables) != 1:
+        raise DecodeGraphError(f"layer {i}: the key is not RoPE'd as x * cos + rotate_half(x) * sin")
+    other = [producer.get(t) for t in rope_add.input]
+    sin = [m.input[1 - j] for m in other if m is not None and m.op_type == "Mul"
+           for j in (0, 1) if producer.get(m.input[j]) is not None
+           and producer[m.input[j]].op_type in ("Concat",)]
+    if len(sin) != 1:
+        raise DecodeGraphError(f"layer {i}: rotate_half(k) * sin not found")
+    return _Layer(q, k, v, out, [ck.name, cv.name, node.name]), tables[0], sin[0]
+
+
+def _upstream(graph, outputs: list[str]) -> list:
+    """The nodes ``outputs`` depend on, in graph order."""
+    producer, _ = _maps(graph)
+    need, todo = set(), list(outputs)
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in need:
+            need.add(n.name)
+            todo.extend(i for i in n.input if i)
+    return [n for n in graph.node if n.name in need]
+
+
+def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions: int,
+                  folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's own rotary tables ``cos``/``sin`` ``[1, positions, D]`` (HF's
+    ``cat(freqs, freqs)`` layout), computed by its subgraph from ``position_ids``; returned as
+    ``[positions, D / 2]`` float32 (GroupQueryAttention's layout)."""
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    nodes = _upstream(g, [cos, sin])
+    used = {i for n in nodes for i in n.input}
+    inputs = [i for i in g.input if i.name in used]
+    if [i.name for i in inputs] != ["position_ids"]:
+        raise DecodeGraphError(f"the rotary tables depend on {[i.name for i in inputs]}, "
+                               "expected position_ids only")
+    sub = helper.make_graph(nodes, "rotary", inputs,
+                            [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                             for t in (cos, sin)],
+                            [t for t in g.initializer if t.name in used])
+    m = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    c, s = _session(m, folder).run(None, {"position_ids": np.arange(positions)[None]})
+    c, s = np.asarray(c, np.float32).reshape(positions, -1), np.asarray(s, np.float32).reshape(positions, -1)
+    if abs(float(c[0, 0]) - 1) > 1e-6:  # cos(0) = 1: the two operands were in the other order
+        c, s = s, c
+    half = c.shape[1] // 2
+    if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
+        raise DecodeGraphError("the rotary tables are not cat(freqs, freqs) (interleaved RoPE)")
+    return np.ascontiguousarray(c[:, :half]), np.ascontiguousarray(s[:, :half])
+
+
+def _session(model: onnx.ModelProto, folder: str, options: ort.SessionOptions | None = None):
+    """An ORT CPU session over an in-memory graph whose external weights lie in ``folder``."""
+    import onnxruntime as ort
+
+    so = options or ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def rewrite(model: onnx.ModelProto, num_heads: int, num_kv_heads: int, head_dim: int,
+            num_layers: int, max_positions: int, folder: str) -> onnx.ModelProto:
+    """The decode graph of ``model`` (loaded without its external data, which stays in
+    ``folder``). Inputs: ``inputs_embeds [B, 1, E]``, ``seqlens_k [B]`` int32,
+    ``total_sequence_length []`` int32, ``past_key_values.{i}.key/value [B, Hkv, M, D]``
+    (M: the buffer's capacity, > every seqlens_k), ``logits_index [B, K]``; outputs ``logits``
+    and ``present.{i}.key/value``, to be bound to the past buffers (IOBinding)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's stays as it is
+    g = model.graph
+    producer, consumers = _maps(g)
+    layers, tables = [], None
+    for i in range(num_layers):
+        layer, a, b = _find_layer(i, producer, consumers)
+        layers.append(layer)
+        tables = tables or (a, b)
+    cos, sin = rotary_tables(model, tables[0], tables[1], max_positions, folder)
+    if cos.shape[1] * 2 != head_dim:
+        raise DecodeGraphError(f"rotary dimension {cos.shape[1] * 2} != head_dim {head_dim} "
+                               "(partial rotary)")
+    drop = {n for layer in layers for n in layer.removed}
+    nodes = []
+    by_name = {layer.removed[-1]: (i, layer) for i, layer in enumerate(layers)}
+    for n in g.node:
+        if n.name in by_name:
+            i, layer = by_name[n.name]
+            nodes.append(helper.make_node(
+                "GroupQueryAttention",
+                [layer.q, layer.k, layer.v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                 SEQLENS, TOTAL, COS, SIN],
+                [layer.out, f"present.{i}.key", f"present.{i}.value"], name=f"gqa_{i}",
+                domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_kv_heads,
+                do_rotary=1, rotary_interleaved=0))
+        elif n.name not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    live = _upstream(g, [o.name for o in g.output])
+    del g.node[:]
+    g.node.extend(live)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + [numpy_helper.from_array(cos, COS), numpy_helper.from_array(sin, SIN)])
+    inputs = [i for i in g.input if i.name in used]
+    del g.input[:]
+    g.input.extend(inputs[:1] + [helper.make_tensor_value_info(SEQLENS, onnx.TensorProto.INT32, ["batch"]),
+                                 helper.make_tensor_value_info(TOTAL, onnx.TensorProto.INT32, [])]
+                   + inputs[1:])
+    for o in g.output[1:]:  # presents: the buffer's capacity, not past + 1
+        o.type.tensor_type.shape.dim[2].dim_param = "capacity"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+class DecodeGraph:
+    """One decode step on packed K/V buffers, in place (see the module docstring).
+
+    bundle: the bundle whose graph was rewritten (its weights, embeddings, manifest);
+    session: ONNX Runtime's session over the rewritten graph.
+    """
+
+    packed = True
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession):
+        self.bundle, self.session = bundle, session
+        self.manifest, self.compute_dtype = bundle.manifest, bundle.compute_dtype
+        self.np_dtype, self.embeddings = bundle.np_dtype, bundle.embeddings
+        self.path = bundle.path
+
+    @classmethod
+    def open(cls, bundle: Bundle, options: ort.SessionOptions | None = None,
+             check: bool = True) -> DecodeGraph:
+        """Rewrite ``bundle``'s graph (CPU, float32 I/O) and, with ``check``, compare one decode
+        step with the bundle's graph on 3 random rows of different past lengths (``check``).
+
+        Raises:
+            DecodeGraphError: the graph has another shape, or the step differs by more than
+                ``DECODE_GRAPH`` (log-probs).
+        """
+        import onnx
+
+        from .bundle import MODEL_FILE
+
+        if bundle.np_dtype != np.float32 or bundle.session.get_providers()[0] != "CPUExecutionProvider":
+            raise DecodeGraphError("the decode graph is built for float32 bundles under ONNX "
+                                   "Runtime's CPU provider")
+        b = bundle
+        model = onnx.load(str(b.path / MODEL_FILE), load_external_data=False)
+        fused = rewrite(model, b.num_heads, b.num_kv_heads, b.head_dim, b.num_layers,
+                        int(b.max_position_embeddings or 4096), str(b.path))
+        graph = cls(b, _session(fused, str(b.path), options))
+        if check:
+            graph.check()
+        return graph
+
+    def run(self, inputs_embeds: np.ndarray, seqlens: np.ndarray, past: list) -> np.ndarray:
+        """One token per row: ``inputs_embeds [B, 1, E]``; ``seqlens [B]`` keys row b holds
+        (packed from column 0; its new token's position and column); ``past``: per layer
+        ``(K, V)`` C-contiguous float32 ``[B, Hkv, M, D]`` with M > max(seqlens), written in
+        place at column ``seqlens[b]``. Returns logits ``[B, V]`` float32."""
+        import onnxruntime as ort
+
+        B = len(seqlens)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
+        binding.bind_cpu_input(SEQLENS, np.ascontiguousarray(seqlens, np.int32))
+        binding.bind_cpu_input(TOTAL, np.array(int(seqlens.max()) + 1, np.int32))
+        binding.bind_cpu_input("logits_index", np.zeros((B, 1), np.int64))
+        binding.bind_output("logits")  # first: get_outputs() follows the binding order
+        for i, (k, v) in enumerate(past):
+            for name, a in ((f"{i}.key", k), (f"{i}.value", v)):
+                buf = ort.OrtValue.ortvalue_from_numpy(a)  # shares a's memory
+                binding.bind_ortvalue_input(f"past_key_values.{name}", buf)
+                binding.bind_ortvalue_output(f"present.{name}", buf)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, 0]
+
+    def check(self, lengths: tuple[int, ...] = (5, 17, 1), capacity: int = 24) -> float:
+        """Rows of random tokens (``lengths``, right-padded) through the bundle's graph, then
+        one more token each: on the bundle's graph (dense masked past) and on this one (the
+        presents packed into ``capacity`` columns). Returns the largest |delta log-prob|;
+        raises above ``DECODE_GRAPH`` (the tolerance table)."""
+        from softprompt.runtime.requests import log_softmax
+
+        b = self.bundle
+        rng = np.random.default_rng(0)
+        B, S = len(lengths), max(lengths)
+        seqlens = np.array(lengths)
+        ids = rng.integers(0, b.vocab_size, (B, S + 1))
+        emb = b.embeddings[ids].astype(np.float32)
+        mask = (np.arange(S)[None] < seqlens[:, None]).astype(np.int64)
+        _, dense = b.run(emb[:, :S], mask, np.arange(S)[None].repeat(B, 0), b.empty_past(B),
+                         np.zeros((B, 1), np.int64))
+        new = emb[np.arange(B), seqlens][:, None]  # row b's next token sits at its own length
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
+        want, _ = b.run(new, mask, seqlens[:, None], dense, np.zeros((B, 1), np.int64))
+        shape = (B, b.num_kv_heads, capacity, b.head_dim)
+        past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in dense]
+        for (k, v), (dk, dv) in zip(past, dense):
+            k[:, :, :S], v[:, :, :S] = dk, dv
+        got = self.run(new, seqlens, past)
+        err = float(np.abs(log_softmax(got.astype(np.float64))
+                           - log_softmax(want[:, 0].astype(np.float64))).max())
+        tol = DECODE_GRAPH["float32"]["atol"]
+        if not err <= tol:
+            raise DecodeGraphError(f"{self.path}: the decode graph's log-probs differ from the "
+                                   f"bundle's graph by {err:.2e} (> {tol})")
+        return err

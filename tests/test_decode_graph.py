@@ -1,0 +1,154 @@
+"""Decode steps in place: a bundle's decode graph (export/decode_graph.py, each layer's attention
+as ONNX Runtime's GroupQueryAttention on K/V buffers shared by past and present) against the
+bundle's own graph, and the onnx backend's packed decode state against its dense one through
+joins, departures, growth and a row whose positions are not its key count."""
+
+import numpy as np
+import pytest
+
+from softprompt.export.bundle import load_bundle
+from softprompt.export.decode_graph import DecodeGraph, DecodeGraphError
+from softprompt.runtime.api import Runtime
+from softprompt.runtime.plan import BatchPlan
+from softprompt.runtime.prompts import SoftPrompt
+from softprompt.runtime.requests import ScoreRequest, log_softmax
+from tolerances import DECODE_GRAPH
+
+TOL = DECODE_GRAPH["float32"]["atol"]
+
+
+def _lp(x):
+    return log_softmax(np.asarray(x, np.float64))
+
+
+def _rows(b, lengths, seed=0):
+    """Random-token rows of ``lengths`` through the bundle's graph: (their dense presents, the
+    next token's embeddings [B, 1, E])."""
+    rng = np.random.default_rng(seed)
+    B, S = len(lengths), max(lengths)
+    emb = b.embeddings[rng.integers(0, b.vocab_size, (B, S + 1))].astype(np.float32)
+    mask = (np.arange(S)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    _, dense = b.run(emb[:, :S], mask, np.arange(S)[None].repeat(B, 0), b.empty_past(B),
+                     np.zeros((B, 1), np.int64))
+    return dense, emb[np.arange(B), lengths][:, None], mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_decode_graph_equals_the_bundle_graph(tiny_bundles, family):
+    """Odd lengths, a row with no keys; the control (the new token one column early, i.e. a
+    position off by one and a key overwritten) lies outside the tolerance."""
+    b = load_bundle(tiny_bundles[family])
+    g = DecodeGraph.open(b, check=False)
+    lengths = np.array([3, 11, 0, 7])
+    dense, new, mask = _rows(b, lengths)
+    mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
+    want, _ = b.run(new, mask, lengths[:, None], dense, np.zeros((4, 1), np.int64))
+    want = _lp(want[:, 0])
+
+    def packed():
+        shape = (4, b.num_kv_heads, 13, b.head_dim)
+        past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in dense]
+        for (k, v), (dk, dv) in zip(past, dense):
+            k[:, :, :11], v[:, :, :11] = dk, dv
+        return past
+
+    assert np.abs(_lp(g.run(new, lengths, packed())) - want).max() <= TOL
+    early = np.maximum(lengths - 1, 0)
+    assert np.abs(_lp(g.run(new, early, packed())) - want).max() > 10 * TOL
+
+
+def test_decode_graph_writes_in_place(tiny_bundles):
+    """The new key and value of row b land at column seqlens[b] of the very buffers passed in;
+    every other column is unchanged."""
+    b = load_bundle(tiny_bundles["llama"])
+    g = DecodeGraph.open(b)
+    lengths = np.array([2, 5])
+    dense, new, _ = _rows(b, lengths, seed=1)
+    shape = (2, b.num_kv_heads, 9, b.head_dim)
+    past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in dense]
+    for (k, v), (dk, dv) in zip(past, dense):
+        k[:, :, :5], v[:, :, :5] = dk, dv
+    before = [(k.copy(), v.copy()) for k, v in past]
+    pointers = [(k.ctypes.data, v.ctypes.data) for k, v in past]
+    g.run(new, lengths, past)
+    assert [(k.ctypes.data, v.ctypes.data) for k, v in past] == pointers
+    for (k, v), (k0, v0) in zip(past, before):
+        for a, a0 in ((k, k0), (v, v0)):
+            for r, n in enumerate(lengths):
+                assert np.abs(a[r, :, n]).max() > 0  # written
+                cols = [c for c in range(9) if c != n]
+                np.testing.assert_array_equal(a[r][:, cols], a0[r][:, cols])
+
+
+def test_a_graph_of_another_shape_is_refused(tiny_bundles):
+    """GPT-2 (learned positions, no RoPE) keeps decoding on its own graph: one-line reason."""
+    b = load_bundle(tiny_bundles["gpt2"])
+    with pytest.raises(DecodeGraphError) as e:
+        DecodeGraph.open(b)
+    assert "\n" not in str(e.value)
+
+
+def _runtime(path, decode_graphs=True):
+    rt = Runtime.load(str(path), backend="onnx")
+    rt.backend.decode_graphs = decode_graphs
+    for name, n, seed in (("p1", 1, 1), ("p20", 20, 2), ("p100", 100, 3)):
+        rt.add_prompt(name, SoftPrompt.random(n, 64, seed=seed, std=0.5))
+    return rt
+
+
+def test_generation_decodes_in_place(tiny_bundles):
+    """Runtime.generate on a bundle decodes on its decode graph; greedy tokens equal those of
+    the same backend decoding on the bundle's graph."""
+    fused, dense = _runtime(tiny_bundles["llama"]), _runtime(tiny_bundles["llama"], False)
+    names, ctxs = ["p20", None, "p100"], [[5, 6, 7], [9], [4] * 12]
+    kw = dict(max_new_tokens=10, stop_at_eos=False)
+    got, want = fused.generate(names, ctxs, **kw), dense.generate(names, ctxs, **kw)
+    assert isinstance(fused.backend.decoder(3), DecodeGraph)
+    assert not any(isinstance(d, DecodeGraph) for d in dense.backend.decoders)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_packed_state_equals_dense_through_joins_departures_and_growth(tiny_bundles):
+    """Backend steps on the packed state (decode graph) and the dense one (bundle graph), fed
+    the same tokens: equal log-probs after prefill, decode, rows leaving, rows joining, the
+    buffers growing past their first capacity; a state whose next position is not its key
+    count stays dense and still equals."""
+    rt_f, rt_d = _runtime(tiny_bundles["llama"]), _runtime(tiny_bundles["llama"], False)
+    be_f, be_d = rt_f.backend, rt_d.backend
+
+    def plan(rt, reqs):
+        return BatchPlan.build([rt.check(ScoreRequest(p, c)) for p, c in reqs], score=False)
+
+    first = [("p20", [5, 6, 7]), (None, [9, 8]), ("p100", [4] * 6)]
+    later = [("p1", [5]), (None, [7, 7, 7, 7])]
+    s_f, l_f = be_f.prefill(plan(rt_f, first), [7, 2, 6])  # capacities below what follows
+    s_d, l_d = be_d.prefill(plan(rt_d, first), [7, 2, 6])
+    np.testing.assert_allclose(_lp(l_f), _lp(l_d), atol=TOL)
+
+    for _ in range(3):
+        ids = np.asarray(l_d).argmax(-1)
+        l_f, l_d = be_f.decode(s_f, ids), be_d.decode(s_d, ids)
+        assert np.abs(_lp(l_f) - _lp(l_d)).max() <= TOL
+    assert s_f.packed and not s_d.packed
+    capacity = s_f.mask.shape[1]
+    s_f, s_d = be_f.select(s_f, [0, 2]), be_d.select(s_d, [0, 2])
+    l_f, l_d = l_f[[0, 2]], l_d[[0, 2]]
+    new_f, n_f = be_f.prefill(plan(rt_f, later), [30, 30])
+    new_d, n_d = be_d.prefill(plan(rt_d, later), [30, 30])
+    s_f, s_d = be_f.join(s_f, new_f), be_d.join(s_d, new_d)
+    assert s_f.packed
+    l_f, l_d = np.concatenate([l_f, n_f]), np.concatenate([l_d, n_d])
+    for _ in range(capacity):  # past the capacity packing gave the first rows
+        ids = np.asarray(l_d).argmax(-1)
+        l_f, l_d = be_f.decode(s_f, ids), be_d.decode(s_d, ids)
+        assert np.abs(_lp(l_f) - _lp(l_d)).max() <= TOL
+    assert s_f.packed and s_f.mask.shape[1] > capacity
+    np.testing.assert_array_equal(s_f.lens, s_f.next_pos)
+
+    s_f, _ = be_f.prefill(plan(rt_f, first), [8] * 3)  # positions shifted: not packable
+    s_d, l_d = be_d.prefill(plan(rt_d, first), [8] * 3)
+    s_f.next_pos, s_d.next_pos = s_f.next_pos + 3, s_d.next_pos + 3
+    ids = np.asarray(l_d).argmax(-1)
+    l_f, l_d = be_f.decode(s_f, ids), be_d.decode(s_d, ids)
+    assert not s_f.packed
+    assert np.abs(_lp(l_f) - _lp(l_d)).max() <= TOL
