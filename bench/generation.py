@@ -38,6 +38,8 @@ Methods (``--methods``):
               another candidate where ``calibrate_decode`` found one faster.
   onnx-dense  the same with decode steps on the bundles' own graphs (``decode_graphs=False``:
               the past copied once per step inside the graph), the baseline of the decode graph.
+  Each onnx runtime's decode steps are calibrated on a past of P + L (``calibrate_decode``)
+  before timing, and one step's ms on every candidate is logged.
   onnx-int4   the 4-bit weight bundle (``softprompt.export.bundle_for(model, dtype="fp32",
               weights="int4")``, exported once if needed) under ``backend="onnx"``.
   onnx-bf16   ``Runtime.load(model, backend="onnx", dtype="bfloat16")`` (where the build serves
@@ -221,6 +223,17 @@ def dense_decode(backend) -> None:
         backend.calibrate_decode()
 
 
+def log_decode_steps(m: str, backend, past: int, log=print) -> None:
+    """Calibrate the onnx backend's decode steps on a ``past`` as long as the runs' (what the
+    runs then use) and log one step's ms on every candidate per batch size."""
+    from softprompt.runtime.onnx_backend import _engine
+
+    picks = backend.calibrate_decode(past=past)
+    for n, ms in backend.decode_ms.items():
+        cands = ", ".join(f"{_engine(d)} {t:.1f}" for d, t in zip(backend.decoders, ms))
+        log(f"{m} decode step B={n} past={past} (ms): {cands}; picked {picks[n]}")
+
+
 def make_ids(B: int, L: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, B, L]).integers(0, vocab, size=(B, L), dtype=np.int64)
 
@@ -351,6 +364,7 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
                 rt = Runtime.load(args.model, backend="onnx", dtype="bfloat16", **kw)
             rt.add_prompt("p", sp)
             log(f"loaded {m} in {time.perf_counter() - t0:.1f} s")
+            log_decode_steps(m, rt.backend, args.P + args.L, log)
         except Exception as e:  # noqa: BLE001
             unavailable(m, e)
             continue

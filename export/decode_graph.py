@@ -59,7 +59,7 @@ class _Layer:
     k: str
     v: str
     out: str  # the attention output, the output projection's input [B, S, H * D]
-    removed: list  # node names replaced by the GroupQueryAttention node
+    removed: list  # the nodes the GroupQueryAttention node replaces (its outputs' producers)
 
 
 def _maps(graph) -> tuple[dict, dict]:
@@ -79,9 +79,9 @@ def _projection(start: str, producer: dict, limit: int = 24) -> tuple[str, str]:
     while todo and len(seen) < limit:
         t = todo.popleft()
         n = producer.get(t)
-        if n is None or n.name in seen:
+        if n is None or id(n) in seen:
             continue
-        seen.add(n.name)
+        seen.add(id(n))
         if n.op_type == "Transpose":
             r = producer.get(n.input[0])
             if r is not None and r.op_type == "Reshape":
@@ -146,7 +146,170 @@ def _find_layer(i: int, producer: dict, consumers: dict) -> tuple[_Layer, str, s
            and producer[m.input[j]].op_type in ("Concat",)]
     if len(sin) != 1:
         raise DecodeGraphError(f"layer {i}: rotate_half(k) * sin not found")
-    return _Layer(q, k, v, out, [ck.name, cv.name, node.name]), tables[0], sin[0]
+    return _Layer(q, k, v, out, [ck, cv, node]), tables[0], sin[0]
+
+
+def _constant(name: str, inits: dict, producer: dict) -> np.ndarray | None:
+    """The value of an inline initializer or Constant node (None for anything else)."""
+    from onnx import numpy_helper
+
+    t = inits.get(name)
+    if t is not None and not t.external_data:
+        return numpy_helper.to_array(t)
+    n = producer.get(name)
+    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+        return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def fuse_rms_norms(graph) -> int:
+    """Each RMSNorm as traced from transformers, ``w * (x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2),
+    -1) + eps)))`` (7 nodes), becomes ONNX Runtime's ``SimplifiedLayerNormalization(x, w)``
+    (float32 statistics); the replaced nodes are left for pruning. Returns how many."""
+    from onnx import helper
+
+    producer, consumers = _maps(graph)
+    inits = {t.name: t for t in graph.initializer}
+    new = {}
+    for r in graph.node:
+        p = producer.get(r.input[0]) if r.op_type == "ReduceMean" else None
+        if p is None or p.op_type != "Pow":
+            continue
+        two = _constant(p.input[1], inits, producer)
+        axes = _constant(r.input[1], inits, producer) if len(r.input) > 1 else None
+        if two is None or two.size != 1 or float(two) != 2 or axes is None or axes.tolist() not in ([-1], [2]):
+            continue
+        x, chain, t = p.input[0], [], r.output[0]
+        for op in ("Add", "Sqrt", "Reciprocal", "Mul", "Mul"):
+            c = consumers.get(t, [])
+            if len(c) != 1 or c[0].op_type != op:
+                break
+            chain.append(c[0])
+            t = c[0].output[0]
+        if len(chain) != 5:
+            continue
+        add, mul_x, mul_w = chain[0], chain[3], chain[4]
+        eps = _constant(add.input[1] if add.input[0] == r.output[0] else add.input[0], inits, producer)
+        if eps is None or eps.size != 1 or x not in mul_x.input:
+            continue
+        w = mul_w.input[1] if mul_w.input[0] == mul_x.output[0] else mul_w.input[0]
+        new[id(mul_w)] = helper.make_node("SimplifiedLayerNormalization", [x, w], [mul_w.output[0]],
+                                           name=f"{mul_w.name}_rms", axis=-1, epsilon=float(eps),
+                                           stash_type=1)
+    nodes = [new.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(new)
+
+
+def fuse_projections(graph, folder: str) -> dict[str, np.ndarray]:
+    """Sibling projections of one input (q/k/v, gate/up) as one: a MatMul over their float32
+    weights side by side, or one MatMulNBits over their 4-bit blocks side by side (with its
+    block minimums' MatMul and Add, ``export/quantize.py``), then a Split into the original
+    outputs; the same products, fewer and larger calls. The joined weights (read from ``folder``)
+    are not put in the graph: it declares them as external data, and the returned
+    ``{name: array}`` is handed to the session (``add_external_initializers``)."""
+    from onnx import helper, numpy_helper
+
+    producer, consumers = _maps(graph)
+    inits = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits" and len(n.input) == 4 and all(i in inits for i in n.input[1:]):
+            add = consumers.get(n.output[0], [])
+            if len(add) != 1 or add[0].op_type != "Add":
+                continue
+            term = producer.get(add[0].input[1] if add[0].input[0] == n.output[0] else add[0].input[0])
+            if term is None or term.op_type != "MatMul" or term.input[1] not in inits:
+                continue
+            attrs = tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+            groups.setdefault(("MatMulNBits", n.input[0], term.input[0], attrs), []).append((n, term, add[0]))
+    terms = {id(m[1]) for ms in groups.values() for m in ms}  # the minimums' MatMuls: joined above
+    for n in graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 \
+                and id(n) not in terms:
+            groups.setdefault(("MatMul", n.input[0]), []).append((n,))
+
+    def arr(name):
+        return numpy_helper.to_array(inits[name], base_dir=folder)
+
+    fused, new_inits, held = {}, [], {}
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        tag = members[0][0].name or f"projection_{len(fused)}"
+        if key[0] == "MatMul":
+            ws = [arr(m[0].input[1]) for m in members]
+            sizes = [w.shape[1] for w in ws]
+            joined = [np.concatenate(ws, 1)]
+            nodes = [helper.make_node("MatMul", [key[1], f"{tag}_joined_w"], [f"{tag}_joined"],
+                                      name=f"{tag}_joined")]
+            names = [f"{tag}_joined_w"]
+        else:
+            nb, term = members[0][0], members[0][1]
+            parts = [[arr(m[0].input[i]) for m in members] for i in (1, 2, 3)]
+            mins = np.concatenate([arr(m[1].input[1]) for m in members], 1)
+            sizes = [int(p.shape[0]) for p in parts[0]]
+            joined = [np.concatenate(p, 0) for p in parts] + [mins]
+            names = [f"{tag}_joined_{x}" for x in ("codes", "scales", "zp", "mins")]
+            attrs = {a.name: a.i for a in nb.attribute}
+            attrs["N"] = sum(sizes)
+            nodes = [helper.make_node("MatMulNBits", [key[1], *names[:3]], [f"{tag}_joined_dq"],
+                                      name=f"{tag}_joined", domain="com.microsoft", **attrs),
+                     helper.make_node("MatMul", [term.input[0], names[3]], [f"{tag}_joined_mt"],
+                                      name=f"{tag}_joined_mins"),
+                     helper.make_node("Add", [f"{tag}_joined_dq", f"{tag}_joined_mt"], [f"{tag}_joined"],
+                                      name=f"{tag}_joined_add")]
+        for j, nm in zip(joined, names):
+            held[nm] = np.ascontiguousarray(j)
+            new_inits.append(_declared(nm, held[nm]))
+        new_inits.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{tag}_joined_split"))
+        nodes.append(helper.make_node("Split", [f"{tag}_joined", f"{tag}_joined_split"],
+                                      [m[-1].output[0] for m in members], name=f"{tag}_split", axis=-1))
+        fused[id(members[0][0])] = nodes
+        for m in members[1:]:
+            fused.update({id(n): [] for n in m})
+        for n in members[0][1:]:
+            fused[id(n)] = []
+    out = [x for n in graph.node for x in fused.get(id(n), [n])]
+    del graph.node[:]
+    graph.node.extend(out)
+    graph.initializer.extend(new_inits)
+    return held
+
+
+def _declared(name: str, a: np.ndarray):
+    """An initializer of ``a``'s type and shape whose data the session is given in memory."""
+    import onnx
+    from onnx import helper
+
+    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape,
+                         data_location=onnx.TensorProto.EXTERNAL)
+    t.external_data.add(key="location", value="in-memory")
+    return t
+
+
+def toposort(graph) -> None:
+    """Reorder ``graph.node`` so every node follows the producers of its inputs (stable)."""
+    producer, _ = _maps(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in set(n.input):
+            consumers.setdefault(i, []).append(n)
+    waiting = {id(n): sum(1 for i in set(n.input) if i in producer) for n in graph.node}
+    order, ready = [], deque(n for n in graph.node if waiting[id(n)] == 0)
+    while ready:
+        n = ready.popleft()
+        order.append(n)
+        for o in n.output:
+            for c in consumers.get(o, []):
+                waiting[id(c)] -= 1
+                if waiting[id(c)] == 0:
+                    ready.append(c)
+    if len(order) != len(graph.node):
+        raise DecodeGraphError("the rewritten graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(order)
 
 
 def _upstream(graph, outputs: list[str]) -> list:
@@ -155,10 +318,10 @@ def _upstream(graph, outputs: list[str]) -> list:
     need, todo = set(), list(outputs)
     while todo:
         n = producer.get(todo.pop())
-        if n is not None and n.name not in need:
-            need.add(n.name)
+        if n is not None and id(n) not in need:  # by identity: exporters leave some names empty
+            need.add(id(n))
             todo.extend(i for i in n.input if i)
-    return [n for n in graph.node if n.name in need]
+    return [n for n in graph.node if id(n) in need]
 
 
 def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions: int,
@@ -191,22 +354,27 @@ def rotary_tables(model: onnx.ModelProto, cos: str, sin: str, positions: int,
     return np.ascontiguousarray(c[:, :half]), np.ascontiguousarray(s[:, :half])
 
 
-def _session(model: onnx.ModelProto, folder: str, options: ort.SessionOptions | None = None):
-    """An ORT CPU session over an in-memory graph whose external weights lie in ``folder``."""
+def _session(model: onnx.ModelProto, folder: str, options: ort.SessionOptions | None = None,
+             held: dict[str, np.ndarray] | None = None):
+    """An ORT CPU session over an in-memory graph whose external weights lie in ``folder``, or
+    in ``held`` (arrays the caller keeps alive as long as the session)."""
     import onnxruntime as ort
 
     so = options or ort.SessionOptions()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    if held:
+        so.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()])
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def rewrite(model: onnx.ModelProto, num_heads: int, num_kv_heads: int, head_dim: int,
-            num_layers: int, max_positions: int, folder: str) -> onnx.ModelProto:
+            num_layers: int, max_positions: int, folder: str) -> tuple[onnx.ModelProto, dict]:
     """The decode graph of ``model`` (loaded without its external data, which stays in
     ``folder``). Inputs: ``inputs_embeds [B, 1, E]``, ``seqlens_k [B]`` int32,
     ``total_sequence_length []`` int32, ``past_key_values.{i}.key/value [B, Hkv, M, D]``
     (M: the buffer's capacity, > every seqlens_k), ``logits_index [B, K]``; outputs ``logits``
-    and ``present.{i}.key/value``, to be bound to the past buffers (IOBinding)."""
+    and ``present.{i}.key/value``, to be bound to the past buffers (IOBinding). Also returns the
+    joined projection weights the graph declares (``fuse_projections``), for the session."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -222,12 +390,12 @@ def rewrite(model: onnx.ModelProto, num_heads: int, num_kv_heads: int, head_dim:
     if cos.shape[1] * 2 != head_dim:
         raise DecodeGraphError(f"rotary dimension {cos.shape[1] * 2} != head_dim {head_dim} "
                                "(partial rotary)")
-    drop = {n for layer in layers for n in layer.removed}
+    drop = {id(n) for layer in layers for n in layer.removed}
     nodes = []
-    by_name = {layer.removed[-1]: (i, layer) for i, layer in enumerate(layers)}
+    at = {id(layer.removed[-1]): (i, layer) for i, layer in enumerate(layers)}
     for n in g.node:
-        if n.name in by_name:
-            i, layer = by_name[n.name]
+        if id(n) in at:
+            i, layer = at[id(n)]
             nodes.append(helper.make_node(
                 "GroupQueryAttention",
                 [layer.q, layer.k, layer.v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -235,13 +403,16 @@ def rewrite(model: onnx.ModelProto, num_heads: int, num_kv_heads: int, head_dim:
                 [layer.out, f"present.{i}.key", f"present.{i}.value"], name=f"gqa_{i}",
                 domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_kv_heads,
                 do_rotary=1, rotary_interleaved=0))
-        elif n.name not in drop:
+        elif id(n) not in drop:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
+    fuse_rms_norms(g)
     live = _upstream(g, [o.name for o in g.output])
     del g.node[:]
     g.node.extend(live)
+    held = fuse_projections(g, folder)
+    toposort(g)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
@@ -255,7 +426,7 @@ def rewrite(model: onnx.ModelProto, num_heads: int, num_kv_heads: int, head_dim:
         o.type.tensor_type.shape.dim[2].dim_param = "capacity"
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return model
+    return model, held
 
 
 class DecodeGraph:
@@ -292,9 +463,10 @@ class DecodeGraph:
                                    "Runtime's CPU provider")
         b = bundle
         model = onnx.load(str(b.path / MODEL_FILE), load_external_data=False)
-        fused = rewrite(model, b.num_heads, b.num_kv_heads, b.head_dim, b.num_layers,
+        fused, held = rewrite(model, b.num_heads, b.num_kv_heads, b.head_dim, b.num_layers,
                         int(b.max_position_embeddings or 4096), str(b.path))
-        graph = cls(b, _session(fused, str(b.path), options))
+        graph = cls(b, _session(fused, str(b.path), options, held))
+        graph.held = held  # the session reads these arrays
         if check:
             graph.check()
         return graph

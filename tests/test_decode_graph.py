@@ -152,3 +152,52 @@ def test_packed_state_equals_dense_through_joins_departures_and_growth(tiny_bund
     l_f, l_d = be_f.decode(s_f, ids), be_d.decode(s_d, ids)
     assert not s_f.packed
     assert np.abs(_lp(l_f) - _lp(l_d)).max() <= TOL
+
+
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_decode_graph_is_fused(tiny_dirs, tiny_bundles, tmp_path, weights):
+    """The rewritten graph: one GroupQueryAttention per layer, every RMSNorm one
+    SimplifiedLayerNormalization, q/k/v and gate/up one projection each (MatMul, or MatMulNBits
+    with its minimums' MatMul), nothing left of the traced attention; and it equals the
+    bundle's graph (DecodeGraph.open checks one step)."""
+    from collections import Counter
+
+    import onnx
+
+    from softprompt.export import export
+    from softprompt.export.decode_graph import rewrite
+
+    path = tiny_bundles["llama"] if weights == "float" else export(
+        tiny_dirs["llama"], tmp_path / "int4", weights="int4", progress=False)
+    b = load_bundle(path)
+    model, held = rewrite(onnx.load(str(path / "model.onnx"), load_external_data=False), b.num_heads,
+                          b.num_kv_heads, b.head_dim, b.num_layers, 64, str(path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    n = b.num_layers
+    assert ops["GroupQueryAttention"] == n and ops["SimplifiedLayerNormalization"] == 2 * n + 1
+    assert ops["Split"] == 2 * n and len(held) == 2 * n * (1 if weights == "float" else 4)
+    if weights == "float":
+        assert ops["MatMul"] == 4 * n + 1  # qkv, o, gate/up, down; the vocabulary projection
+    else:
+        assert ops["MatMulNBits"] == 4 * n
+    assert not {"Softmax", "Pow", "ReduceMean", "Neg", "Reciprocal"} & set(ops)
+    assert {i.name for i in model.graph.input} >= {"seqlens_k", "total_sequence_length"}
+    assert not {"attention_mask", "position_ids"} & {i.name for i in model.graph.input}
+    DecodeGraph.open(b)
+
+
+def test_decode_steps_bench_reports_both_calls(tiny_bundles):
+    """``python -m softprompt.bench.decode_steps`` on a tiny bundle: a memory line, then one
+    line per batch size and past with both calls' times and the ratio of their medians."""
+    import re
+
+    from softprompt.bench.decode_steps import run
+
+    lines: list[str] = []
+    run([str(tiny_bundles["llama"])], [1, 3], [5], rounds=1, block=2, log=lines.append)
+    assert len(lines) == 3 and "decode graph opened" in lines[0]
+    for line in lines[1:]:
+        graph, inplace, ratio = map(float, re.findall(
+            r"graph +([\d.]+) ms.*in place +([\d.]+) ms.*in place ([\d.]+)x", line)[0])
+        assert graph > 0 and inplace > 0 and ratio > 0  # times printed to 0.01 ms: no closer check
+    assert [re.search(r"B=(\d+)", line)[1] for line in lines[1:]] == ["1", "3"]
