@@ -53,7 +53,7 @@ from .cache import PrefixCache, PrefixEntry
 from .plan import BatchPlan, top_alternatives
 from .prompts import KV, Embeds
 from .requests import Tokenizer, log_softmax
-from .sampling import pick_numpy
+from .sampling import Sampler, pick_numpy
 from .stats import BackendStats
 
 if TYPE_CHECKING:
@@ -406,14 +406,15 @@ class OnnxBackend(StepperBackend):
         return next((self.decoders[i] for i in order if ok(self.decoders[i])), self.bundle)
 
     def calibrate_decode(self, batches: Sequence[int] = (1, 8, 32), past: int = 64,
-                         repeats: int = 2) -> dict[int, str]:
-        """Time one decode step (``batches`` rows on a ``past``-token past, random values) on
-        every candidate in ``decoders`` (decode graphs opened first), best of ``repeats`` rounds
-        over all candidates, two timed steps right after an untimed one on the same candidate
-        (a session's first step after another's competes with that one's spinning thread pool;
-        generation runs many steps on one), and keep the fastest per batch size for ``decode``
-        (times in ``decode_ms``).
-        Returns {batch: chosen candidate's engine and weights}."""
+                         repeats: int = 2, steps: int = 3) -> dict[int, str]:
+        """Time decode steps as generation runs them on every candidate in ``decoders`` (decode
+        graphs opened first): ``batches`` rows on a ``past``-token past (random values), each
+        step ``decode`` plus the greedy pick of its tokens (the host work a step costs, which
+        differs by engine), ``steps`` timed steps after an untimed one that also packs the state
+        (a session's first step after another's competes with that one's spinning thread pool),
+        in ``repeats`` rounds over the candidates so a burst of other load hits every one. Keeps
+        the fastest per batch size for ``decode`` (``decode_plan``; the best step's ms per
+        candidate in ``decode_ms``). Returns {batch: the chosen candidate's engine}."""
         import time
 
         self.open_decode_graphs()
@@ -422,36 +423,43 @@ class OnnxBackend(StepperBackend):
             self.decode_plan = {n: 0 for n in batches}
             return {n: _engine(b) for n in batches}
         rng = np.random.default_rng(0)
+        counted = self.tokens_computed
         for n in batches:
             shape = (n, b.num_kv_heads, past, b.head_dim)
             kv = [(rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32))
                   for _ in range(b.num_layers)]
-            room = [(np.pad(k, ((0, 0), (0, 0), (0, 1), (0, 0))), np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 0))))
-                    for k, v in kv]  # packed, one free column
-            emb = b.embeddings[rng.integers(0, b.vocab_size, (n, 1))].astype(np.float32)
-            lens = np.full(n, past)
-            dense = (emb, np.ones((n, past + 1), np.int64), lens[:, None], kv, np.zeros((n, 1), np.int64))
-            steps = [(lambda d=d: d.run(emb, lens, room)) if isinstance(d, DecodeGraph)
-                     else (lambda d=d: d.run(*dense)) for d in self.decoders]
-            best = [float("inf")] * len(steps)
-            for _ in range(repeats):  # round-robin, so a burst of other load hits every one
-                for i, step in enumerate(steps):
-                    step()  # untimed: the step after another session's pays for its spinning pool
-                    for _ in range(2):
+            ids0 = rng.integers(0, b.vocab_size, n)
+            samplers = [Sampler() for _ in range(n)]
+            best = [float("inf")] * len(self.decoders)
+            for _ in range(repeats):
+                for i, d in enumerate(self.decoders):
+                    state = _GenState([(k, v) for k, v in kv], np.ones((n, past), np.int64),
+                                      np.full(n, past), reach=past + steps + 1)
+                    ids = ids0
+                    for k in range(steps + 1):
                         t = time.perf_counter()
-                        step()
-                        best[i] = min(best[i], time.perf_counter() - t)
+                        ids = self.pick(self._step(d, state, ids), samplers)[0]
+                        if k:
+                            best[i] = min(best[i], time.perf_counter() - t)
             self.decode_plan[n] = int(np.argmin(best))
             self.decode_ms[n] = [round(t * 1e3, 2) for t in best]
+        self.tokens_computed = counted
         return {n: _engine(self.decoders[i]) for n, i in self.decode_plan.items()}
 
     def decode(self, state: _GenState, next_ids: np.ndarray):
         self.open_decode_graphs()
         B = len(next_ids)
         d = self.decoder(B)
+        if isinstance(d, DecodeGraph) and not state.packed and not np.array_equal(state.lens, state.next_pos):
+            d = self.decoder(B, packed=False)  # positions not contiguous: the bundle's graph
+        return self._step(d, state, next_ids)
+
+    def _step(self, d: Bundle | DecodeGraph, state: _GenState, next_ids: np.ndarray):
+        """One decode step of ``state`` on ``d``, packing or unpacking the state as ``d`` needs."""
+        B = len(next_ids)
         if isinstance(d, DecodeGraph):
             if not state.packed and not _pack(state):
-                d = self.decoder(B, packed=False)  # positions not contiguous: the bundle's graph
+                raise ValueError("a decode graph needs each row's next position to be its key count")
         elif state.packed:
             _unpack(state)
         emb = d.embeddings[next_ids][:, None].astype(d.np_dtype)  # [B, 1, E]
