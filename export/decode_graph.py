@@ -360,7 +360,9 @@ def _session(model: onnx.ModelProto, folder: str, options: ort.SessionOptions | 
     in ``held`` (arrays the caller keeps alive as long as the session)."""
     import onnxruntime as ort
 
-    so = options or ort.SessionOptions()
+    from .bundle import session_defaults
+
+    so = options or session_defaults()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     if held:
         so.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()])
