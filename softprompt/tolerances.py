@@ -46,7 +46,7 @@ SCORE_CPU_BF16 = {
 }
 
 # Two float32 graphs of one model, differing in the attention's summation order through every
-# layer: measured on the default model (30 layers) 4.8e-5 for the float32 bundle and 1.6e-4 for
+# layer: measured on the default model (30 layers) 5.4e-5 for the float32 bundle and 2.1e-4 for
 # its 4-bit sibling on random-token rows, each graph as far from a float64 forward as the other
 # (bench/RESULTS.md, "Decode steps in place"). A wrong rewrite (RoPE, a position, a key in the
 # wrong column) moves log-probs by tenths of a nat or more.
