@@ -226,11 +226,11 @@ def dense_decode(backend) -> None:
 def log_decode_steps(m: str, backend, past: int, log=print) -> None:
     """Calibrate the onnx backend's decode steps on a ``past`` as long as the runs' (what the
     runs then use) and log one step's ms on every candidate per batch size."""
-    from softprompt.runtime.onnx_backend import _engine
+    from softprompt.runtime.onnx_backend import engine_name
 
     picks = backend.calibrate_decode(past=past)
     for n, ms in backend.decode_ms.items():
-        cands = ", ".join(f"{_engine(d)} {t:.1f}" for d, t in zip(backend.decoders, ms))
+        cands = ", ".join(f"{engine_name(d)} {t:.1f}" for d, t in zip(backend.decoders, ms))
         log(f"{m} decode step B={n} past={past} (ms): {cands}; picked {picks[n]}")
 
 

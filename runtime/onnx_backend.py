@@ -372,7 +372,7 @@ class OnnxBackend(StepperBackend):
     def open_decode_graphs(self) -> list[str]:
         """Once: a ``DecodeGraph`` of each float32 ONNX Runtime CPU candidate in ``decoders``,
         appended to them (see ``__init__``); a graph of another shape is skipped with its reason
-        logged. Returns what was added (``_engine``)."""
+        logged. Returns what was added (``engine_name``)."""
         if self._graphs_opened or not self.decode_graphs:
             return []
         self._graphs_opened = True
@@ -383,7 +383,7 @@ class OnnxBackend(StepperBackend):
                 continue
             try:
                 self.decoders.append(DecodeGraph.open(d))
-                added.append(_engine(self.decoders[-1]))
+                added.append(engine_name(self.decoders[-1]))
             except DecodeGraphError as e:
                 log.info("decode steps on %s stay on its graph: %s", d.path, e)
         return added
@@ -421,7 +421,7 @@ class OnnxBackend(StepperBackend):
         b = self.bundle
         if len(self.decoders) == 1:
             self.decode_plan = {n: 0 for n in batches}
-            return {n: _engine(b) for n in batches}
+            return {n: engine_name(b) for n in batches}
         rng = np.random.default_rng(0)
         counted = self.tokens_computed
         for n in batches:
@@ -444,7 +444,7 @@ class OnnxBackend(StepperBackend):
             self.decode_plan[n] = int(np.argmin(best))
             self.decode_ms[n] = [round(t * 1e3, 2) for t in best]
         self.tokens_computed = counted
-        return {n: _engine(self.decoders[i]) for n, i in self.decode_plan.items()}
+        return {n: engine_name(self.decoders[i]) for n, i in self.decode_plan.items()}
 
     def decode(self, state: _GenState, next_ids: np.ndarray):
         self.open_decode_graphs()
@@ -517,7 +517,7 @@ class OnnxBackend(StepperBackend):
         return pick_numpy(logits, samplers)
 
 
-def _engine(d) -> str:
+def engine_name(d) -> str:
     """e.g. ``"OpenVINO bfloat16"``, ``"CPUExecutionProvider float32 int4"``,
     ``"CPUExecutionProvider float32 int4 in place"`` (a ``DecodeGraph``)."""
     q = d.manifest.get("quantization")

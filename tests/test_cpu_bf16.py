@@ -102,11 +102,11 @@ def test_bf16_decode_on_every_candidate(bf16, rts_reference):
     bundle's decode graph (in place), whichever its calibration found faster for the batch size:
     generation through each, forced, gives tokens whose log-probs are the float32 reference's
     for those tokens (SCORE_CPU_BF16)."""
-    from softprompt.runtime.onnx_backend import _engine
+    from softprompt.runtime.onnx_backend import engine_name
 
     rt = bf16("onnx")
     be = rt.backend
-    assert [_engine(d) for d in be.decoders] == [
+    assert [engine_name(d) for d in be.decoders] == [
         "OpenVINO bfloat16", "CPUExecutionProvider float32", "CPUExecutionProvider float32 in place"]
     assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1, 2}
     names, ctxs = [KINDS[0], KINDS[1], None], [[5, 6, 7], [9] * 11, [4, 40]]
