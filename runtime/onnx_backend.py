@@ -25,14 +25,14 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
    are dropped; a row whose next position is not its key count keeps the state dense;
 4. decode steps may run on another session than scoring and prefill (``decoders``: the
    bundle's decode graph, other bundles of the same model and theirs): per step kind, the
-   faster one. A decode step reads every weight for one token
-   per row, so it is bound by memory bandwidth where a score batch is bound by the matrix units:
-   bfloat16 under OpenVINO scores fastest, while its decode steps pay a bfloat16 conversion of
-   the whole past at every step and lose to ONNX Runtime's float32 at larger batches; an exact
-   4-bit sibling reads a quarter of the bytes. ``calibrate_decode`` times one decode step of each
-   candidate at a few batch sizes, once, and ``decode`` uses the fastest for the nearest size
-   (``decode_plan``; measured in bench/RESULTS.md). Every candidate is within the served
-   dtype's tolerance of the float32 reference, so the pick changes speed, not the guarantees.
+   faster one. A decode step reads every weight for one token per row, so it is bound by
+   memory bandwidth where a score batch is bound by the matrix units: bfloat16 under OpenVINO
+   scores fastest, while its decode steps pay a bfloat16 conversion of the whole past at every
+   step; an exact 4-bit sibling reads a quarter of the bytes; a decode graph copies no past.
+   ``calibrate_decode`` times a few decode steps of each candidate at a few batch sizes, once,
+   and ``decode`` uses the fastest for the nearest size (``decode_plan``; measured in
+   bench/RESULTS.md). Every candidate is within the served dtype's tolerance of the float32
+   reference, so the pick changes speed, not the guarantees.
 """
 
 from __future__ import annotations
