@@ -371,8 +371,9 @@ class OnnxBackend(StepperBackend):
 
     def open_decode_graphs(self) -> list[str]:
         """Once: a ``DecodeGraph`` of each float32 ONNX Runtime CPU candidate in ``decoders``,
-        appended to them (see ``__init__``); a graph of another shape is skipped with its reason
-        logged. Returns what was added (``engine_name``)."""
+        appended to them (see ``__init__``); a graph of another shape, or one ONNX Runtime fails
+        to open, is skipped with its reason logged (decode stays on the bundle's graph). Returns
+        what was added (``engine_name``)."""
         if self._graphs_opened or not self.decode_graphs:
             return []
         self._graphs_opened = True
@@ -384,8 +385,11 @@ class OnnxBackend(StepperBackend):
             try:
                 self.decoders.append(DecodeGraph.open(d))
                 added.append(engine_name(self.decoders[-1]))
-            except DecodeGraphError as e:
+            except DecodeGraphError as e:  # a graph of another shape: expected, e.g. GPT-2
                 log.info("decode steps on %s stay on its graph: %s", d.path, e)
+            except Exception as e:  # noqa: BLE001 - an optimisation: it never fails a request
+                log.warning("decode steps on %s stay on its graph: its decode graph failed to "
+                            "open (%s: %s)", d.path, type(e).__name__, str(e).splitlines()[0][:200])
         return added
 
     def decoder(self, batch: int, packed: bool | None = None) -> Bundle | DecodeGraph:

@@ -201,3 +201,22 @@ def test_decode_steps_bench_reports_both_calls(tiny_bundles):
             r"graph +([\d.]+) ms.*in place +([\d.]+) ms.*in place ([\d.]+)x", line)[0])
         assert graph > 0 and inplace > 0 and ratio > 0  # times printed to 0.01 ms: no closer check
     assert [re.search(r"B=(\d+)", line)[1] for line in lines[1:]] == ["1", "3"]
+
+
+def test_a_decode_graph_that_fails_to_open_fails_no_request(tiny_bundles, monkeypatch, caplog):
+    """ONNX Runtime refusing the rewritten graph (any error) leaves decode on the bundle's
+    graph with one warning; generation gives the same tokens as with decode graphs off."""
+    def refuse(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : made up\nsecond line")
+
+    monkeypatch.setattr(DecodeGraph, "open", refuse)
+    broken, dense = _runtime(tiny_bundles["llama"]), _runtime(tiny_bundles["llama"], False)
+    kw = dict(max_new_tokens=6, stop_at_eos=False)
+    with caplog.at_level("WARNING", logger="softprompt.runtime.onnx_backend"):
+        got = broken.generate(["p20", None], [[5, 6], [7]], **kw)
+    want = dense.generate(["p20", None], [[5, 6], [7]], **kw)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert not any(isinstance(d, DecodeGraph) for d in broken.backend.decoders)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "RuntimeError: [ONNXRuntimeError] : 1 : FAIL : made up" in warnings[0]
+    assert "second line" not in warnings[0]
