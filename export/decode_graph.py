@@ -291,12 +291,8 @@ def _declared(name: str, a: np.ndarray):
 
 def toposort(graph) -> None:
     """Reorder ``graph.node`` so every node follows the producers of its inputs (stable)."""
-    producer, _ = _maps(graph)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in set(n.input):
-            consumers.setdefault(i, []).append(n)
-    waiting = {id(n): sum(1 for i in set(n.input) if i in producer) for n in graph.node}
+    producer, consumers = _maps(graph)  # a node reading a tensor twice is listed twice
+    waiting = {id(n): sum(1 for i in n.input if i in producer) for n in graph.node}
     order, ready = [], deque(n for n in graph.node if waiting[id(n)] == 0)
     while ready:
         n = ready.popleft()

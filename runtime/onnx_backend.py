@@ -437,7 +437,7 @@ class OnnxBackend(StepperBackend):
             best = [float("inf")] * len(self.decoders)
             for _ in range(repeats):
                 for i, d in enumerate(self.decoders):
-                    state = _GenState([(k, v) for k, v in kv], np.ones((n, past), np.int64),
+                    state = _GenState(list(kv), np.ones((n, past), np.int64),
                                       np.full(n, past), reach=past + steps + 1)
                     ids = ids0
                     for k in range(steps + 1):
@@ -454,7 +454,7 @@ class OnnxBackend(StepperBackend):
         self.open_decode_graphs()
         B = len(next_ids)
         d = self.decoder(B)
-        if isinstance(d, DecodeGraph) and not state.packed and not np.array_equal(state.lens, state.next_pos):
+        if isinstance(d, DecodeGraph) and not state.packed and not _pack(state):
             d = self.decoder(B, packed=False)  # positions not contiguous: the bundle's graph
         return self._step(d, state, next_ids)
 
@@ -537,8 +537,7 @@ def _pack(state: _GenState, capacity: int = 0) -> bool:
     if not np.array_equal(lens, state.next_pos):
         return False
     B, S = state.mask.shape
-    M = max(capacity, state.reach, int(lens.max()) + 1)
-    M = -(-M // 16) * 16
+    M = _round16(max(capacity, state.reach, int(lens.max()) + 1))
     contiguous = all(state.mask[b, :n].all() for b, n in enumerate(lens))
     past = []
     for k, v in state.past:
@@ -559,6 +558,11 @@ def _pack(state: _GenState, capacity: int = 0) -> bool:
     return True
 
 
+def _round16(n: int) -> int:
+    """A packed buffer's capacity: ``n`` columns rounded up to a multiple of 16."""
+    return -(-n // 16) * 16
+
+
 def _unpack(state: _GenState) -> None:
     """A packed state as a dense one (its columns up to the longest row), for the bundle's graph."""
     S = int(state.lens.max())
@@ -571,7 +575,7 @@ def _unpack(state: _GenState) -> None:
 def _grow(state: _GenState, need: int) -> None:
     """Packed buffers with room for ``need`` keys per row (at least double), one copy."""
     B, S = state.mask.shape
-    M = -(-max(need, 2 * S) // 16) * 16
+    M = _round16(max(need, 2 * S))
     state.past = [tuple(np.concatenate([a, np.zeros(a.shape[:2] + (M - S,) + a.shape[3:], a.dtype)], 2)
                         for a in kv) for kv in state.past]
     state.mask = np.pad(state.mask, ((0, 0), (0, M - S)))
