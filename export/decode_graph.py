@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -435,6 +435,7 @@ class DecodeGraph:
     """
 
     packed = True
+    storage = "float32"
 
     def __init__(self, bundle: Bundle, session: ort.InferenceSession):
         self.bundle, self.session = bundle, session
@@ -492,33 +493,61 @@ class DecodeGraph:
         return binding.get_outputs()[0].numpy()[:, 0]
 
     def check(self, lengths: tuple[int, ...] = (5, 17, 1), capacity: int = 24) -> float:
-        """Rows of random tokens (``lengths``, right-padded) through the bundle's graph, then
-        one more token each: on the bundle's graph (dense masked past) and on this one (the
-        presents packed into ``capacity`` columns). Returns the largest |delta log-prob|;
-        raises above ``DECODE_GRAPH`` (the tolerance table)."""
-        b = self.bundle
-        rng = np.random.default_rng(0)
-        B, S = len(lengths), max(lengths)
-        seqlens = np.array(lengths)
-        ids = rng.integers(0, b.vocab_size, (B, S + 1))
-        emb = b.embeddings[ids].astype(np.float32)
-        mask = (np.arange(S)[None] < seqlens[:, None]).astype(np.int64)
-        _, dense = b.run(emb[:, :S], mask, np.arange(S)[None].repeat(B, 0), b.empty_past(B),
-                         np.zeros((B, 1), np.int64))
-        new = emb[np.arange(B), seqlens][:, None]  # row b's next token sits at its own length
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
-        want, _ = b.run(new, mask, seqlens[:, None], dense, np.zeros((B, 1), np.int64))
-        shape = (B, b.num_kv_heads, capacity, b.head_dim)
-        past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in dense]
-        for (k, v), (dk, dv) in zip(past, dense):
-            k[:, :, :S], v[:, :, :S] = dk, dv
-        got = self.run(new, seqlens, past)
-        err = float(np.abs(_log_probs(got) - _log_probs(want[:, 0])).max())
-        tol = DECODE_GRAPH["float32"]["atol"]
-        if not err <= tol:
-            raise DecodeGraphError(f"{self.path}: the decode graph's log-probs differ from the "
-                                   f"bundle's graph by {err:.2e} (> {tol})")
-        return err
+        """``check_in_place`` of this graph."""
+        return check_in_place(self, lengths, capacity)
+
+
+class InPlaceDecoder(Protocol):
+    """What a packed decode state steps on (``DecodeGraph``; ``OpenVinoDecoder`` in
+    ``export/ov_session.py``): ``run`` writes each row's new key and value into the buffers it
+    is given, at the row's length. ``storage``: the buffers' dtype, ``"float32"`` or
+    ``"bfloat16"`` (uint16 bit patterns)."""
+
+    packed: bool
+    storage: str
+    bundle: Bundle
+    path: Any
+    compute_dtype: str
+    embeddings: np.ndarray
+    np_dtype: Any
+
+    def run(self, inputs_embeds: np.ndarray, seqlens: np.ndarray, past: list) -> np.ndarray: ...
+
+
+def check_in_place(decoder: InPlaceDecoder, lengths: tuple[int, ...] = (5, 17, 1),
+                   capacity: int = 24) -> float:
+    """Rows of random tokens (``lengths``, right-padded) through the decoder's bundle graph, then
+    one more token each: on the bundle's graph (dense masked past) and on ``decoder`` (the
+    presents packed into ``capacity`` columns of its storage dtype). Returns the largest
+    |delta log-prob|; raises ``DecodeGraphError`` above ``DECODE_GRAPH`` for the decoder's
+    compute dtype (the tolerance table)."""
+    from .ov_session import to_bfloat16_bits
+
+    b = decoder.bundle
+    rng = np.random.default_rng(0)
+    B, S = len(lengths), max(lengths)
+    seqlens = np.array(lengths)
+    ids = rng.integers(0, b.vocab_size, (B, S + 1))
+    emb = b.embeddings[ids].astype(np.float32)
+    mask = (np.arange(S)[None] < seqlens[:, None]).astype(np.int64)
+    _, dense = b.run(emb[:, :S], mask, np.arange(S)[None].repeat(B, 0), b.empty_past(B),
+                     np.zeros((B, 1), np.int64))
+    new = emb[np.arange(B), seqlens][:, None]  # row b's next token sits at its own length
+    mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
+    want, _ = b.run(new, mask, seqlens[:, None], dense, np.zeros((B, 1), np.int64))
+    bf16 = decoder.storage == "bfloat16"
+    shape = (B, b.num_kv_heads, capacity, b.head_dim)
+    dtype = np.uint16 if bf16 else np.float32
+    past = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in dense]
+    for (k, v), (dk, dv) in zip(past, dense):
+        k[:, :, :S], v[:, :, :S] = (to_bfloat16_bits(dk), to_bfloat16_bits(dv)) if bf16 else (dk, dv)
+    got = decoder.run(new, seqlens, past)
+    err = float(np.abs(_log_probs(got) - _log_probs(want[:, 0])).max())
+    tol = DECODE_GRAPH[decoder.compute_dtype]["atol"]
+    if not err <= tol:
+        raise DecodeGraphError(f"{decoder.path}: the in-place decode step's log-probs differ from "
+                               f"the bundle's graph by {err:.2e} (> {tol})")
+    return err
 
 
 def _log_probs(logits: np.ndarray) -> np.ndarray:

@@ -82,13 +82,8 @@ class OpenVinoSession:
             raise BundleError("this CPU has no bfloat16 units (neither AMX-BF16 nor AVX-512 BF16): "
                               "bfloat16 would be slower than float32 here; use dtype='float32'")
         self.dtype = dtype
-        try:
-            compiled = core.compile_model(str(model_file), "CPU", {
-                "INFERENCE_PRECISION_HINT": PRECISIONS[dtype], "PERFORMANCE_HINT": "LATENCY"})
-        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{model_file}: OpenVINO cannot compile it ({first})") from None
-        self._compiled = compiled
+        self.model_file = Path(model_file)
+        self._compiled = compiled = _compile(core, str(model_file), dtype, model_file)
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: calls from two threads take turns
         # names and axes as the ONNX file declares them (OpenVINO keeps no dynamic axis names)
@@ -113,6 +108,148 @@ class OpenVinoSession:
             result = self._request.infer(feed, share_inputs=True, share_outputs=False)
             by_name = {port.get_any_name(): value for port, value in result.items()}
         return [np.asarray(by_name[n]) for n in names]
+
+
+def _compile(core, model, dtype: str, model_file):
+    """``model`` (a path or an ``ov.Model``) compiled for the CPU at ``dtype``'s precision, for
+    latency; a failure is one ``BundleError`` line naming ``model_file``."""
+    try:
+        return core.compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": PRECISIONS[dtype], "PERFORMANCE_HINT": "LATENCY"})
+    except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{model_file}: OpenVINO cannot compile it ({first})") from None
+
+
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (uint16, same shape), rounded to nearest even
+    (a NaN stays a NaN), as OpenVINO and torch convert them (numpy has no bfloat16 dtype)."""
+    a = np.ascontiguousarray(a, np.float32)
+    u = a.view(np.uint32)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        bits[nan] = 0x7FC0
+    return bits
+
+
+def from_bfloat16_bits(u: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as the float32 values they are, exactly."""
+    return (np.asarray(u, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+class OpenVinoDecoder:
+    """Decode steps of a bfloat16 bundle under OpenVINO, in place on packed bfloat16 buffers.
+
+    The bundle's graph returns ``present = Concat(past, new)``: each step writes the whole past
+    out again, in float32 (converted from and to bfloat16 at every step), and each step's new
+    shape makes OpenVINO prepare the graph again. Here the same graph is compiled once more
+    with each ``present`` output replaced by the concatenation's second input (the step's own
+    key or value, ``[B, Hkv, 1, D]``) and past and present exchanged as bfloat16: the host keeps
+    packed buffers ``[B, Hkv, M, D]`` of bfloat16 bits (row b's keys at columns ``[0, n_b)``,
+    the backend packs them), passes them whole (attention mask 1 on each row's keys and on the
+    new column), and writes the new column at n_b. A buffer's shape changes only when it grows.
+    Same contract as ``DecodeGraph`` (``storage`` says the buffers' dtype); the values equal
+    the bundle's graph under OpenVINO (``check``: ``DECODE_GRAPH`` in the tolerance table).
+
+    bundle: an opened bundle whose session is an ``OpenVinoSession`` (bfloat16).
+    """
+
+    packed = True
+    storage = "bfloat16"  # packed buffers hold bfloat16 bits (uint16)
+
+    def __init__(self, bundle, compiled):
+        self.bundle, self._compiled = bundle, compiled
+        self.session = bundle.session  # its provider name, for engine_name
+        self.manifest, self.compute_dtype = bundle.manifest, bundle.compute_dtype
+        self.np_dtype, self.embeddings = bundle.np_dtype, bundle.embeddings
+        self.path = bundle.path
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
+        # input name -> (address, shape) of the buffer the request reads it from: a packed
+        # state's buffers stay put between steps, so they are handed to OpenVINO only when they
+        # change (it keeps no reference: ``run`` checks every buffer before each step)
+        self._bound: dict[str, tuple[int, tuple]] = {}
+
+    @classmethod
+    def open(cls, bundle, check: bool = True) -> OpenVinoDecoder:
+        """Compile ``bundle``'s graph for in-place steps (a second copy of the weights in
+        OpenVINO's memory) and, with ``check``, compare one step with the bundle's graph.
+
+        Raises:
+            BundleError: the bundle is not served by OpenVINO in bfloat16, or OpenVINO cannot
+                compile the graph.
+            DecodeGraphError: a ``present`` output is not ``Concat(past, new)`` on the sequence
+                axis, or the step differs by more than ``DECODE_GRAPH`` (log-probs).
+        """
+        import openvino as ov
+
+        from .decode_graph import DecodeGraphError, check_in_place
+
+        session = bundle.session
+        if not isinstance(session, OpenVinoSession) or session.dtype != "bfloat16":
+            raise BundleError("in-place decode under OpenVINO needs a bundle opened with "
+                              "compute_dtype='bfloat16'")
+        core = ov.Core()
+        model = core.read_model(str(session.model_file))
+        for result in model.get_results():
+            src = result.input_value(0)
+            name = src.get_any_name()
+            if not name.startswith("present."):
+                continue
+            cat = src.get_node()
+            if not (cat.get_type_name() == "Concat" and cat.get_input_size() == 2
+                    and cat.input_value(0).get_node().get_type_name() == "Parameter"
+                    and cat.get_attributes().get("axis") in (2, -2)):
+                raise DecodeGraphError(f"{session.model_file}: {name} is not Concat(past, new) "
+                                       "on the sequence axis")
+            new = cat.input_value(1)  # the step's own key or value [B, Hkv, 1, D]
+            cat.output(0).get_tensor().set_names(set())
+            result.input(0).replace_source_output(new)
+            new.get_tensor().set_names({name})
+        model.validate_nodes_and_infer_types()
+        ppp = ov.preprocess.PrePostProcessor(model)
+        for port in model.inputs:
+            if port.get_any_name().startswith("past_key_values."):
+                ppp.input(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
+        for port in model.outputs:
+            if port.get_any_name().startswith("present."):
+                ppp.output(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
+        decoder = cls(bundle, _compile(core, ppp.build(), "bfloat16", session.model_file))
+        if check:
+            check_in_place(decoder)
+        return decoder
+
+    def run(self, inputs_embeds: np.ndarray, seqlens: np.ndarray, past: list) -> np.ndarray:
+        """One token per row: ``inputs_embeds [B, 1, E]``; ``seqlens [B]`` keys row b holds
+        (packed from column 0; its new token's position and column); ``past``: per layer
+        ``(K, V)`` C-contiguous uint16 (bfloat16 bits) ``[B, Hkv, M, D]`` with M > max(seqlens),
+        written at column ``seqlens[b]``. Returns logits ``[B, V]`` float32."""
+        import openvino as ov
+
+        B, M = len(seqlens), past[0][0].shape[2]
+        mask = np.ones((B, M + 1), np.int64)  # the new key is column M of the graph's Concat
+        mask[:, :M] = np.arange(M)[None] < seqlens[:, None]
+        feed = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, np.float32),
+                "attention_mask": mask, "position_ids": seqlens[:, None].astype(np.int64),
+                "logits_index": np.zeros((B, 1), np.int64)}
+        rows = np.arange(B)
+        with self._lock:
+            for i, (k, v) in enumerate(past):
+                for name, a in ((f"past_key_values.{i}.key", k), (f"past_key_values.{i}.value", v)):
+                    if a.dtype != np.uint16 or not a.flags.c_contiguous:
+                        raise ValueError(f"{name}: expected a C-contiguous uint16 (bfloat16 bits) "
+                                         f"buffer, got {a.dtype} {'' if a.flags.c_contiguous else 'non-'}contiguous")
+                    where = (a.__array_interface__["data"][0], a.shape)
+                    if self._bound.get(name) != where:
+                        self._request.set_tensor(name, ov.Tensor(a, a.shape, ov.Type.bf16))
+                        self._bound[name] = where
+            out = self._request.infer(feed, share_inputs=True, share_outputs=True)
+            by_name = {port.get_any_name(): value for port, value in out.items()}
+            for i, (k, v) in enumerate(past):  # the step's own key and value: [B, Hkv, 1, D]
+                k[rows, :, seqlens] = by_name[f"present.{i}.key"].view(np.uint16)[:, :, 0]
+                v[rows, :, seqlens] = by_name[f"present.{i}.value"].view(np.uint16)[:, :, 0]
+            return np.array(by_name["logits"][:, 0], np.float32)
 
 
 def _value(info) -> GraphValue:

@@ -45,7 +45,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from softprompt.export.decode_graph import DecodeGraph, DecodeGraphError
+from softprompt.export.decode_graph import DecodeGraph, DecodeGraphError, InPlaceDecoder
+from softprompt.export.ov_session import (OpenVinoDecoder, OpenVinoSession, from_bfloat16_bits,
+                                          to_bfloat16_bits)
 from softprompt.models import display_name
 
 from .backend import StepperBackend
@@ -67,14 +69,17 @@ class _GenState:
     """Generating rows. Dense (``packed`` False): per layer (K, V) ``[B, Hkv, S, D]`` where
     ``mask`` ``[B, S]`` says which columns hold a key (gaps allowed), the bundle's graph
     appends one column per step. Packed: row b's keys are columns ``[0, n_b)`` of buffers of
-    capacity S > every n_b (``mask`` 1 exactly there) and its next position is n_b; a decode
-    graph (``DecodeGraph``) writes each new key in place at column n_b."""
+    capacity S > every n_b (``mask`` 1 exactly there) and its next position is n_b; an
+    in-place decoder (``DecodeGraph``, ``OpenVinoDecoder``) writes each new key at column n_b.
+    ``storage``: a packed state's buffers' dtype, the decoder's (``"bfloat16"``: uint16 bit
+    patterns); a dense state is float32."""
 
     past: list  # per layer (K, V) [B, Hkv, S, D]
     mask: np.ndarray  # [B, S] int64: 1 where a row has a key
     next_pos: np.ndarray  # [B] position id of each row's next token
     packed: bool = False
     reach: int = 0  # the most keys a row may come to hold (prefix + own capacity), 0: unknown
+    storage: str = "float32"
 
     @property
     def nbytes(self) -> int:
@@ -176,7 +181,7 @@ class OnnxBackend(StepperBackend):
             if (d.fingerprint, d.num_layers, d.num_kv_heads, d.head_dim, d.vocab_size) != (
                     b.fingerprint, b.num_layers, b.num_kv_heads, b.head_dim, b.vocab_size):
                 raise ValueError(f"decoder bundle {d.path} is not of the model of {b.path}")
-        self.decoders: list[Bundle | DecodeGraph] = [b, *decoders]
+        self.decoders: list[Bundle | InPlaceDecoder] = [b, *decoders]
         self.decode_graphs = decode_graphs
         self._graphs_opened = False
         # a prompt's prefix is computed once and then read by every request: in float32 when a
@@ -370,20 +375,27 @@ class OnnxBackend(StepperBackend):
         return _GenState(presents, mask, next_pos, reach=reach), logits[:, 0]
 
     def open_decode_graphs(self) -> list[str]:
-        """Once: a ``DecodeGraph`` of each float32 ONNX Runtime CPU candidate in ``decoders``,
-        appended to them (see ``__init__``); a graph of another shape, or one ONNX Runtime fails
-        to open, is skipped with its reason logged (decode stays on the bundle's graph). Returns
-        what was added (``engine_name``)."""
+        """Once: an in-place decoder of each candidate in ``decoders`` that has one (a
+        ``DecodeGraph`` of each float32 ONNX Runtime CPU bundle, an ``OpenVinoDecoder`` of a
+        bfloat16 one under OpenVINO), appended to them (see ``__init__``); a graph of another
+        shape, or one the engine fails to open, is skipped with its reason logged (decode stays
+        on the bundle's graph). Returns what was added (``engine_name``)."""
         if self._graphs_opened or not self.decode_graphs:
             return []
         self._graphs_opened = True
         added = []
         for d in list(self.decoders):
-            if isinstance(d, DecodeGraph) or d.compute_dtype != "float32" \
-                    or d.session.get_providers()[0] != "CPUExecutionProvider":
+            if getattr(d, "packed", False):
+                continue
+            if isinstance(d.session, OpenVinoSession) and d.compute_dtype == "bfloat16":
+                opener = OpenVinoDecoder.open
+            elif d.compute_dtype == "float32" \
+                    and d.session.get_providers()[0] == "CPUExecutionProvider":
+                opener = DecodeGraph.open
+            else:
                 continue
             try:
-                self.decoders.append(DecodeGraph.open(d))
+                self.decoders.append(opener(d))
                 added.append(engine_name(self.decoders[-1]))
             except DecodeGraphError as e:  # a graph of another shape: expected, e.g. GPT-2
                 log.info("decode steps on %s stay on its graph: %s", d.path, e)
@@ -392,7 +404,7 @@ class OnnxBackend(StepperBackend):
                             "open (%s: %s)", d.path, type(e).__name__, str(e).splitlines()[0][:200])
         return added
 
-    def decoder(self, batch: int, packed: bool | None = None) -> Bundle | DecodeGraph:
+    def decoder(self, batch: int, packed: bool | None = None) -> Bundle | InPlaceDecoder:
         """What decode steps of ``batch`` rows run on: the calibrated pick for the nearest
         calibrated batch size (``decode_plan``), else the bundle's decode graph if it has one,
         else the bundle. ``packed=False``: the fastest candidate that takes a dense past."""
@@ -400,7 +412,7 @@ class OnnxBackend(StepperBackend):
             return packed is None or getattr(d, "packed", False) == packed
 
         if not self.decode_plan:
-            return next((d for d in self.decoders if isinstance(d, DecodeGraph)
+            return next((d for d in self.decoders if getattr(d, "packed", False)
                          and d.bundle is self.bundle and ok(d)), self.bundle)
         near = min(self.decode_plan, key=lambda n: (abs(np.log(n / batch)), n))
         if ok(self.decoders[self.decode_plan[near]]):
@@ -454,20 +466,25 @@ class OnnxBackend(StepperBackend):
         self.open_decode_graphs()
         B = len(next_ids)
         d = self.decoder(B)
-        if isinstance(d, DecodeGraph) and not state.packed and not _pack(state):
+        if getattr(d, "packed", False) and not state.packed and not _pack(state, storage=d.storage):
             d = self.decoder(B, packed=False)  # positions not contiguous: the bundle's graph
         return self._step(d, state, next_ids)
 
-    def _step(self, d: Bundle | DecodeGraph, state: _GenState, next_ids: np.ndarray):
-        """One decode step of ``state`` on ``d``, packing or unpacking the state as ``d`` needs."""
+    def _step(self, d: Bundle | InPlaceDecoder, state: _GenState, next_ids: np.ndarray):
+        """One decode step of ``state`` on ``d``, packing or unpacking the state (or converting
+        its storage) as ``d`` needs."""
         B = len(next_ids)
-        if isinstance(d, DecodeGraph):
-            if not state.packed and not _pack(state):
-                raise ValueError("a decode graph needs each row's next position to be its key count")
+        packed = getattr(d, "packed", False)
+        if packed:
+            if state.packed and state.storage != d.storage:
+                _unpack(state)  # another decoder's storage: once through float32
+            if not state.packed and not _pack(state, storage=d.storage):
+                raise ValueError("an in-place decoder needs each row's next position to be its "
+                                 "key count")
         elif state.packed:
             _unpack(state)
         emb = d.embeddings[next_ids][:, None].astype(d.np_dtype)  # [B, 1, E]
-        if isinstance(d, DecodeGraph):
+        if packed:
             lens = state.lens
             if lens.max() + 1 > state.mask.shape[1]:
                 _grow(state, int(lens.max()) + 1)
@@ -498,10 +515,10 @@ class OnnxBackend(StepperBackend):
         A packed state takes new rows packed (or becomes dense when they cannot be)."""
         if state is None:
             return new
-        if state.packed and not new.packed and not _pack(new, state.mask.shape[1]):
-            _unpack(state)
-        elif new.packed and not state.packed:
+        if new.packed and (not state.packed or new.storage != state.storage):
             _unpack(new)
+        if state.packed and not new.packed and not _pack(new, state.mask.shape[1], state.storage):
+            _unpack(state)
         S = max(state.mask.shape[1], new.mask.shape[1])
 
         def pad(a, axis):
@@ -523,26 +540,29 @@ class OnnxBackend(StepperBackend):
 
 def engine_name(d) -> str:
     """e.g. ``"OpenVINO bfloat16"``, ``"CPUExecutionProvider float32 int4"``,
-    ``"CPUExecutionProvider float32 int4 in place"`` (a ``DecodeGraph``)."""
+    ``"CPUExecutionProvider float32 int4 in place"`` (an in-place decoder)."""
     q = d.manifest.get("quantization")
     return (f"{d.session.get_providers()[0]} {d.compute_dtype}{' ' + q if q else ''}"
-            f"{' in place' if isinstance(d, DecodeGraph) else ''}")
+            f"{' in place' if getattr(d, 'packed', False) else ''}")
 
 
-def _pack(state: _GenState, capacity: int = 0) -> bool:
+def _pack(state: _GenState, capacity: int = 0, storage: str = "float32") -> bool:
     """Make a dense state packed (row b's keys to columns ``[0, n_b)``, capacity at least
-    ``capacity``, ``state.reach`` and max n_b + 1), one copy of the past; False (state unchanged)
-    when a row's next position is not its number of keys (a decode graph takes one as the other)."""
+    ``capacity``, ``state.reach`` and max n_b + 1, buffers of ``storage``'s dtype), one copy of
+    the past; False (state unchanged) when a row's next position is not its number of keys (an
+    in-place decoder takes one as the other)."""
     lens = state.lens
     if not np.array_equal(lens, state.next_pos):
         return False
     B, S = state.mask.shape
     M = _round16(max(capacity, state.reach, int(lens.max()) + 1))
     contiguous = all(state.mask[b, :n].all() for b, n in enumerate(lens))
+    bf16 = storage == "bfloat16"
     past = []
     for k, v in state.past:
         out = []
         for a in (k, v):
+            a = to_bfloat16_bits(a) if bf16 else a
             p = np.zeros((B, a.shape[1], M, a.shape[3]), a.dtype)
             if contiguous:  # every row's keys already start at column 0
                 n = min(S, M)
@@ -554,7 +574,7 @@ def _pack(state: _GenState, capacity: int = 0) -> bool:
         past.append(tuple(out))
     state.past = past
     state.mask = (np.arange(M)[None] < lens[:, None]).astype(np.int64)
-    state.packed = True
+    state.packed, state.storage = True, storage
     return True
 
 
@@ -564,12 +584,13 @@ def _round16(n: int) -> int:
 
 
 def _unpack(state: _GenState) -> None:
-    """A packed state as a dense one (its columns up to the longest row), for the bundle's graph."""
+    """A packed state as a dense float32 one (its columns up to the longest row), for the
+    bundle's graph."""
     S = int(state.lens.max())
-    state.past = [(np.ascontiguousarray(k[:, :, :S]), np.ascontiguousarray(v[:, :, :S]))
-                  for k, v in state.past]
+    dense = from_bfloat16_bits if state.storage == "bfloat16" else np.ascontiguousarray
+    state.past = [(dense(k[:, :, :S]), dense(v[:, :, :S])) for k, v in state.past]
     state.mask = np.ascontiguousarray(state.mask[:, :S])
-    state.packed = False
+    state.packed, state.storage = False, "float32"
 
 
 def _grow(state: _GenState, need: int) -> None:

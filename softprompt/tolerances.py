@@ -7,8 +7,9 @@ SCORE: a backend's per-token log-probabilities against the float32 reference on 
     request (PEFT or plain transformers with ``inputs_embeds``), by the backend's compute dtype.
 SCORE_CPU_BF16: bfloat16 on a CPU, mean and max over a batch, against PEFT in float32 and bfloat16.
 ONNX: the exported graph under ONNX Runtime against PyTorch (logits and presents).
-DECODE_GRAPH: a bundle's decode graph (attention as GroupQueryAttention) against the bundle's
-    own graph on one decode step (log-probs over the vocabulary).
+DECODE_GRAPH: an in-place decode step (float32: the decode graph, attention as
+    GroupQueryAttention; bfloat16: OpenVINO's in-place decoder) against the bundle's own graph
+    on one decode step (log-probs over the vocabulary).
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ SCORE_CPU_BF16 = {
 # its 4-bit sibling on random-token rows, each graph as far from a float64 forward as the other
 # (bench/RESULTS.md, "Decode steps in place"). A wrong rewrite (RoPE, a position, a key in the
 # wrong column) moves log-probs by tenths of a nat or more.
+#
+# bfloat16: OpenVINO's in-place decoder (bfloat16 past and present, fixed buffer shapes) against
+# the bundle's graph under OpenVINO, both in bfloat16: measured 0.0 on AVX-512 BF16 (the same
+# kernels see the same bfloat16 values); the bound leaves room for a kernel that tiles the
+# wider buffer differently, well under a wrong column's tenths of a nat.
 DECODE_GRAPH = {
     "float32": dict(atol=5e-4, rtol=0.0),
+    "bfloat16": dict(atol=2e-2, rtol=0.0),
 }
 
 ONNX = {

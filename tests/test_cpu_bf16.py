@@ -98,17 +98,18 @@ def test_bf16_batch_invariance(bf16, backend):
 
 
 def test_bf16_decode_on_every_candidate(bf16, rts_reference):
-    """onnx in bfloat16 may decode on OpenVINO (bfloat16), ONNX Runtime (float32) or the float32
-    bundle's decode graph (in place), whichever its calibration found faster for the batch size:
-    generation through each, forced, gives tokens whose log-probs are the float32 reference's
-    for those tokens (SCORE_CPU_BF16)."""
+    """onnx in bfloat16 may decode on OpenVINO (bfloat16), ONNX Runtime (float32), OpenVINO in
+    place on bfloat16 buffers or the float32 bundle's decode graph (in place), whichever its
+    calibration found faster for the batch size: generation through each, forced, gives tokens
+    whose log-probs are the float32 reference's for those tokens (SCORE_CPU_BF16)."""
     from softprompt.runtime.onnx_backend import engine_name
 
     rt = bf16("onnx")
     be = rt.backend
     assert [engine_name(d) for d in be.decoders] == [
-        "OpenVINO bfloat16", "CPUExecutionProvider float32", "CPUExecutionProvider float32 in place"]
-    assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1, 2}
+        "OpenVINO bfloat16", "CPUExecutionProvider float32", "OpenVINO bfloat16 in place",
+        "CPUExecutionProvider float32 in place"]
+    assert set(be.decode_plan) == {1, 8, 32} and set(be.decode_plan.values()) <= {0, 1, 2, 3}
     names, ctxs = [KINDS[0], KINDS[1], None], [[5, 6, 7], [9] * 11, [4, 40]]
     for i in range(len(be.decoders)):
         be.decode_plan = dict.fromkeys(be.decode_plan, i)
