@@ -10,7 +10,8 @@ change; only the values do, by bfloat16's rounding (the CPU-bfloat16 row of
 
 ``OpenVinoSession`` has the part of ``onnxruntime.InferenceSession``'s interface a ``Bundle``
 uses (``run``, ``get_inputs``, ``get_outputs``, ``get_providers``), so ``Bundle.run`` and
-``check_graph`` serve either.
+``check_graph`` serve either. ``OpenVinoDecoder`` is the same graph compiled for decode steps
+in place on packed bfloat16 K/V buffers (the onnx backend's ``InPlaceDecoder`` under bfloat16).
 """
 
 from __future__ import annotations

@@ -18,17 +18,22 @@ The bundle's graph takes ``inputs_embeds`` and ``past_key_values.*``, so:
    that joined later has mask-0 gaps); the bundle's graph appends one column per step and
    returns a new ``present``, so each step copies the whole past once inside the graph. Packed:
    row b's keys are columns ``[0, n_b)`` of buffers with room to grow (the rows' capacities),
-   and a ``DecodeGraph`` (``export/decode_graph.py``: the bundle's graph with its attention as
-   ONNX Runtime's GroupQueryAttention, past and present bound to one buffer) writes each new
-   key in place at column n_b: no per-step copy of the past. The prefill's dense state is
-   packed once at its first decode step (or join), buffers grow by doubling, rows that leave
-   are dropped; a row whose next position is not its key count keeps the state dense;
+   and an in-place decoder writes each new key at column n_b: no per-step copy of the past.
+   ``DecodeGraph`` (``export/decode_graph.py``: the bundle's graph with its attention as ONNX
+   Runtime's GroupQueryAttention, past and present bound to one float32 buffer) or, under
+   bfloat16, ``OpenVinoDecoder`` (``export/ov_session.py``: buffers of bfloat16 bits, the graph
+   returning only the step's own key and value, which the host writes). The prefill's dense
+   state is packed once at its first decode step (or join), in the decoder's storage dtype
+   (``_GenState.storage``; a step on a decoder of the other storage converts the state once),
+   buffers grow by doubling, rows that leave are dropped; a row whose next position is not its
+   key count keeps the state dense (float32);
 4. decode steps may run on another session than scoring and prefill (``decoders``: the
-   bundle's decode graph, other bundles of the same model and theirs): per step kind, the
+   bundle's in-place decoder, other bundles of the same model and theirs): per step kind, the
    faster one. A decode step reads every weight for one token per row, so it is bound by
    memory bandwidth where a score batch is bound by the matrix units: bfloat16 under OpenVINO
-   scores fastest, while its decode steps pay a bfloat16 conversion of the whole past at every
-   step; an exact 4-bit sibling reads a quarter of the bytes; a decode graph copies no past.
+   scores fastest; on the bundle's graph its decode steps convert the whole past to bfloat16
+   and back at every step, which its in-place decoder does not; an exact 4-bit sibling reads a
+   quarter of the weight bytes; an in-place decoder copies no past.
    ``calibrate_decode`` times a few decode steps of each candidate at a few batch sizes, once,
    and ``decode`` uses the fastest for the nearest size (``decode_plan``; measured in
    bench/RESULTS.md). Every candidate is within the served dtype's tolerance of the float32
@@ -170,10 +175,11 @@ class OnnxBackend(StepperBackend):
         ``compute_dtype``: None, or ``"bfloat16"`` (OpenVINO, ``load_bundle``); ``decoders``:
         other opened bundles of the same model and geometry that decode steps may run on, picked
         by ``calibrate_decode`` (call it once; until then decode runs on the bundle itself, or
-        its decode graph); ``decode_graphs``: at the first decode step (or calibration), add a
-        ``DecodeGraph`` (attention in place, ``export/decode_graph.py``) of each float32
-        candidate under ONNX Runtime's CPU provider whose graph has the usual shape; each holds
-        its weights once more in memory."""
+        its in-place decoder); ``decode_graphs``: at the first decode step (or calibration), add
+        an in-place decoder of each candidate that has one (``open_decode_graphs``: a
+        ``DecodeGraph`` of each float32 candidate under ONNX Runtime's CPU provider whose graph
+        has the usual shape, an ``OpenVinoDecoder`` of a bfloat16 one under OpenVINO); each
+        holds its weights once more in memory."""
         from softprompt.export.bundle import load_bundle
 
         self.bundle = b = load_bundle(path, providers=providers, compute_dtype=compute_dtype)
