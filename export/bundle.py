@@ -18,8 +18,8 @@ A bundle is a directory:
 - ``bundle.json``: dimensions, dtype, opset, input/output names, source fingerprint, eos/bos
   ids, library versions, ``files`` {name: {size, sha256}}, validation figures (with
   ``validation.bfloat16``: the graph under OpenVINO in bfloat16 against PyTorch in float32, mean
-  and max |delta| of top-1 log-probs per use and the CPU measured on, where OpenVINO and the
-  CPU's bfloat16 units were present at export).
+  and max |delta| of top-1 log-probs per use, the vocabulary projection's dtype and the CPU
+  measured on, where OpenVINO and the CPU's bfloat16 units were present at export).
 
 Loading trusts nothing it has not checked: ``bundle.json`` is type-checked (one-line
 ``BundleError`` naming the key), every listed file must match its size and sha256 — the

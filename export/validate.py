@@ -209,6 +209,7 @@ def validate_cpu_bf16(wrapper: ExportWrapper, root, seed: int = 0) -> dict | Non
     if not openvino_available() or not cpu_has_bf16():
         return None
     bundle = load_bundle(root, compute_dtype="bfloat16")
+    projection = bundle.session.head_dtype
     try:
         figures = validate_bundle(wrapper, bundle, seed=seed, drift_ratio=ROUNDED_DRIFT_RATIO)
     except ExportValidationError as e:
@@ -217,7 +218,8 @@ def validate_cpu_bf16(wrapper: ExportWrapper, root, seed: int = 0) -> dict | Non
         del bundle
     if "metric" in figures:
         figures["metric"] = figures["metric"].replace("ORT", "OpenVINO bfloat16")
-    return {**figures, "provider": "OpenVINO", "compute_dtype": "bfloat16", "cpu": cpu_model()}
+    return {**figures, "provider": "OpenVINO", "compute_dtype": "bfloat16",
+            "vocabulary_projection": projection, "cpu": cpu_model()}
 
 
 def _embed(bundle: Bundle, ids: np.ndarray) -> np.ndarray:

@@ -294,9 +294,10 @@ def _bf16_record(v: dict | None) -> str:
     if not v.get("passed"):
         return f"failed its validation on {v.get('cpu')}: {v.get('error')}"
     uses = ("prefix", "request", "decode")
+    projection = v.get("vocabulary_projection", "bfloat16")  # not recorded before it was float32
     return (f"mean |dlogprob| {max(v.get(f'mean_abs_{u}', 0) for u in uses)}, max "
             f"{max(v.get(f'max_abs_{u}', 0) for u in uses)} vs PyTorch float32 (top-1 token, "
-            f"validation cases, measured on {v.get('cpu')})")
+            f"validation cases, vocabulary projection in {projection}, measured on {v.get('cpu')})")
 
 
 def cpu_path() -> str:

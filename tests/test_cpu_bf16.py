@@ -204,3 +204,50 @@ def test_info_names_the_cpu_path(monkeypatch, capsys, flags, want):
     main(["info"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "cpu path" in line]
     assert len(lines) == 1 and want in lines[0], lines
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_the_vocabulary_projection_is_split_off_in_float32(tiny_bundles, family):
+    """Under bfloat16 the session projects onto the vocabulary in float32 (recorded with the
+    bundle's bfloat16 validation and shown by ``softprompt info``): the graph without its
+    projection, compiled in float32, then the split-off projection, equals ONNX Runtime's
+    float32 logits (ONNX tolerance); the projection alone is hidden @ W in float32; a graph
+    whose logits are not MatMul(hidden, weight) is left whole (None)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from softprompt.export.bundle import load_bundle
+    from softprompt.export.ov_session import OpenVinoSession, _compile, _project, _split_head
+    from tolerances import ONNX
+
+    from softprompt.cli import _bf16_record
+    from softprompt.export.bundle import read_manifest
+
+    path = tiny_bundles[family]
+    record = read_manifest(path)["validation"]["bfloat16"]  # measured at export, as served
+    assert record["vocabulary_projection"] == "float32" and record["passed"]
+    assert "vocabulary projection in float32" in _bf16_record(record)
+    assert OpenVinoSession(path / "model.onnx").head_dtype == "float32"
+    assert OpenVinoSession(path / "model.onnx", float32_head=False).head_dtype == "bfloat16"
+    core = ov.Core()
+    model = core.read_model(str(path / "model.onnx"))
+    head = _split_head(model)
+    assert head is not None and model.output(0).get_partial_shape()[2].get_length() == 64
+    b = load_bundle(path)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    args = (emb, np.ones((2, 5), np.int64), np.arange(5)[None].repeat(2, 0), b.empty_past(2),
+            np.arange(5)[None].repeat(2, 0))
+    want, _ = b.run(*args)
+    feed = {"inputs_embeds": emb, "attention_mask": args[1], "position_ids": args[2], "logits_index": args[4]}
+    for i, (k, v) in enumerate(args[3]):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+    hidden = next(iter(_compile(core, model, "float32", path).create_infer_request().infer(feed).values()))
+    proj = _compile(core, head, "float32", path).create_infer_request()
+    np.testing.assert_allclose(_project(proj, hidden), want, **ONNX["float32"])
+    w = next(n for n in head.get_ops() if n.get_type_name() == "Constant").get_data()
+    np.testing.assert_allclose(_project(proj, hidden), hidden @ w, rtol=1e-5, atol=1e-5)
+    x = ops.parameter([-1, 3], ov.Type.f32, name="x")
+    other = ov.Model([ops.relu(x)], [x])
+    other.output(0).get_tensor().set_names({"logits"})
+    assert _split_head(other) is None and other.output(0).get_node().input_value(0).get_node().get_type_name() == "Relu"
