@@ -515,15 +515,16 @@ class InPlaceDecoder(Protocol):
 
 
 def check_in_place(decoder: InPlaceDecoder, lengths: tuple[int, ...] = (5, 17, 1),
-                   capacity: int = 24) -> float:
+                   capacity: int = 24, reference: Bundle | None = None) -> float:
     """Rows of random tokens (``lengths``, right-padded) through the decoder's bundle graph, then
-    one more token each: on the bundle's graph (dense masked past) and on ``decoder`` (the
-    presents packed into ``capacity`` columns of its storage dtype). Returns the largest
-    |delta log-prob|; raises ``DecodeGraphError`` above ``DECODE_GRAPH`` for the decoder's
-    compute dtype (the tolerance table)."""
+    one more token each: on the bundle's graph (dense masked past; ``reference``: another
+    session over it, default the decoder's bundle) and on ``decoder`` (the presents packed into
+    ``capacity`` columns of its storage dtype). Returns the largest |delta log-prob|; raises
+    ``DecodeGraphError`` above ``DECODE_GRAPH`` for the decoder's compute dtype (the tolerance
+    table)."""
     from .ov_session import to_bfloat16_bits
 
-    b = decoder.bundle
+    b = reference or decoder.bundle
     rng = np.random.default_rng(0)
     B, S = len(lengths), max(lengths)
     seqlens = np.array(lengths)

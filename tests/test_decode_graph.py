@@ -95,10 +95,17 @@ def test_a_graph_of_another_shape_is_refused(tiny_bundles):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_openvino_decoder_equals_the_bundle_graph(tiny_bundles, family):
     """OpenVINO in place on bfloat16 buffers against the bundle's graph under OpenVINO (dense
-    float32 past): odd lengths, a row with no keys; the control (one column early) lies outside
-    the tolerance; the new key lands at column n_b of the buffers passed in, nothing else moves."""
-    b = load_bundle(tiny_bundles[family], compute_dtype="bfloat16")
-    d = OpenVinoDecoder.open(b, check=False)
+    float32 past, its vocabulary projection in bfloat16 as the decoder's): odd lengths, a row
+    with no keys; the control (one column early) lies outside the tolerance; the new key lands
+    at column n_b of the buffers passed in, nothing else moves."""
+    import dataclasses
+
+    from softprompt.export.ov_session import OpenVinoSession
+
+    served = load_bundle(tiny_bundles[family], compute_dtype="bfloat16")
+    d = OpenVinoDecoder.open(served, check=False)
+    b = dataclasses.replace(served, session=OpenVinoSession(served.session.model_file, float32_head=False))
+    assert (served.session.head_dtype, b.session.head_dtype) == ("float32", "bfloat16")
     lengths = np.array([3, 11, 0, 7])
     dense, new, mask = _rows(b, lengths)
     mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
@@ -128,7 +135,7 @@ def test_openvino_decoder_equals_the_bundle_graph(tiny_bundles, family):
     assert np.abs(_lp(d.run(new, lengths, packed())) - want).max() <= TOL_BF16
     with pytest.raises(ValueError, match="expected a C-contiguous uint16"):
         d.run(new, lengths, [(k.astype(np.float32), v) for k, v in packed()])
-    assert check_in_place(d) <= TOL_BF16
+    assert check_in_place(d, reference=b) <= TOL_BF16
 
 
 def test_bfloat16_bits_round_as_torch_does():
