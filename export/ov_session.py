@@ -117,7 +117,7 @@ class OpenVinoSession:
             result = self._request.infer(feed, share_inputs=True, share_outputs=False)
             by_name = {port.get_any_name(): value for port, value in result.items()}
             if self._head is not None and "logits" in names:
-                by_name["logits"] = _project(self._head, by_name["logits"], share=False)
+                by_name["logits"] = _project(self._head, by_name["logits"])
         return [np.asarray(by_name[n]) for n in names]
 
 
@@ -151,11 +151,10 @@ def _split_head(model):
     return head
 
 
-def _project(head, hidden: np.ndarray, share: bool = True) -> np.ndarray:
+def _project(head, hidden: np.ndarray) -> np.ndarray:
     """Logits ``[B, K, V]`` of ``hidden [B, K, E]`` through a split-off vocabulary projection
-    (an infer request of ``_split_head``'s model); ``share``: a view of OpenVINO's buffer, which
-    the next call reuses."""
-    out = head.infer([np.ascontiguousarray(hidden, np.float32)], share_inputs=True, share_outputs=share)
+    (an infer request of ``_split_head``'s model), as an array the caller owns."""
+    out = head.infer([np.ascontiguousarray(hidden, np.float32)], share_inputs=True, share_outputs=False)
     return next(iter(out.values()))
 
 

@@ -37,25 +37,33 @@ def _rows(b, lengths, seed=0):
     return dense, emb[np.arange(B), lengths][:, None], mask
 
 
+def _one_step(b, store=lambda a: a, dtype=np.float32):
+    """Rows of lengths 3, 11, 0, 7 (odd lengths, a row with no keys) through ``b``, then one
+    token more: (lengths, the next tokens' embeddings [4, 1, E], the bundle graph's log-probs for
+    that step, and a function giving fresh packed buffers ``[4, Hkv, 13, D]`` of ``dtype``
+    holding the rows' keys and values through ``store``)."""
+    lengths = np.array([3, 11, 0, 7])
+    dense, new, mask = _rows(b, lengths)
+    mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
+    want, _ = b.run(new, mask, lengths[:, None], dense, np.zeros((4, 1), np.int64))
+
+    def packed():
+        shape = (4, b.num_kv_heads, 13, b.head_dim)
+        past = [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in dense]
+        for (k, v), (dk, dv) in zip(past, dense):
+            k[:, :, :11], v[:, :, :11] = store(dk), store(dv)
+        return past
+
+    return lengths, new, _lp(want[:, 0]), packed
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_decode_graph_equals_the_bundle_graph(tiny_bundles, family):
     """Odd lengths, a row with no keys; the control (the new token one column early, i.e. a
     position off by one and a key overwritten) lies outside the tolerance."""
     b = load_bundle(tiny_bundles[family])
     g = DecodeGraph.open(b, check=False)
-    lengths = np.array([3, 11, 0, 7])
-    dense, new, mask = _rows(b, lengths)
-    mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
-    want, _ = b.run(new, mask, lengths[:, None], dense, np.zeros((4, 1), np.int64))
-    want = _lp(want[:, 0])
-
-    def packed():
-        shape = (4, b.num_kv_heads, 13, b.head_dim)
-        past = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in dense]
-        for (k, v), (dk, dv) in zip(past, dense):
-            k[:, :, :11], v[:, :, :11] = dk, dv
-        return past
-
+    lengths, new, want, packed = _one_step(b)
     assert np.abs(_lp(g.run(new, lengths, packed())) - want).max() <= TOL
     early = np.maximum(lengths - 1, 0)
     assert np.abs(_lp(g.run(new, early, packed())) - want).max() > 10 * TOL
@@ -106,19 +114,7 @@ def test_openvino_decoder_equals_the_bundle_graph(tiny_bundles, family):
     d = OpenVinoDecoder.open(served, check=False)
     b = dataclasses.replace(served, session=OpenVinoSession(served.session.model_file, float32_head=False))
     assert (served.session.head_dtype, b.session.head_dtype) == ("float32", "bfloat16")
-    lengths = np.array([3, 11, 0, 7])
-    dense, new, mask = _rows(b, lengths)
-    mask = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
-    want, _ = b.run(new, mask, lengths[:, None], dense, np.zeros((4, 1), np.int64))
-    want = _lp(want[:, 0])
-
-    def packed():
-        shape = (4, b.num_kv_heads, 13, b.head_dim)
-        past = [(np.zeros(shape, np.uint16), np.zeros(shape, np.uint16)) for _ in dense]
-        for (k, v), (dk, dv) in zip(past, dense):
-            k[:, :, :11], v[:, :, :11] = to_bfloat16_bits(dk), to_bfloat16_bits(dv)
-        return past
-
+    lengths, new, want, packed = _one_step(b, to_bfloat16_bits, np.uint16)
     past = packed()
     before = [(k.copy(), v.copy()) for k, v in past]
     pointers = [(k.ctypes.data, v.ctypes.data) for k, v in past]
